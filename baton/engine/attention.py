@@ -1,0 +1,61 @@
+"""The `baton` attention implementation: attention of a decode batch over its segmented KV slabs.
+
+Registered with transformers' AttentionInterface, so any model that dispatches attention through it (Llama,
+Qwen, Mistral, GPT-2, ...) works unchanged. When a forward call carries `baton_batch=<DecodeBatch>`, each
+layer writes this step's keys/values into the batch's slabs and attends, segment by segment, over each
+segment's column window with its mask. Without it (prefill, `generate()`), this is plain SDPA.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+if TYPE_CHECKING:
+    from baton.engine.batch import DecodeBatch
+
+NAME = "baton"
+BATCH_KWARG = "baton_batch"
+
+
+def baton_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [rows, heads, q, head_dim]
+    key: torch.Tensor,  # [rows, kv_heads, q, head_dim], this step's tokens only
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    batch: DecodeBatch | None = kwargs.pop(BATCH_KWARG, None)
+    if batch is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    outs: list[torch.Tensor] = []
+    a = 0
+    for seg in batch.segments:
+        b = a + len(seg)
+        k, v, mask = seg.attend_inputs(layer, key[a:b], value[a:b])  # [n, kv_heads, width + q, head_dim]
+        out, _ = sdpa_attention_forward(module, query[a:b], k, v, mask, scaling=scaling, is_causal=False)
+        outs.append(out)  # [n, q, heads, head_dim]
+        a = b
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
+
+
+def install(model: PreTrainedModel) -> None:
+    """Make `model` use the baton attention implementation."""
+    AttentionInterface.register(NAME, baton_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
+
+
+def no_mask(rows: int, device: torch.device) -> torch.Tensor:
+    """A placeholder 4D mask: transformers returns a 4D mask as is, so no mask is built for baton steps."""
+    return torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device)

@@ -1,0 +1,155 @@
+"""DecodeBatch: the running batch of a decode engine, and the BATON splice and eviction.
+
+The batch is a list of KVSegments (see segment.py). Rows are the concatenation of the segments' rows, in
+order; the model runs on all of them at once, and attention runs per segment. Segments keep rows of similar
+length together, so the padding each row attends over stays small even when prompt lengths differ widely.
+
+Contract (as TGI's batches): `concatenate` splices prefilled requests in, `filter` evicts finished ones,
+`len()` is the number of rows computed by the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from baton.engine.request import Request
+from baton.engine.segment import KVSegment
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [rows, q]
+    position_ids: torch.Tensor  # [rows, q]
+    new_valid: torch.Tensor | None  # [rows, q] bool, which query tokens are real; None: all (q == 1)
+    added: list[int]  # real tokens each row gains in this step
+    idle_rows: int  # token rows computed that produce nothing (padding, finished rows)
+    rows: int  # token rows computed in all (rows * q)
+
+
+class DecodeBatch:
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_rows: int = 32,
+        max_segments: int = 8,
+        segment_cost: int = 32,
+        pad_token_id: int = 0,
+    ) -> None:
+        """max_segments: 1 gives the plain padded batch of the paper; more let rows of different lengths attend
+        over separate windows. segment_cost: padding positions (per step) worth paying to avoid a new segment."""
+        assert max_rows >= 1 and max_segments >= 1
+        self.kv_shape = (num_layers, kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.max_rows, self.max_segments, self.segment_cost = max_rows, max_segments, segment_cost
+        self.pad_token_id = pad_token_id
+        self.segments: list[KVSegment] = []
+
+    # ---- derived values ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+    @property
+    def requests(self) -> list[Request]:
+        return [r for s in self.segments for r in s.requests]
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_rows - len(self)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens whose KV the batch holds, over all rows."""
+        return sum(sum(s.lens) for s in self.segments)
+
+    @property
+    def padding(self) -> int:
+        return sum(s.padding for s in self.segments)
+
+    @property
+    def copied_bytes(self) -> int:
+        return sum(s.copied_bytes for s in self.segments)
+
+    def _new_segment(self) -> KVSegment:
+        seg = KVSegment(*self.kv_shape, self.dtype, self.device, max_rows=self.max_rows)
+        self.segments.append(seg)
+        return seg
+
+    # ---- splice / evict --------------------------------------------------------------------------------
+    def concatenate(self, items: Iterable[tuple[Request, torch.Tensor]]) -> None:
+        """Splice prefilled requests in. Each kv: [layers, 2, kv_heads, prompt_len, head_dim]. The longest go
+        first, so that shorter ones can fit under their windows."""
+        for req, kv in sorted(items, key=lambda it: -int(it[1].shape[3])):
+            assert self.free_rows > 0, "splice into a full batch"
+            self._place(int(kv.shape[3])).insert(req, kv)
+
+    def _place(self, prompt_len: int) -> KVSegment:
+        """The segment that adds the least padding; a new one when that costs more than `segment_cost`."""
+        best = min(self.segments, key=lambda s: s.splice_cost(prompt_len), default=None)
+        if best is None or (
+            best.splice_cost(prompt_len) > self.segment_cost and len(self.segments) < self.max_segments
+        ):
+            return self._new_segment()
+        return best
+
+    def add_unprefilled(self, reqs: Iterable[Request]) -> None:
+        """Rows whose prompts run inside the next step (orca, static). Uses one segment."""
+        seg = self.segments[0] if self.segments else self._new_segment()
+        for req in reqs:
+            assert self.free_rows > 0, "add to a full batch"
+            seg.insert(req, None)
+
+    def filter(self, done: set[str]) -> None:
+        """Evict the requests whose ids are in `done`, and drop emptied segments."""
+        for seg in self.segments:
+            seg.remove({i for i, r in enumerate(seg.requests) if r.id in done})
+        self.segments = [s for s in self.segments if len(s)]
+
+    def compact(self, threshold: float) -> None:
+        """Re-align the rows of any segment whose holes (padding a re-alignment removes) exceed `threshold`
+        of its window."""
+        for seg in self.segments:
+            n = len(seg)
+            holes = n * (seg.width - max(seg.lens)) if n else 0
+            if n and holes > threshold * n * seg.width:
+                seg.compact()
+
+    # ---- step ------------------------------------------------------------------------------------------
+    def step_inputs(self) -> StepInputs:
+        """Inputs of the next forward step. A row whose prompt has not run yet (orca, static) feeds its whole
+        prompt; the others feed their last token. With any such row, every row is left-padded to the longest."""
+        reqs = self.requests
+        lens = [n for s in self.segments for n in s.lens]
+        feeds: list[list[int]] = []
+        starts: list[int] = []
+        idle = 0
+        for req, n in zip(reqs, lens):
+            if n == 0:  # prompt not computed yet
+                feeds.append(req.prompt_ids)
+            else:
+                feeds.append([req.output_ids[-1]])
+                idle += req.finished  # static batches keep computing finished rows
+            starts.append(n)
+        q = max(len(f) for f in feeds)
+        if q == 1:
+            ids = torch.tensor(feeds, dtype=torch.long)
+            pos = torch.tensor(starts, dtype=torch.long).unsqueeze(1)
+            return StepInputs(ids.to(self.device), pos.to(self.device), None, [1] * len(reqs), idle, len(reqs))
+        ids = torch.full((len(reqs), q), self.pad_token_id, dtype=torch.long)
+        pos = torch.zeros((len(reqs), q), dtype=torch.long)
+        valid = torch.zeros((len(reqs), q), dtype=torch.bool)
+        for r, (f, s) in enumerate(zip(feeds, starts)):
+            ids[r, q - len(f) :] = torch.tensor(f)
+            pos[r, q - len(f) :] = torch.arange(s, s + len(f))
+            valid[r, q - len(f) :] = True
+        idle += len(reqs) * q - sum(len(f) for f in feeds)
+        return StepInputs(
+            ids.to(self.device), pos.to(self.device), valid.to(self.device), [len(f) for f in feeds], idle,
+            len(reqs) * q,
+        )

@@ -1,0 +1,243 @@
+"""Engine: queues, admission and the iteration loop, under one of three scheduling policies.
+
+- baton:  a newcomer is prefilled on its own and spliced into the running batch at an iteration boundary;
+          finished rows leave at once. The batch never computes a padded token.
+- orca:   iteration-level scheduling where a newcomer's prompt runs inside the batch's iteration, every
+          running row padded to the newcomer's prompt length; finished rows leave at once.
+- static: run-to-completion batches: a batch is formed, prefilled together (padded), and decoded until its
+          last member finishes; finished rows keep being computed.
+
+The engine is transport-free: services drive it with add_request / add_prefilled / cancel / step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from baton.engine.kv_payload import KVPayload
+from baton.engine.models import LoadedModel
+from baton.engine.request import FinishReason, InvalidRequestError, Request, RequestStatus
+from baton.engine.runner import ModelRunner
+from baton.engine.sampler import sample
+
+POLICIES = ("baton", "orca", "static")
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    token_rows: int = 0  # token positions run through the model (decode batch and prefills)
+    idle_rows: int = 0  # of which produced nothing: padding, finished rows
+    attended_kv: int = 0  # query-key pairs computed by the decode batch's attention
+    masked_kv: int = 0  # of which were padding
+    splice_s: list[float] = field(default_factory=list)  # time of each splice of one request
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    output_tokens: int = 0
+
+    @property
+    def idle_fraction(self) -> float:
+        return self.idle_rows / self.token_rows if self.token_rows else 0.0
+
+    @property
+    def masked_fraction(self) -> float:
+        return self.masked_kv / self.attended_kv if self.attended_kv else 0.0
+
+
+@dataclass
+class StepOutput:
+    tokens: list[tuple[Request, int]]  # each token sampled in this iteration, with its request
+    finished: list[Request]
+
+
+class Engine:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        policy: str = "baton",
+        max_batch: int = 32,
+        max_segments: int = 8,
+        segment_cost: int = 32,
+        compact_threshold: float = 0.1,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy: {policy!r} is not one of {POLICIES}")
+        self.lm, self.policy = lm, policy
+        self.runner = ModelRunner(lm)
+        segments = max_segments if policy == "baton" else 1  # orca and static: the plain padded batch
+        self.batch = self.runner.new_batch(max_batch, segments, segment_cost)
+        self.compact_threshold = compact_threshold
+        self.waiting: deque[Request] = deque()  # not prefilled yet, in arrival order
+        self.prefilled: deque[tuple[Request, KVPayload]] = deque()  # waiting to be spliced
+        self.stats = EngineStats()
+        self.eos_ids = lm.eos_token_ids
+        self._cuda = lm.device.type == "cuda"
+
+    # ---- intake ----------------------------------------------------------------------------------------
+    def validate(self, req: Request) -> None:
+        limit = self.lm.max_context
+        if req.prompt_len + req.params.max_new_tokens > limit:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"prompt ({req.prompt_len} tokens) + max_new_tokens ({req.params.max_new_tokens}) exceeds the "
+                f"model's context of {limit} tokens",
+            )
+        vocab = int(self.lm.config.vocab_size)
+        if max(req.prompt_ids) >= vocab:
+            raise InvalidRequestError("input_ids", f"token id {max(req.prompt_ids)} is outside the vocabulary ({vocab})")
+
+    def add_request(self, req: Request) -> None:
+        """Queue a request whose prompt this engine prefills itself (at or after req.arrival_time)."""
+        self.validate(req)
+        self.waiting.append(req)
+
+    def add_prefilled(self, req: Request, payload: KVPayload) -> None:
+        """Queue a request prefilled elsewhere; it is spliced in at the next iteration boundary (baton only)."""
+        if self.policy != "baton":
+            raise ValueError(f"policy {self.policy} cannot splice prefilled KV")
+        self.validate(req)
+        payload.check_compatible(self.lm.fingerprint, self.lm.num_layers, self.lm.kv_heads, self.lm.head_dim)
+        if payload.prompt_ids != req.prompt_ids:
+            raise ValueError("KV payload was computed for a different prompt")
+        req.status = RequestStatus.PREFILLED
+        self.prefilled.append((req, payload))
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request wherever it is. Between steps, so its row leaves before the next one."""
+        for q in (self.waiting, self.prefilled):
+            for item in list(q):
+                req = item[0] if isinstance(item, tuple) else item
+                if req.id == request_id:
+                    q.remove(item)  # type: ignore[arg-type]
+                    req.finish(FinishReason.CANCELLED)
+                    return True
+        for req in self.batch.requests:
+            if req.id == request_id:
+                if not req.finished:
+                    req.finish(FinishReason.CANCELLED)
+                self.batch.filter({request_id})
+                return True
+        return False
+
+    # ---- state -----------------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilled or len(self.batch))
+
+    def next_arrival(self) -> float | None:
+        return min((r.arrival_time for r in self.waiting), default=None)
+
+    def _arrived(self, now: float) -> list[Request]:
+        return [r for r in self.waiting if r.arrival_time <= now]
+
+    # ---- one iteration ---------------------------------------------------------------------------------
+    def step(self) -> StepOutput:
+        out = StepOutput([], [])
+        now = time.perf_counter()
+        if self.policy == "baton":
+            self._admit_baton(now, out)
+        elif self.policy == "orca":
+            self._admit_unprefilled(self._arrived(now)[: self.batch.free_rows])
+        elif not len(self.batch):  # static: a new batch only when the last one is done
+            self._admit_unprefilled(self._arrived(now)[: self.batch.free_rows])
+        if len(self.batch):
+            self._decode(out)
+        return out
+
+    def _admit_baton(self, now: float, out: StepOutput) -> None:
+        for req in self._arrived(now)[: max(0, self.batch.free_rows - len(self.prefilled))]:
+            self.waiting.remove(req)
+            t0 = time.perf_counter()
+            payload = self.runner.prefill(req)
+            self._sync()
+            self.stats.prefill_s += time.perf_counter() - t0
+            self.stats.token_rows += req.prompt_len
+            req.status = RequestStatus.PREFILLED
+            self.prefilled.append((req, payload))
+        items = []
+        while self.prefilled and len(items) < self.batch.free_rows:
+            req, payload = self.prefilled.popleft()
+            self._emit(req, payload.first_token, out)
+            if req.finished:
+                out.finished.append(req)
+            else:
+                items.append((req, payload.kv))
+        for item in sorted(items, key=lambda it: -int(it[1].shape[3])):
+            t0 = time.perf_counter()
+            self.batch.concatenate([item])
+            self._sync()
+            self.stats.splice_s.append(time.perf_counter() - t0)
+            item[0].status = RequestStatus.RUNNING
+
+    def _admit_unprefilled(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+        if reqs:
+            self.batch.add_unprefilled(reqs)
+
+    def _decode(self, out: StepOutput) -> None:
+        t0 = time.perf_counter()
+        res = self.runner.decode(self.batch)
+        reqs = self.batch.requests
+        tokens = sample(res.logits, reqs)
+        self._sync()
+        self.stats.decode_s += time.perf_counter() - t0
+        s = self.stats
+        s.steps += 1
+        s.token_rows += res.inputs.rows
+        s.idle_rows += res.inputs.idle_rows
+        s.attended_kv += res.attended_kv
+        s.masked_kv += res.attended_kv - res.useful_kv
+        for req, tok in zip(reqs, tokens):
+            if not req.finished:
+                self._emit(req, tok, out)
+                if req.finished:
+                    out.finished.append(req)
+        if self.policy == "static" and not all(r.finished for r in reqs):
+            return  # run to completion: finished rows stay in the batch
+        done = {r.id for r in reqs if r.finished}
+        if done:
+            self.batch.filter(done)
+            self.batch.compact(self.compact_threshold)
+
+    def _emit(self, req: Request, token: int, out: StepOutput) -> None:
+        if not req.output_ids:
+            req.first_token_time = time.perf_counter()
+        req.output_ids.append(token)
+        self.stats.output_tokens += 1
+        out.tokens.append((req, token))
+        reason = self._finish_reason(req, token)
+        if reason is not None:
+            req.finish(reason)
+
+    def _finish_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            return FinishReason.STOP
+        if p.stop and self.lm.tokenizer is not None:
+            text = self.lm.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+            hits = [text.find(s) for s in p.stop if s in text]
+            if hits:
+                req.text = text[: min(hits)]
+                return FinishReason.STOP
+        if len(req.output_ids) >= p.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+    # ---- convenience -----------------------------------------------------------------------------------
+    def run_until_done(self) -> None:
+        while self.has_work():
+            if not len(self.batch) and not self.prefilled:
+                nxt = self.next_arrival()
+                if nxt is not None and nxt > time.perf_counter():
+                    time.sleep(min(0.05, nxt - time.perf_counter()))
+                    continue
+            self.step()

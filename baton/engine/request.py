@@ -1,0 +1,125 @@
+"""Requests and their sampling parameters: the unit the scheduler moves between queues and batches."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class InvalidRequestError(ValueError):
+    """A request that cannot be served; `field` names the offending input."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, prompt not yet prefilled
+    PREFILLED = "prefilled"  # KV computed, waiting to be spliced into the decode batch
+    RUNNING = "running"  # a row of the decode batch
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # makes a sampled output independent of the batch it runs in
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise InvalidRequestError(name, what)
+
+        check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "must be an integer >= 1")
+        check(_is_num(self.temperature) and 0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
+        check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0")
+        check(
+            _is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+            "repetition_penalty",
+            "must be in (0, 10]",
+        )
+        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed", "must be 0 <= seed < 2**63")
+        check(
+            isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
+            "stop",
+            "must be at most 16 non-empty strings",
+        )
+        check(
+            isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "must be non-negative integers",
+        )
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+@dataclass
+class Request:
+    """One generation request and everything produced for it so far."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    arrival_time: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    # Text produced so far; only maintained for requests with stop strings (see Engine._check_stop).
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if not all(_is_int(t) and t >= 0 for t in self.prompt_ids):
+            raise InvalidRequestError("input_ids", "must be non-negative integers")
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def finish(self, reason: FinishReason) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.finish_time = time.perf_counter()

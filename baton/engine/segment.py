@@ -1,0 +1,196 @@
+"""KVSegment: a group of decode rows that share one pre-allocated KV slab and one column window.
+
+Layout. `kv` is [layers, 2 (key, value), rows_cap, kv_heads, cols_cap, head_dim]; `valid` is [rows_cap, cols_cap].
+Rows 0..n-1 are the active requests, in the order of `requests`. Each step writes every row's new key/value
+at column `hi` and attention reads columns [lo, hi]. `valid[r, c]` says whether column c holds one of row r's
+tokens; all other columns in the window are padding, masked out of attention.
+
+Attention over cached keys does not depend on the order of columns (positions are baked into the keys by RoPE
+or were added to the input for absolute-position models), so a newcomer's prompt can be written into any run
+of columns that ends at `hi`. That is the whole splice: pad on the left by choosing where the newcomer starts,
+mark its columns valid, give it its own position ids. Nothing already computed is moved.
+
+Invariant everything relies on: for every active row r, `valid[r, :lo]` and `valid[r, hi:]` are all False,
+and `lens[r] == valid[r].sum()` is the number of tokens whose KV row r holds (its next position id).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from baton.engine.request import Request
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+class KVSegment:
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rows_cap: int = 4,
+        cols_cap: int = 256,
+        max_rows: int = 32,
+    ) -> None:
+        self.shape = (num_layers, kv_heads, head_dim)
+        self.dtype, self.device, self.max_rows = dtype, device, max_rows
+        self.kv = torch.zeros(num_layers, 2, rows_cap, kv_heads, cols_cap, head_dim, dtype=dtype, device=device)
+        self.valid = torch.zeros(rows_cap, cols_cap, dtype=torch.bool, device=device)
+        self.requests: list[Request] = []
+        self.lens: list[int] = []
+        self.lo = 0
+        self.hi = 0
+        self.step_q = 0  # query length of the step in progress (0 between steps)
+        self.step_mask: torch.Tensor | None = None  # [n, 1, q, window + q] for the step in progress
+        self.copied_bytes = 0  # KV bytes moved by compaction and growth (not by splicing newcomers)
+
+    # ---- derived values ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def rows_cap(self) -> int:
+        return int(self.kv.shape[2])
+
+    @property
+    def cols_cap(self) -> int:
+        return int(self.kv.shape[4])
+
+    @property
+    def width(self) -> int:
+        """Columns attended by every row: the window [lo, hi)."""
+        return self.hi - self.lo
+
+    @property
+    def padding(self) -> int:
+        """Masked positions in the current window, summed over rows."""
+        return len(self) * self.width - sum(self.lens)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self) < self.max_rows
+
+    def splice_cost(self, prompt_len: int) -> int:
+        """Padding positions added (per step) if a prompt of this length joined this segment."""
+        if prompt_len <= self.width:
+            return self.width - prompt_len
+        return len(self) * (prompt_len - self.width)
+
+    # ---- splice / evict ---------------------------------------------------------------------------------
+    def insert(self, req: Request, kv: torch.Tensor | None) -> None:
+        """Add a row. kv: [layers, 2, kv_heads, tokens, head_dim] of an already prefilled prompt, or None for a
+        row whose prompt will be computed inside the next step (orca, static)."""
+        tokens = 0 if kv is None else int(kv.shape[3])
+        if not self.requests and tokens < self.cols_cap:
+            self.lo = self.hi = tokens  # an empty segment starts over at the left of its slab
+        if len(self) == self.rows_cap or tokens > self.hi:
+            self._relayout(rows_cap=min(self.max_rows, max(self.rows_cap, 2 * (len(self) + 1))), min_hi=tokens)
+        r, start = len(self), self.hi - tokens
+        if kv is not None:
+            self.kv[:, :, r, :, start : self.hi] = kv.to(self.device, self.dtype)
+        self.valid[r].zero_()
+        self.valid[r, start : self.hi] = True
+        self.lo = min(self.lo, start)
+        self.requests.append(req)
+        self.lens.append(tokens)
+
+    def remove(self, done: set[int]) -> None:
+        """Drop the rows whose indices are in `done`: the last live row moves into each hole."""
+        if not done:
+            return
+        keep = [r for r in range(len(self)) if r not in done]
+        n_new = len(keep)
+        movers = [r for r in keep if r >= n_new]  # live rows beyond the new end
+        holes = [r for r in sorted(done) if r < n_new]
+        for src, dst in zip(movers, holes):
+            self.kv[:, :, dst, :, self.lo : self.hi] = self.kv[:, :, src, :, self.lo : self.hi]
+            self.valid[dst] = self.valid[src]
+            self.requests[dst], self.lens[dst] = self.requests[src], self.lens[src]
+        del self.requests[n_new:], self.lens[n_new:]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Advance `lo` past leading columns that no live row uses."""
+        if not self.requests:
+            self.lo = self.hi = 0
+            return
+        used = self.valid[: len(self), self.lo : self.hi].any(0)
+        self.lo += int(used.int().argmax())
+
+    def _relayout(self, rows_cap: int | None = None, min_hi: int = 0, q: int = 1) -> None:
+        """Copy every row's tokens, right-aligned and without holes, into a new slab with room for growth."""
+        n = len(self)
+        longest = max(self.lens, default=0)
+        new_hi = max(longest, min_hi)
+        cols_cap = _round_up(int(new_hi * 1.5) + q + 16, 64)  # geometric headroom: relayouts stay rare
+        rows_cap = rows_cap or self.rows_cap
+        layers, heads, dim = self.shape
+        kv = torch.zeros(layers, 2, rows_cap, heads, cols_cap, dim, dtype=self.dtype, device=self.device)
+        valid = torch.zeros(rows_cap, cols_cap, dtype=torch.bool, device=self.device)
+        for r in range(n):
+            cols = self.valid[r, self.lo : self.hi].nonzero().squeeze(1) + self.lo
+            length = self.lens[r]
+            assert cols.numel() == length, "segment invariant broken: lens disagrees with valid"
+            kv[:, :, r, :, new_hi - length : new_hi] = self.kv[:, :, r, :, cols]
+            valid[r, new_hi - length : new_hi] = True
+        self.copied_bytes += sum(self.lens) * layers * 2 * heads * dim * kv.element_size()
+        self.kv, self.valid = kv, valid
+        self.hi, self.lo = new_hi, new_hi - longest
+
+    def compact(self) -> None:
+        """Remove holes (masked columns inside the window) by re-aligning rows."""
+        self._relayout()
+
+    # ---- one forward step ---------------------------------------------------------------------------------
+    def begin_step(self, new_valid: torch.Tensor | None = None, q: int = 1) -> tuple[int, int]:
+        """Prepare columns [hi, hi+q) for this step's keys. new_valid: [n, q] bool, which of them are real tokens
+        (None: all). Builds the attention mask [n, 1, q, width + q] shared by all layers.
+        Returns (useful, attended): query-key pairs this step computes that count, and in all."""
+        n = len(self)
+        if self.hi + q > self.cols_cap:
+            self._relayout(q=q)
+        hi = self.hi
+        if new_valid is None:
+            self.valid[:n, hi : hi + q] = True
+        else:
+            self.valid[:n, hi : hi + q] = new_valid
+        window = self.valid[:n, self.lo : hi + q]  # [n, width + q]
+        attended = n * q * window.shape[1]
+        if q == 1:
+            mask = window[:, None, None, :]
+            useful = sum(self.lens) + n
+        else:
+            mask = window[:, None, None, :].expand(n, 1, q, window.shape[1]).clone()
+            causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
+            mask[:, :, :, -q:] &= causal
+            real_queries = new_valid if new_valid is not None else torch.ones(n, q, dtype=torch.bool)
+            useful = int((mask[:, 0] & real_queries[:, :, None].to(mask.device)).sum())
+            # padding queries attend to themselves so no softmax row is empty (their outputs are discarded)
+            mask[:, :, :, -q:] |= torch.eye(q, dtype=torch.bool, device=self.device)
+        self.step_q, self.step_mask = q, mask
+        return useful, attended
+
+    def attend_inputs(self, layer: int, key: torch.Tensor, value: torch.Tensor):  # type: ignore[no-untyped-def]
+        """Store this step's key/value [n, kv_heads, q, head_dim] for `layer`; return the window's keys and
+        values [n, kv_heads, width + q, head_dim] and the mask."""
+        n, q, hi = len(self), self.step_q, self.hi
+        self.kv[layer, 0, :n, :, hi : hi + q] = key
+        self.kv[layer, 1, :n, :, hi : hi + q] = value
+        k = self.kv[layer, 0, :n, :, self.lo : hi + q]
+        v = self.kv[layer, 1, :n, :, self.lo : hi + q]
+        return k, v, self.step_mask
+
+    def end_step(self, added: list[int] | None = None) -> None:
+        """Close the step: the window now ends after the new columns. added[r]: real tokens row r gained."""
+        q = self.step_q
+        self.hi += q
+        if added is None:
+            self.lens = [n + q for n in self.lens]
+        else:
+            self.lens = [n + a for n, a in zip(self.lens, added)]
+        self.step_q, self.step_mask = 0, None
