@@ -106,6 +106,7 @@ class Engine:
         req.status = RequestStatus.PREFILLED
         self.prefilled.append((req, payload))
 
+    @torch.inference_mode()
     def cancel(self, request_id: str) -> bool:
         """Stop a request wherever it is. Between steps, so its row leaves before the next one."""
         for q in (self.waiting, self.prefilled):
@@ -134,6 +135,7 @@ class Engine:
         return [r for r in self.waiting if r.arrival_time <= now]
 
     # ---- one iteration ---------------------------------------------------------------------------------
+    @torch.inference_mode()  # every tensor of the batch is made and changed here
     def step(self) -> StepOutput:
         out = StepOutput([], [])
         now = time.perf_counter()

@@ -1,0 +1,67 @@
+"""The `baton` command. Each subcommand lives in its own module, which provides `add_arguments(parser)` and
+`main(args) -> int`; this file only wires them together (imported lazily, so `baton --help` is fast)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# (command path, module, help)
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("run",), "baton.offline", "run a JSONL file of requests through the engine, offline"),
+    (("bench", "engine"), "baton.bench.engine_bench", "measure one engine policy on a named workload"),
+    (("bench", "decode"), "baton.bench.microbench", "decode step vs a bare dense loop, and splice cost"),
+    (("bench", "plot"), "baton.bench.plot", "plot benchmark result files"),
+]
+
+
+def env_default(name: str, default: str | None = None) -> str | None:
+    """Every flag has an environment-variable twin: --max-batch <-> BATON_MAX_BATCH."""
+    return os.environ.get("BATON_" + name.upper().replace("-", "_"), default)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=env_default("model", "smollm2-135m"),
+                   help="smollm2-135m (embedded) or a Hugging Face model directory")
+    p.add_argument("--device", default=env_default("device"), help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--dtype", default=env_default("dtype", "auto"),
+                   help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--threads", type=int, default=int(env_default("threads", "0") or 0),
+                   help="torch CPU threads (0: torch's default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving with BATON")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    subs = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, module, help_text in COMMANDS:
+        container = subs
+        if len(path) == 2:
+            if path[0] not in groups:
+                groups[path[0]] = subs.add_parser(path[0], help="benchmarks").add_subparsers(
+                    dest="subcommand", required=True)
+            container = groups[path[0]]
+        p = container.add_parser(path[-1], help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads = getattr(args, "threads", 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return int(importlib.import_module(args._module).main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
