@@ -24,13 +24,25 @@ def env_default(name: str, default: str | None = None) -> str | None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=env_default("model", "smollm2-135m"),
-                   help="smollm2-135m (embedded) or a Hugging Face model directory")
-    p.add_argument("--device", default=env_default("device"), help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--dtype", default=env_default("dtype", "auto"),
-                   help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--threads", type=int, default=int(env_default("threads", "0") or 0),
-                   help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--model",
+        default=env_default("model", "smollm2-135m"),
+        help="smollm2-135m (embedded) or a Hugging Face model directory",
+    )
+    p.add_argument(
+        "--device", default=env_default("device"), help="cpu, cuda, cuda:1 ... (default: cuda if present)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=env_default("dtype", "auto"),
+        help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(env_default("threads", "0") or 0),
+        help="torch CPU threads (0: torch's default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         if len(path) == 2:
             if path[0] not in groups:
                 groups[path[0]] = subs.add_parser(path[0], help="benchmarks").add_subparsers(
-                    dest="subcommand", required=True)
+                    dest="subcommand", required=True
+                )
             container = groups[path[0]]
         p = container.add_parser(path[-1], help=help_text, description=help_text)
         p.set_defaults(_module=module)
@@ -53,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     threads = getattr(args, "threads", 0)
     if threads:
         import torch

@@ -219,9 +219,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="requests, one JSON object a line ('-': stdin)")
     parser.add_argument("--output", required=True, help="results, one JSON object a line ('-': stdout)")
     parser.add_argument("--policy", choices=POLICIES, default=env_default("policy", "baton"))
-    parser.add_argument("--max-batch", type=int, default=int(env_default("max_batch", "32") or 32),
-                        help="rows of the decode batch")
+    parser.add_argument("--max-batch", type=_positive_int, default=env_default("max_batch", "32"),
+                        help="rows of the decode batch (default: 32)")
     add_model_arguments(parser)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}")
+    return int(text)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -29,17 +29,34 @@ def tokenizer() -> PreTrainedTokenizerBase:
 def make_tiny_llama(tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> LoadedModel:
     """A random Llama with GQA (4 query heads, 2 kv heads) and RoPE."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      eos_token_id=2, pad_token_id=2, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=1,
+    )
     return LoadedModel(LlamaForCausalLM(cfg), tokenizer, "tiny-llama")
 
 
 def make_tiny_gpt2(tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> LoadedModel:
     """A random GPT-2: absolute position embeddings, no GQA."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
-                     eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        eos_token_id=2,
+        bos_token_id=1,
+        pad_token_id=2,
+    )
     return LoadedModel(GPT2LMHeadModel(cfg), tokenizer, "tiny-gpt2")
 
 
@@ -59,8 +76,9 @@ def smollm2() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: LoadedModel,
-                   tokenizer: PreTrainedTokenizerBase) -> Path:
+def tiny_llama_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: LoadedModel, tokenizer: PreTrainedTokenizerBase
+) -> Path:
     """The tiny Llama saved as a Hugging Face model directory (for commands that take --model)."""
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama.model.save_pretrained(path)
@@ -71,6 +89,8 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: LoadedM
 @pytest.fixture
 def make_request():
     """Build a Request: make_request("id", [1, 2, 3], max_new_tokens=4, ...)."""
+
     def make(rid: str, prompt_ids: list[int], **params: object) -> Request:
         return Request(rid, list(prompt_ids), SamplingParams(**params))  # type: ignore[arg-type]
+
     return make

@@ -23,10 +23,13 @@ schedules = st.lists(
 
 def reference(lm: LoadedModel, prompt: tuple[int, ...], max_new: int) -> list[int]:
     out = lm.model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+        torch.tensor([prompt]),
+        max_new_tokens=max_new,
+        min_new_tokens=max_new,
+        do_sample=False,
         pad_token_id=0,
     )
-    return out[0, len(prompt):].tolist()
+    return list(out[0, len(prompt) :].tolist())
 
 
 def run_schedule(engine: Engine, reqs: list[Request], arrivals: list[int]) -> None:
@@ -55,7 +58,9 @@ def tiny_model(kind: str) -> LoadedModel:
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("policy", ["baton", "orca"])
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(schedule=schedules, max_batch=st.integers(1, 5), max_segments=st.integers(1, 3), seed=st.integers(0, 99))
+@given(
+    schedule=schedules, max_batch=st.integers(1, 5), max_segments=st.integers(1, 3), seed=st.integers(0, 99)
+)
 def test_greedy_equals_generate_alone(
     kind: str, policy: str, schedule: list[tuple[int, int, int]], max_batch: int, max_segments: int, seed: int
 ) -> None:
@@ -78,8 +83,10 @@ def test_greedy_equals_generate_alone(
 def test_static_policy_equals_generate(tiny_llama: LoadedModel) -> None:
     engine = Engine(tiny_llama, policy="static", max_batch=3)
     prompts = prompts_for(1, [5, 17, 9, 30])
-    reqs = [Request(str(i), list(p), SamplingParams(max_new_tokens=3 + 2 * i, ignore_eos=True))
-            for i, p in enumerate(prompts)]
+    reqs = [
+        Request(str(i), list(p), SamplingParams(max_new_tokens=3 + 2 * i, ignore_eos=True))
+        for i, p in enumerate(prompts)
+    ]
     run_schedule(engine, reqs, [0, 0, 1, 2])
     for req, p in zip(reqs, prompts):
         assert req.output_ids == reference(tiny_llama, p, req.params.max_new_tokens)
@@ -101,23 +108,33 @@ SMOLLM2_PROMPTS = [
 def test_smollm2_greedy_equals_generate(smollm2: LoadedModel, policy: str) -> None:
     tok = smollm2.tokenizer
     assert tok is not None
-    prompts = [
-        tuple(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
-                                      return_dict=True)["input_ids"])
-        if i % 2 else tuple(tok(t)["input_ids"])
+    prompts: list[tuple[int, ...]] = [
+        tuple(
+            tok.apply_chat_template(
+                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
+        if i % 2
+        else tuple(tok(t)["input_ids"])
         for i, t in enumerate(SMOLLM2_PROMPTS)
     ]
-    reqs = [Request(str(i), list(p), SamplingParams(max_new_tokens=12 + 3 * i)) for i, p in enumerate(prompts)]
+    reqs = [
+        Request(str(i), list(p), SamplingParams(max_new_tokens=12 + 3 * i)) for i, p in enumerate(prompts)
+    ]
     engine = Engine(smollm2, policy=policy, max_batch=3)
     run_schedule(engine, reqs, [0, 0, 2, 3, 3, 9])
     for req, p in zip(reqs, prompts):
-        ref = smollm2.model.generate(torch.tensor([p]), max_new_tokens=req.params.max_new_tokens, do_sample=False)
-        assert req.output_ids == ref[0, len(p):].tolist(), f"request {req.id} diverged"
+        ref = smollm2.model.generate(
+            torch.tensor([p]), max_new_tokens=req.params.max_new_tokens, do_sample=False
+        )
+        assert req.output_ids == ref[0, len(p) :].tolist(), f"request {req.id} diverged"
 
 
 @pytest.mark.parametrize("policy", ["baton", "orca", "static"])
 def test_seeded_sampling_independent_of_batch(tiny_llama: LoadedModel, policy: str) -> None:
-    params = SamplingParams(max_new_tokens=12, temperature=1.3, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    params = SamplingParams(
+        max_new_tokens=12, temperature=1.3, top_k=50, top_p=0.9, seed=1234, ignore_eos=True
+    )
     prompt = list(prompts_for(7, [11])[0])
 
     alone = Engine(tiny_llama, policy=policy, max_batch=4)
@@ -125,8 +142,10 @@ def test_seeded_sampling_independent_of_batch(tiny_llama: LoadedModel, policy: s
     run_schedule(alone, [solo], [0])
 
     crowd = Engine(tiny_llama, policy=policy, max_batch=4)
-    others = [Request(f"o{i}", list(p), SamplingParams(max_new_tokens=8, temperature=0.8, seed=i))
-              for i, p in enumerate(prompts_for(8, [30, 4, 19]))]
+    others = [
+        Request(f"o{i}", list(p), SamplingParams(max_new_tokens=8, temperature=0.8, seed=i))
+        for i, p in enumerate(prompts_for(8, [30, 4, 19]))
+    ]
     target = Request("target", prompt, params)
     run_schedule(crowd, [*others, target], [0, 0, 1, 2])
     assert target.output_ids == solo.output_ids

@@ -1,12 +1,12 @@
 """Policy runners: one workload through one serving policy, timed per request.
 
-Every runner takes (LoadedModel, list of BenchRequest, max_batch), serves the requests in real time (each is
-handed over no earlier than its arrival time), greedily and ignoring EOS so that every request produces exactly
-its `max_new_tokens`, and returns a `RunResult`:
+Every runner takes (LoadedModel, list of BenchRequest, max_batch), serves the requests in real time (each
+is handed over no earlier than its arrival time), greedily and ignoring EOS so that every request produces
+exactly its `max_new_tokens`, and returns a `RunResult`:
 
 - `baton`, `orca`, `static`: baton.engine.engine.Engine under that policy.
-- `hf-static`: transformers' `model.generate()` on batches of up to max_batch requests, left padded, taken in
-  arrival order; a batch starts when the previous one has finished, with the requests that have arrived by then.
+- `hf-static`: transformers' `model.generate()` on batches of up to max_batch requests, left padded, taken
+  in arrival order; a batch starts when the previous one has finished, with the requests arrived by then.
 - `hf-cb`: transformers' own continuous batching (the manager behind `model.generate_batch`), with an explicit
   `ContinuousBatchingConfig`. Requests go in through the manager's `add_request` at their arrival times, each
   with its own `max_new_tokens` and EOS disabled: `generate_batch` itself takes one `max_new_tokens` for all
@@ -104,19 +104,20 @@ def run_engine(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, policy
                 SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True), arrival_time=0.0)
         for r in reqs
     ]
-    for r, obj in zip(reqs, objs):
+    for obj in objs:
         engine.validate(obj)
     t0 = time.perf_counter()
-    for r, obj in zip(reqs, objs):
+    for r, obj in zip(reqs, objs, strict=True):
         obj.arrival_time = t0 + r.arrival_s
         engine.add_request(obj)
     engine.run_until_done()
     results = []
-    for r, obj in zip(reqs, objs):
+    for r, obj in zip(reqs, objs, strict=True):
         if obj.first_token_time is None or obj.finish_time is None:
             raise RuntimeError(f"{policy}: request {obj.id} did not finish")
-        results.append(RequestResult(r.index, r.prompt_len, r.max_new_tokens, len(obj.output_ids), r.arrival_s,
-                                     obj.first_token_time - obj.arrival_time, obj.finish_time - obj.arrival_time))
+        ttft, e2e = obj.first_token_time - obj.arrival_time, obj.finish_time - obj.arrival_time
+        n_out = len(obj.output_ids)
+        results.append(RequestResult(r.index, r.prompt_len, r.max_new_tokens, n_out, r.arrival_s, ttft, e2e))
     end = max(obj.finish_time for obj in objs if obj.finish_time is not None)
     s = engine.stats
     return RunResult(
@@ -135,7 +136,7 @@ def run_engine(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, policy
     )
 
 
-# ---- hf-static: model.generate() in run-to-completion batches ------------------------------------------------
+# ---- hf-static: model.generate() in run-to-completion batches --------------------------------------------
 class _StepClock:
     """A stopping criterion that never stops: it records when each generation step's tokens exist."""
 
@@ -156,7 +157,8 @@ def run_hf_static(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int) -> 
     class Clock(_StepClock, StoppingCriteria):
         pass
 
-    model, dev, pad = lm.model, lm.device, _pad_id(lm)
+    model: Any = lm.model
+    dev, pad = lm.device, _pad_id(lm)
     order = sorted(reqs, key=lambda r: (r.arrival_s, r.index))
     results: dict[int, RequestResult] = {}
     at_return: list[float] = []
@@ -179,15 +181,16 @@ def run_hf_static(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int) -> 
                 mask[row, width - r.prompt_len :] = 1
             clock = Clock(lm)
             out = model.generate(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max(r.max_new_tokens for r in batch),
-                do_sample=False, eos_token_id=None, pad_token_id=pad, use_cache=True,
+                input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                max_new_tokens=max(r.max_new_tokens for r in batch), do_sample=False,
+                eos_token_id=None, pad_token_id=pad, use_cache=True,  # eos_token_id=None: EOS ignored
                 stopping_criteria=StoppingCriteriaList([clock]),
             )
             _sync(lm)
             returned = time.perf_counter()
             generated = int(out.shape[1]) - width
             if generated != len(clock.times):
-                raise RuntimeError(f"hf-static: {generated} tokens generated but {len(clock.times)} steps timed")
+                raise RuntimeError(f"hf-static: {generated} tokens but {len(clock.times)} steps timed")
             for r in batch:
                 n = min(r.max_new_tokens, generated)
                 arrival = t0 + r.arrival_s
@@ -195,8 +198,8 @@ def run_hf_static(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int) -> 
                                                  clock.times[0] - arrival, clock.times[n - 1] - arrival)
                 at_return.append(returned - arrival)
             # What generate() computed, counted as the Engine counts its static policy: the prefill runs
-            # b x width rows (padding idle) with causal attention over width keys; each later step runs b rows,
-            # one per request, idle once the request has its tokens, attending over the padded cache.
+            # b x width rows (padding idle) with causal attention over width keys; each later step runs b
+            # rows, one per request, idle once the request has its tokens, attending over the padded cache.
             batches += 1
             prompt_lens = [r.prompt_len for r in batch]
             outs = [min(r.max_new_tokens, generated) for r in batch]
@@ -217,9 +220,9 @@ def run_hf_static(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int) -> 
             "batches": batches, "token_rows": token_rows, "idle_rows": idle_rows,
             "attended_kv": attended, "masked_kv": attended - useful,
             "e2e_at_return_s": _summary(at_return),
-            "note": "ttft_s/e2e_s: when a request's first/last token was computed (what a streamer would see); "
-                    "generate() hands the whole batch back when its longest request is done: e2e_at_return_s. "
-                    "idle/masked counts are derived from the padded shapes generate() ran.",
+            "note": "ttft_s/e2e_s: when a request's first/last token was computed (what a streamer would "
+                    "see); generate() hands the whole batch back when its longest request is done: "
+                    "e2e_at_return_s. idle/masked counts are derived from the padded shapes generate() ran.",
         },
     )
 
@@ -239,7 +242,7 @@ def run_hf_cb(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, page_si
               max_batch_tokens: int = 8192) -> RunResult:
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    model = lm.model
+    model: Any = lm.model
     longest = max(r.prompt_len + r.max_new_tokens for r in reqs)
     blocks_per_request = math.ceil(longest / page_size) + 1
     cb_config = ContinuousBatchingConfig(
@@ -256,7 +259,8 @@ def run_hf_cb(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, page_si
     done: dict[str, Any] = {}
     setup0 = time.perf_counter()
     with attention_implementation(lm, "sdpa"), model.continuous_batching_context_manager(
-        generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=30, warmup=True,
+        generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=30,
+        warmup=True,
     ) as manager:
         attn_used = model.config._attn_implementation
         t0 = time.perf_counter()
@@ -266,12 +270,14 @@ def run_hf_cb(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, page_si
             now = time.perf_counter()
             while j < len(order) and t0 + order[j].arrival_s <= now:
                 r = order[j]
-                rid = manager.add_request(list(r.prompt_ids), request_id=f"r{r.index}", max_new_tokens=r.max_new_tokens,
-                                          record_timestamps=True, eos_token_id=-1)  # -1: EOS disabled
+                rid = manager.add_request(list(r.prompt_ids), request_id=f"r{r.index}",
+                                          max_new_tokens=r.max_new_tokens, record_timestamps=True,
+                                          eos_token_id=-1)  # -1: EOS disabled
                 if rid is None:
                     raise RuntimeError(f"hf-cb: request r{r.index} was refused")
                 j += 1
-            wait = 0.5 if j >= len(order) else max(0.0, min(0.5, t0 + order[j].arrival_s - time.perf_counter()))
+            next_arrival = t0 + order[j].arrival_s if j < len(order) else math.inf
+            wait = max(0.0, min(0.5, next_arrival - time.perf_counter()))
             res = manager.get_result(timeout=wait)
             if res is None:
                 if not manager.is_running():
@@ -289,8 +295,8 @@ def run_hf_cb(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, page_si
         if not stamps:
             raise RuntimeError(f"hf-cb: request r{r.index} has no token timestamps")
         arrival = t0 + r.arrival_s
-        results.append(RequestResult(r.index, r.prompt_len, r.max_new_tokens, len(out.generated_tokens), r.arrival_s,
-                                     stamps[0] - arrival, stamps[-1] - arrival))
+        results.append(RequestResult(r.index, r.prompt_len, r.max_new_tokens, len(out.generated_tokens),
+                                     r.arrival_s, stamps[0] - arrival, stamps[-1] - arrival))
         last = max(last, stamps[-1])
     return RunResult(
         policy="hf-cb",

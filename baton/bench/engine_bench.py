@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="baton",
                    help=f"one policy or several, comma separated, run in order: {','.join(POLICIES)} "
                         "(ratios in the table are against the first)")
-    p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS), help="named workload (default: mixed)")
+    p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS),
+                   help="named workload (default: mixed)")
     p.add_argument("--num-requests", type=int, help="override the workload's number of requests")
     p.add_argument("--prompt-min", type=int, help="override the shortest prompt (tokens)")
     p.add_argument("--prompt-max", type=int, help="override the longest prompt (tokens)")
@@ -74,16 +75,18 @@ def main(args: argparse.Namespace) -> int:
         print("baton bench engine: give --out or --out-dir, not both", file=sys.stderr)
         return 2
     try:
-        spec = get_workload(args.workload, num_requests=args.num_requests, prompt_min=args.prompt_min,
-                            prompt_max=args.prompt_max, output_min=args.output_min, output_max=args.output_max,
-                            max_batch=args.max_batch, rate=args.rate, seed=args.seed)
+        spec = get_workload(
+            args.workload, num_requests=args.num_requests, prompt_min=args.prompt_min,
+            prompt_max=args.prompt_max, output_min=args.output_min, output_max=args.output_max,
+            max_batch=args.max_batch, rate=args.rate, seed=args.seed,
+        )
     except ValueError as e:
         print(f"baton bench engine: {e}", file=sys.stderr)
         return 2
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     reports = run_bench(lm, spec, policies, warmup=not args.no_warmup, progress=True)
     paths = output_paths(reports, args.out, args.out_dir)
-    for report, path in zip(reports, paths):
+    for report, path in zip(reports, paths, strict=True):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2) + "\n")
@@ -120,9 +123,10 @@ def run_bench(lm: LoadedModel, spec: WorkloadSpec, policies: list[str], warmup: 
     reqs = draw(spec, lm.tokenizer, int(lm.config.vocab_size))
     if progress:
         total_out = sum(r.max_new_tokens for r in reqs)
-        print(f"workload {spec.name}: {len(reqs)} requests, prompts {spec.prompt_min}..{spec.prompt_max} tokens, "
-              f"outputs {spec.output_min}..{spec.output_max} ({total_out} in all), max batch {spec.max_batch}, "
-              + ("all at t=0" if spec.rate is None else f"Poisson at {spec.rate:g} req/s") + f", seed {spec.seed}")
+        arrivals = "all at t=0" if spec.rate is None else f"Poisson at {spec.rate:g} req/s"
+        print(f"workload {spec.name}: {len(reqs)} requests, prompts {spec.prompt_min}..{spec.prompt_max} "
+              f"tokens, outputs {spec.output_min}..{spec.output_max} ({total_out} in all), max batch "
+              f"{spec.max_batch}, {arrivals}, seed {spec.seed}")
     run_id = uuid.uuid4().hex[:12]
     reports = []
     for policy in policies:
@@ -146,8 +150,9 @@ def warmup_requests(reqs: list[BenchRequest]) -> list[BenchRequest]:
 
 
 class MemoryWatch:
-    """Peak resident memory of this process during a block. Linux: the kernel's high-water mark (VmHWM), reset
-    at entry through /proc/self/clear_refs; elsewhere a 5 ms psutil sampler. Also the CUDA allocator's peak."""
+    """Peak resident memory of this process during a block. Linux: the kernel's high-water mark (VmHWM),
+    reset at entry through /proc/self/clear_refs; elsewhere a 5 ms psutil sampler. Also the CUDA allocator's
+    peak."""
 
     def __init__(self, lm: LoadedModel) -> None:
         self.cuda = lm.device.type == "cuda"
@@ -222,10 +227,13 @@ def _read_hwm_kb() -> int | None:
 def percentiles(xs: list[float]) -> dict[str, float | None]:
     import numpy as np
 
-    if not xs:
-        return {f"p{q}": None for q in PERCENTILES} | {"mean": None}
-    a = np.asarray(xs, dtype=float)
-    return {f"p{q}": float(np.percentile(a, q)) for q in PERCENTILES} | {"mean": float(a.mean())}
+    out: dict[str, float | None] = {f"p{q}": None for q in PERCENTILES}
+    out["mean"] = None
+    if xs:
+        a = np.asarray(xs, dtype=float)
+        out.update({f"p{q}": float(np.percentile(a, q)) for q in PERCENTILES})
+        out["mean"] = float(a.mean())
+    return out
 
 
 def machine_info(lm: LoadedModel) -> dict[str, Any]:
@@ -313,10 +321,12 @@ def _fmt(x: float | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def one_line(r: dict[str, Any]) -> str:
-    return (f"{r['policy']}: {_fmt(r['output_tokens_per_s'], digits=1)} tok/s, {_fmt(r['requests_per_s'])} req/s, "
+    return (f"{r['policy']}: {_fmt(r['output_tokens_per_s'], digits=1)} tok/s, "
+            f"{_fmt(r['requests_per_s'])} req/s, "
             f"TTFT p50 {_fmt(r['ttft_s']['p50'])} s, TPOT p50 {_fmt(r['tpot_s']['p50'], 1000, 1)} ms, "
             f"e2e p50 {_fmt(r['e2e_s']['p50'])} s, p99 {_fmt(r['e2e_s']['p99'])} s, "
-            f"idle rows {_fmt(r['idle_token_rows'], 100, 1)}%, masked KV {_fmt(r['masked_kv_fraction'], 100, 1)}%, "
+            f"idle rows {_fmt(r['idle_token_rows'], 100, 1)}%, "
+            f"masked KV {_fmt(r['masked_kv_fraction'], 100, 1)}%, "
             f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['duration_s']:.1f} s")
 
 
@@ -345,10 +355,14 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
             ratio(r["e2e_s"]["p50"], base["e2e_s"]["p50"]),
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    def fmt_row(row: list[str]) -> str:
+        cells = zip(row, widths, strict=True)
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+
+    lines = [fmt_row(row) for row in rows]
     first = reports[0]
-    title = (f"{first['workload']} workload, {first['num_requests']} requests, max batch {first['max_batch']}, "
-             f"seed {first['seed']}, model {first['model']} on {first['device']} ({first['dtype']}), "
+    title = (f"{first['workload']} workload, {first['num_requests']} requests, "
+             f"max batch {first['max_batch']}, seed {first['seed']}, "
+             f"model {first['model']} on {first['device']} ({first['dtype']}), "
              f"{first['machine']['cpu_count']} CPUs, {time.strftime('%Y-%m-%d')}")
     return "\n".join([title, *lines])

@@ -26,7 +26,8 @@ QUANTILES = ("p50", "p90", "p99")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", type=Path, help="result JSON files")
-    p.add_argument("-o", "--output", type=Path, default=Path("bench.png"), help="image file (default: bench.png)")
+    p.add_argument("-o", "--output", type=Path, default=Path("bench.png"),
+                   help="image file (default: bench.png)")
     p.add_argument("--title", help="figure title")
 
 
@@ -123,7 +124,7 @@ def _plot_bars(runs: list[dict[str, Any]], axes: Any) -> None:
     ax.set_title("throughput")
     ax.set_ylabel("output tokens/s")
     ax.set_xticks(x, names, rotation=20, ha="right")
-    for ax, (key, name, scale, unit) in zip((axes[0][1], axes[1][0], axes[1][1]), LATENCIES):
+    for ax, (key, name, scale, unit) in zip((axes[0][1], axes[1][0], axes[1][1]), LATENCIES, strict=True):
         width = 0.8 / len(QUANTILES)
         for k, q in enumerate(QUANTILES):
             vals = [_num((r.get(key) or {}).get(q)) * scale for r in runs]
@@ -141,16 +142,16 @@ def _plot_vs_rate(runs: list[dict[str, Any]], axes: Any) -> None:
     for name, group in groups.items():
         group.sort(key=lambda r: _rate(r) or 0.0)
         rates = [_rate(r) for r in group]
-        line = axes[0][0].plot(rates, [_num(r.get("output_tokens_per_s")) for r in group], marker="o", label=name)
-        color = line[0].get_color()
-        for ax, (key, _, scale, _unit) in zip((axes[0][1], axes[1][0], axes[1][1]), LATENCIES):
-            ax.plot(rates, [_num((r.get(key) or {}).get("p50")) * scale for r in group], marker="o", color=color,
-                    label=f"{name} p50")
-            ax.plot(rates, [_num((r.get(key) or {}).get("p99")) * scale for r in group], marker="x", color=color,
-                    linestyle="--", label=f"{name} p99")
+        tput = [_num(r.get("output_tokens_per_s")) for r in group]
+        color = axes[0][0].plot(rates, tput, marker="o", label=name)[0].get_color()
+        for ax, (key, _, scale, _unit) in zip((axes[0][1], axes[1][0], axes[1][1]), LATENCIES, strict=True):
+            p50 = [_num((r.get(key) or {}).get("p50")) * scale for r in group]
+            p99 = [_num((r.get(key) or {}).get("p99")) * scale for r in group]
+            ax.plot(rates, p50, marker="o", color=color, label=f"{name} p50")
+            ax.plot(rates, p99, marker="x", color=color, linestyle="--", label=f"{name} p99")
     axes[0][0].set_title("throughput vs arrival rate")
     axes[0][0].set_ylabel("output tokens/s")
-    for ax, (_, name, _, unit) in zip((axes[0][1], axes[1][0], axes[1][1]), LATENCIES):
+    for ax, (_, name, _, unit) in zip((axes[0][1], axes[1][0], axes[1][1]), LATENCIES, strict=True):
         ax.set_title(f"{name} vs arrival rate")
         ax.set_ylabel(unit)
     for row in axes:

@@ -140,7 +140,9 @@ class DecodeBatch:
         if q == 1:
             ids = torch.tensor(feeds, dtype=torch.long)
             pos = torch.tensor(starts, dtype=torch.long).unsqueeze(1)
-            return StepInputs(ids.to(self.device), pos.to(self.device), None, [1] * len(reqs), idle, len(reqs))
+            return StepInputs(
+                ids.to(self.device), pos.to(self.device), None, [1] * len(reqs), idle, len(reqs)
+            )
         ids = torch.full((len(reqs), q), self.pad_token_id, dtype=torch.long)
         pos = torch.zeros((len(reqs), q), dtype=torch.long)
         valid = torch.zeros((len(reqs), q), dtype=torch.bool)
@@ -150,6 +152,10 @@ class DecodeBatch:
             valid[r, q - len(f) :] = True
         idle += len(reqs) * q - sum(len(f) for f in feeds)
         return StepInputs(
-            ids.to(self.device), pos.to(self.device), valid.to(self.device), [len(f) for f in feeds], idle,
+            ids.to(self.device),
+            pos.to(self.device),
+            valid.to(self.device),
+            [len(f) for f in feeds],
+            idle,
             len(reqs) * q,
         )

@@ -88,7 +88,9 @@ class Engine:
             )
         vocab = int(self.lm.config.vocab_size)
         if max(req.prompt_ids) >= vocab:
-            raise InvalidRequestError("input_ids", f"token id {max(req.prompt_ids)} is outside the vocabulary ({vocab})")
+            raise InvalidRequestError(
+                "input_ids", f"token id {max(req.prompt_ids)} is outside the vocabulary ({vocab})"
+            )
 
     def add_request(self, req: Request) -> None:
         """Queue a request whose prompt this engine prefills itself (at or after req.arrival_time)."""
@@ -109,13 +111,16 @@ class Engine:
     @torch.inference_mode()
     def cancel(self, request_id: str) -> bool:
         """Stop a request wherever it is. Between steps, so its row leaves before the next one."""
-        for q in (self.waiting, self.prefilled):
-            for item in list(q):
-                req = item[0] if isinstance(item, tuple) else item
-                if req.id == request_id:
-                    q.remove(item)  # type: ignore[arg-type]
-                    req.finish(FinishReason.CANCELLED)
-                    return True
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                req.finish(FinishReason.CANCELLED)
+                return True
+        for item in self.prefilled:
+            if item[0].id == request_id:
+                self.prefilled.remove(item)
+                item[0].finish(FinishReason.CANCELLED)
+                return True
         for req in self.batch.requests:
             if req.id == request_id:
                 if not req.finished:
@@ -141,9 +146,7 @@ class Engine:
         now = time.perf_counter()
         if self.policy == "baton":
             self._admit_baton(now, out)
-        elif self.policy == "orca":
-            self._admit_unprefilled(self._arrived(now)[: self.batch.free_rows])
-        elif not len(self.batch):  # static: a new batch only when the last one is done
+        elif self.policy == "orca" or not len(self.batch):
             self._admit_unprefilled(self._arrived(now)[: self.batch.free_rows])
         if len(self.batch):
             self._decode(out)
@@ -159,7 +162,7 @@ class Engine:
             self.stats.token_rows += req.prompt_len
             req.status = RequestStatus.PREFILLED
             self.prefilled.append((req, payload))
-        items = []
+        items: list[tuple[Request, torch.Tensor]] = []
         while self.prefilled and len(items) < self.batch.free_rows:
             req, payload = self.prefilled.popleft()
             self._emit(req, payload.first_token, out)
@@ -221,7 +224,7 @@ class Engine:
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return FinishReason.STOP
         if p.stop and self.lm.tokenizer is not None:
-            text = self.lm.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+            text = str(self.lm.tokenizer.decode(req.output_ids, skip_special_tokens=True))
             hits = [text.find(s) for s in p.stop if s in text]
             if hits:
                 req.text = text[: min(hits)]

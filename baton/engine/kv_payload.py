@@ -32,7 +32,9 @@ class KVPayload:
 
     def __post_init__(self) -> None:
         if self.kv.dim() != 5 or self.kv.shape[1] != 2:
-            raise PayloadError(f"kv must be [layers, 2, kv_heads, tokens, head_dim], got {tuple(self.kv.shape)}")
+            raise PayloadError(
+                f"kv must be [layers, 2, kv_heads, tokens, head_dim], got {tuple(self.kv.shape)}"
+            )
         if self.kv.shape[3] != len(self.prompt_ids):
             raise PayloadError(f"kv holds {self.kv.shape[3]} tokens but prompt has {len(self.prompt_ids)}")
         if self.kv.dtype not in _DTYPE_NAMES:
@@ -114,5 +116,7 @@ class KVPayload:
             )
         got = (self.num_layers, self.kv_heads, self.head_dim)
         if got != (num_layers, kv_heads, head_dim):
-            raise PayloadError(f"KV payload shape (layers, kv_heads, head_dim)={got}, expected "
-                               f"{(num_layers, kv_heads, head_dim)}")
+            raise PayloadError(
+                f"KV payload shape (layers, kv_heads, head_dim)={got}, expected "
+                f"{(num_layers, kv_heads, head_dim)}"
+            )

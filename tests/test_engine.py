@@ -1,0 +1,167 @@
+"""Engine behaviour: KV payloads, splicing KV prefilled elsewhere, stopping rules, cancel, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baton.engine.engine import Engine
+from baton.engine.kv_payload import KVPayload, PayloadError
+from baton.engine.models import LoadedModel
+from baton.engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
+from baton.engine.runner import ModelRunner
+from tests.conftest import make_tiny_llama
+
+
+def drain(engine: Engine) -> None:
+    for _ in range(1000):
+        if not engine.has_work():
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")
+
+
+def test_payload_round_trip(tiny_llama: LoadedModel) -> None:
+    payload = ModelRunner(tiny_llama).prefill(Request("x", [5, 6, 7, 8], SamplingParams()))
+    back = KVPayload.from_bytes(payload.to_bytes())
+    assert torch.equal(back.kv, payload.kv)
+    assert (back.request_id, back.model_fingerprint, back.prompt_ids, back.first_token) == (
+        "x",
+        tiny_llama.fingerprint,
+        [5, 6, 7, 8],
+        payload.first_token,
+    )
+    assert (back.num_layers, back.kv_heads, back.num_tokens, back.head_dim) == (2, 2, 4, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_payload_round_trip_half(dtype: torch.dtype) -> None:
+    p = KVPayload("h", "fp", [1, 2], 3, torch.randn(2, 2, 1, 2, 4).to(dtype))
+    assert torch.equal(KVPayload.from_bytes(p.to_bytes()).kv, p.kv)
+
+
+def test_payload_refuses_damage(tiny_llama: LoadedModel) -> None:
+    data = ModelRunner(tiny_llama).prefill(Request("x", [5, 6, 7], SamplingParams())).to_bytes()
+    with pytest.raises(PayloadError, match="magic"):
+        KVPayload.from_bytes(b"NOTBATON" + data[8:])
+    with pytest.raises(PayloadError, match="bytes"):
+        KVPayload.from_bytes(data[:-1])
+    with pytest.raises(PayloadError, match="header"):
+        KVPayload.from_bytes(data[:12] + b"[" + data[13:])
+
+
+def test_kv_prefilled_elsewhere_is_spliced_exactly(tiny_llama: LoadedModel) -> None:
+    """A second process's prefill (here: another runner, through bytes) splices into a running batch."""
+    params = SamplingParams(max_new_tokens=9, ignore_eos=True)
+    alone = Engine(tiny_llama)
+    ref = Request("a", [11, 12, 13, 14, 15], params)
+    alone.add_request(ref)
+    drain(alone)
+
+    engine = Engine(tiny_llama, max_batch=4)
+    engine.add_request(Request("running", list(range(100, 140)), params))
+    engine.step()
+    engine.step()
+    req = Request("a", [11, 12, 13, 14, 15], params)
+    wire = ModelRunner(tiny_llama).prefill(req).to_bytes()
+    engine.add_prefilled(req, KVPayload.from_bytes(wire))
+    drain(engine)
+    assert req.output_ids == ref.output_ids
+    assert engine.stats.idle_rows == 0 and len(engine.stats.splice_s) == 2
+
+
+def test_foreign_kv_is_refused(tiny_llama: LoadedModel) -> None:
+    other = make_tiny_llama(seed=1)
+    req = Request("f", [1, 2, 3], SamplingParams())
+    payload = ModelRunner(other).prefill(req)
+    with pytest.raises(PayloadError, match="model"):
+        Engine(tiny_llama).add_prefilled(req, payload)
+
+
+def test_stop_rules(tiny_llama: LoadedModel) -> None:
+    engine = Engine(tiny_llama)
+    probe = Request("probe", [7, 8, 9], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.add_request(probe)
+    drain(engine)
+    third = probe.output_ids[2]
+    by_token = Request(
+        "tok", [7, 8, 9], SamplingParams(max_new_tokens=6, stop_token_ids=(third,), ignore_eos=True)
+    )
+    by_len = Request("len", [7, 8, 9], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    text = str(tiny_llama.tokenizer.decode(probe.output_ids[:4]))  # type: ignore[union-attr]
+    stop = text[-3:] if text.strip() else None
+    by_str = Request(
+        "str", [7, 8, 9], SamplingParams(max_new_tokens=6, ignore_eos=True, stop=(stop,) if stop else ())
+    )
+    for r in (by_token, by_len, by_str):
+        engine.add_request(r)
+    drain(engine)
+    assert by_token.output_ids == probe.output_ids[: probe.output_ids.index(third) + 1]
+    assert by_token.finish_reason is FinishReason.STOP
+    assert by_len.output_ids == probe.output_ids[:2] and by_len.finish_reason is FinishReason.LENGTH
+    if stop:
+        assert by_str.finish_reason is FinishReason.STOP and stop not in by_str.text
+
+
+def test_eos_stops_unless_ignored(tiny_llama: LoadedModel) -> None:
+    engine = Engine(tiny_llama)
+    probe = Request("p", [3, 4], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    engine.add_request(probe)
+    drain(engine)
+    engine.eos_ids = frozenset({probe.output_ids[1]})
+    r = Request("e", [3, 4], SamplingParams(max_new_tokens=3))
+    engine.add_request(r)
+    drain(engine)
+    assert r.output_ids == probe.output_ids[:2] and r.finish_reason is FinishReason.STOP
+
+
+@pytest.mark.parametrize("policy", ["baton", "orca", "static"])
+def test_cancel_frees_the_row(tiny_llama: LoadedModel, policy: str) -> None:
+    engine = Engine(tiny_llama, policy=policy, max_batch=2)
+    keep = Request("keep", [1, 2, 3], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    gone = Request("gone", [4, 5, 6], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    queued = Request("queued", [7, 8], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    for r in (keep, gone, queued):
+        engine.add_request(r)
+    engine.step()
+    engine.step()
+    assert engine.cancel("gone") and engine.cancel("queued")
+    assert gone.finish_reason is FinishReason.CANCELLED and queued.finish_reason is FinishReason.CANCELLED
+    assert [r.id for r in engine.batch.requests] == ["keep"]
+    assert not engine.waiting
+    n = len(gone.output_ids)
+    drain(engine)
+    assert len(gone.output_ids) == n and len(keep.output_ids) == 20
+    assert not engine.cancel("nope")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"seed": -1}, "seed"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"stop": ("",)}, "stop"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+    ],
+)
+def test_invalid_params_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_engine_refuses_what_it_cannot_serve(tiny_llama: LoadedModel) -> None:
+    engine = Engine(tiny_llama)
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.add_request(Request("long", [1] * 1000, SamplingParams(max_new_tokens=100)))
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        engine.add_request(Request("oov", [10**6], SamplingParams()))
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        Request("empty", [], SamplingParams())
+    with pytest.raises(ValueError, match="policy"):
+        Engine(tiny_llama, policy="fifo")
