@@ -19,7 +19,6 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -28,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from baton.engine.engine import POLICIES, Engine, StepOutput
 from baton.engine.models import load_model
-from baton.engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
+from baton.engine.request import InvalidRequestError, Request, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ class Line:
         assert req.first_token_time is not None and req.finish_time is not None and req.finish_reason
         return {
             "id": req.id,
-            "text": output_text(req, engine),
+            "text": engine.text(req),
             "token_ids": req.output_ids,
             "finish_reason": req.finish_reason.value,
             "prompt_tokens": req.prompt_len,
@@ -154,27 +153,6 @@ def parse_line(raw: bytes, number: int, engine: Engine) -> Line:
     except InvalidRequestError as e:
         return Line(number, obj.get("id"), error=LineError.of(e))
     return Line(number, parsed.request.id, parsed.request, parsed.arrival_s)
-
-
-def output_text(req: Request, engine: Engine) -> str:
-    """The completion's text; cut before the stop string when one ended it (the engine keeps that cut)."""
-    p, last = req.params, req.output_ids[-1]
-    by_token = last in p.stop_token_ids or (not p.ignore_eos and last in engine.eos_ids)
-    if p.stop and req.finish_reason is FinishReason.STOP and not by_token:
-        return req.text
-    tok = engine.lm.tokenizer
-    return str(tok.decode(req.output_ids, skip_special_tokens=True)) if tok is not None else ""
-
-
-def drive(engine: Engine, on_step: Callable[[StepOutput], None]) -> None:
-    """Engine.run_until_done, calling on_step after each step."""
-    while engine.has_work():
-        if not len(engine.batch) and not engine.prefilled:
-            nxt = engine.next_arrival()
-            if nxt is not None and nxt > time.perf_counter():
-                time.sleep(min(0.05, nxt - time.perf_counter()))
-                continue
-        on_step(engine.step())
 
 
 def run_lines(engine: Engine, raws: list[bytes], out: IO[str]) -> list[Line]:
@@ -208,7 +186,7 @@ def run_lines(engine: Engine, raws: list[bytes], out: IO[str]) -> list[Line]:
                 flush()
 
         flush()
-        drive(engine, on_step)
+        engine.run_until_done(on_step)
     flush()
     return lines
 

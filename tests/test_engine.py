@@ -84,15 +84,11 @@ def test_stop_rules(tiny_llama: LoadedModel) -> None:
     engine.add_request(probe)
     drain(engine)
     third = probe.output_ids[2]
-    by_token = Request(
-        "tok", [7, 8, 9], SamplingParams(max_new_tokens=6, stop_token_ids=(third,), ignore_eos=True)
-    )
+    by_token = Request("tok", [7, 8, 9], SamplingParams(max_new_tokens=6, stop_token_ids=(third,), ignore_eos=True))
     by_len = Request("len", [7, 8, 9], SamplingParams(max_new_tokens=2, ignore_eos=True))
     text = str(tiny_llama.tokenizer.decode(probe.output_ids[:4]))  # type: ignore[union-attr]
     stop = text[-3:] if text.strip() else None
-    by_str = Request(
-        "str", [7, 8, 9], SamplingParams(max_new_tokens=6, ignore_eos=True, stop=(stop,) if stop else ())
-    )
+    by_str = Request("str", [7, 8, 9], SamplingParams(max_new_tokens=6, ignore_eos=True, stop=(stop,) if stop else ()))
     for r in (by_token, by_len, by_str):
         engine.add_request(r)
     drain(engine)
@@ -100,7 +96,9 @@ def test_stop_rules(tiny_llama: LoadedModel) -> None:
     assert by_token.finish_reason is FinishReason.STOP
     assert by_len.output_ids == probe.output_ids[:2] and by_len.finish_reason is FinishReason.LENGTH
     if stop:
-        assert by_str.finish_reason is FinishReason.STOP and stop not in by_str.text
+        assert (
+            by_str.finish_reason is FinishReason.STOP and by_str.stop_text is not None and stop not in by_str.stop_text
+        )
 
 
 def test_eos_stops_unless_ignored(tiny_llama: LoadedModel) -> None:
@@ -165,3 +163,12 @@ def test_engine_refuses_what_it_cannot_serve(tiny_llama: LoadedModel) -> None:
         Request("empty", [], SamplingParams())
     with pytest.raises(ValueError, match="policy"):
         Engine(tiny_llama, policy="fifo")
+
+
+def test_duplicate_active_id_is_refused(tiny_llama: LoadedModel) -> None:
+    engine = Engine(tiny_llama)
+    engine.add_request(Request("dup", [1, 2], SamplingParams(max_new_tokens=2)))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request(Request("dup", [3, 4], SamplingParams(max_new_tokens=6)))
+    drain(engine)
+    engine.add_request(Request("dup", [3, 4], SamplingParams(max_new_tokens=6)))  # finished ids may be reused

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -92,9 +93,15 @@ class Engine:
                 "input_ids", f"token id {max(req.prompt_ids)} is outside the vocabulary ({vocab})"
             )
 
+    def _check_new_id(self, req: Request) -> None:
+        active = [r.id for r in self.waiting] + [r.id for r, _ in self.prefilled] + [r.id for r in self.batch.requests]
+        if req.id in active:
+            raise InvalidRequestError("id", f"request id {req.id!r} is already in use")
+
     def add_request(self, req: Request) -> None:
         """Queue a request whose prompt this engine prefills itself (at or after req.arrival_time)."""
         self.validate(req)
+        self._check_new_id(req)
         self.waiting.append(req)
 
     def add_prefilled(self, req: Request, payload: KVPayload) -> None:
@@ -102,6 +109,7 @@ class Engine:
         if self.policy != "baton":
             raise ValueError(f"policy {self.policy} cannot splice prefilled KV")
         self.validate(req)
+        self._check_new_id(req)
         payload.check_compatible(self.lm.fingerprint, self.lm.num_layers, self.lm.kv_heads, self.lm.head_dim)
         if payload.prompt_ids != req.prompt_ids:
             raise ValueError("KV payload was computed for a different prompt")
@@ -227,7 +235,7 @@ class Engine:
             text = str(self.lm.tokenizer.decode(req.output_ids, skip_special_tokens=True))
             hits = [text.find(s) for s in p.stop if s in text]
             if hits:
-                req.text = text[: min(hits)]
+                req.stop_text = text[: min(hits)]
                 return FinishReason.STOP
         if len(req.output_ids) >= p.max_new_tokens:
             return FinishReason.LENGTH
@@ -238,11 +246,21 @@ class Engine:
             torch.cuda.synchronize()
 
     # ---- convenience -----------------------------------------------------------------------------------
-    def run_until_done(self) -> None:
+    def text(self, req: Request) -> str:
+        """The output text: cut before the stop string if one ended the request."""
+        if req.stop_text is not None:
+            return req.stop_text
+        tok = self.lm.tokenizer
+        return str(tok.decode(req.output_ids, skip_special_tokens=True)) if tok is not None else ""
+
+    def run_until_done(self, on_step: Callable[[StepOutput], None] | None = None) -> None:
+        """Step until every queued request is finished, sleeping while nothing has arrived yet."""
         while self.has_work():
             if not len(self.batch) and not self.prefilled:
                 nxt = self.next_arrival()
                 if nxt is not None and nxt > time.perf_counter():
                     time.sleep(min(0.05, nxt - time.perf_counter()))
                     continue
-            self.step()
+            out = self.step()
+            if on_step is not None:
+                on_step(out)

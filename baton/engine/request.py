@@ -108,8 +108,8 @@ class Request:
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    # Text produced so far; only maintained for requests with stop strings (see Engine._check_stop).
-    text: str = ""
+    # Set when a stop string ended the request: the output text before the stop string (Engine._finish_reason).
+    stop_text: str | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
