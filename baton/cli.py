@@ -11,6 +11,11 @@ import sys
 
 # (command path, module, help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("serve",), "baton.serve", "the whole stack on this machine: router, prefill and decode workers"),
+    (("router",), "services.router.main", "the router: public gRPC and OpenAI-compatible HTTP API"),
+    (("prefill",), "services.prefill.main", "a prefill worker"),
+    (("decode",), "services.decode.main", "a decode worker"),
+    (("generate",), "baton.generate", "send one prompt to a running Baton and print the completion"),
     (("run",), "baton.offline", "run a JSONL file of requests through the engine, offline"),
     (("bench", "engine"), "baton.bench.engine_bench", "measure one engine policy on a named workload"),
     (("bench", "decode"), "baton.bench.microbench", "decode step vs a bare dense loop, and splice cost"),
@@ -45,7 +50,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> tuple[str, ...] | None:
+    """The command path named by argv (e.g. ("bench", "engine")), found without importing any command."""
+    words = [a for a in argv if not a.startswith("-")]
+    for path, _, _ in COMMANDS:
+        if tuple(words[: len(path)]) == path:
+            return path
+    return None
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser; only the chosen command's module is imported to add its arguments."""
+    chosen = _chosen(argv)
     parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving with BATON")
     parser.add_argument("-v", "--verbose", action="store_true")
     subs = parser.add_subparsers(dest="command", required=True)
@@ -60,12 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
             container = groups[path[0]]
         p = container.add_parser(path[-1], help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if path == chosen:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

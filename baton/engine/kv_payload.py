@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 MAGIC = b"BATONKV1"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class PayloadError(ValueError):
@@ -37,7 +37,7 @@ class KVPayload:
             )
         if self.kv.shape[3] != len(self.prompt_ids):
             raise PayloadError(f"kv holds {self.kv.shape[3]} tokens but prompt has {len(self.prompt_ids)}")
-        if self.kv.dtype not in _DTYPE_NAMES:
+        if self.kv.dtype not in DTYPE_NAMES:
             raise PayloadError(f"unsupported kv dtype {self.kv.dtype}")
 
     @property
@@ -72,7 +72,7 @@ class KVPayload:
             "kv_heads": self.kv_heads,
             "head_dim": self.head_dim,
             "num_tokens": self.num_tokens,
-            "dtype": _DTYPE_NAMES[self.dtype],
+            "dtype": DTYPE_NAMES[self.dtype],
             "prompt_ids": self.prompt_ids,
             "first_token": self.first_token,
         }
@@ -91,7 +91,7 @@ class KVPayload:
         start = len(MAGIC) + 4
         try:
             h = json.loads(bytes(buf[start : start + hlen]))
-            dtype = _DTYPES[h["dtype"]]
+            dtype = DTYPES[h["dtype"]]
             shape = (int(h["num_layers"]), 2, int(h["kv_heads"]), int(h["num_tokens"]), int(h["head_dim"]))
         except (ValueError, KeyError, TypeError) as e:
             raise PayloadError(f"bad KV payload header: {e}") from e

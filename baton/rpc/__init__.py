@@ -1,0 +1,1 @@
+"""Code shared by the three services: protobuf conversions, KV transfer, the gRPC server frame, the registry."""

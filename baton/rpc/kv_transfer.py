@@ -1,0 +1,86 @@
+"""KV payloads on the wire: a KvHeader, then raw tensor bytes in chunks, checked by length and CRC-32.
+
+A payload that is truncated, corrupted (CRC), out of order or from another model (checked by the receiver
+against its fingerprint) raises PayloadError and is never spliced.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterable, Iterator
+
+import torch
+
+from baton.engine.kv_payload import DTYPE_NAMES, DTYPES, KVPayload, PayloadError
+from baton.v1 import baton_pb2 as pb
+
+CHUNK_BYTES = 2 << 20  # 2 MiB: far below gRPC's 4 MiB default message limit
+
+
+def payload_messages(payload: KVPayload, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.PushKvRequest]:
+    """The header, then the tensor bytes in chunks. kv: [layers, 2, kv_heads, tokens, head_dim]."""
+    raw = memoryview(payload.kv.detach().contiguous().cpu().view(torch.uint8).numpy()).cast("B")
+    per_layer = max(1, len(raw) // max(1, payload.num_layers))
+    yield pb.PushKvRequest(
+        header=pb.KvHeader(
+            request_id=payload.request_id,
+            model_fingerprint=payload.model_fingerprint,
+            num_layers=payload.num_layers,
+            kv_heads=payload.kv_heads,
+            head_dim=payload.head_dim,
+            num_tokens=payload.num_tokens,
+            dtype=DTYPE_NAMES[payload.dtype],
+            prompt_ids=payload.prompt_ids,
+            first_token=payload.first_token,
+            total_bytes=len(raw),
+            crc32=zlib.crc32(raw),
+        )
+    )
+    for off in range(0, len(raw), chunk_bytes):
+        yield pb.PushKvRequest(
+            chunk=pb.KvChunk(layer=off // per_layer, offset=off, data=bytes(raw[off : off + chunk_bytes]))
+        )
+
+
+async def payload_from_messages(messages: AsyncIterable[pb.PushKvRequest]) -> KVPayload:
+    """Reassemble and check a payload sent by payload_messages."""
+    header: pb.KvHeader | None = None
+    buf = bytearray()
+    async for msg in messages:
+        if msg.HasField("header"):
+            if header is not None:
+                raise PayloadError("KV push carries two headers")
+            header = msg.header
+            if header.total_bytes > 64 << 30:
+                raise PayloadError(f"KV push announces {header.total_bytes} bytes, more than any payload can be")
+            buf = bytearray()
+        elif msg.HasField("chunk"):
+            if header is None:
+                raise PayloadError("KV chunk before the header")
+            if msg.chunk.offset != len(buf):
+                raise PayloadError(f"KV chunk at offset {msg.chunk.offset}, expected {len(buf)}")
+            buf += msg.chunk.data
+            if len(buf) > header.total_bytes:
+                raise PayloadError("KV push carries more bytes than its header says")
+        else:
+            raise PayloadError("empty KV push message")
+    if header is None:
+        raise PayloadError("KV push without a header")
+    if len(buf) != header.total_bytes:
+        raise PayloadError(f"KV push truncated: {len(buf)} of {header.total_bytes} bytes")
+    if zlib.crc32(buf) != header.crc32:
+        raise PayloadError("KV push corrupted: checksum mismatch")
+    if header.dtype not in DTYPES:
+        raise PayloadError(f"KV push has unknown dtype {header.dtype!r}")
+    dtype = DTYPES[header.dtype]
+    shape = (header.num_layers, 2, header.kv_heads, header.num_tokens, header.head_dim)
+    if torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() != len(buf):
+        raise PayloadError(f"KV push of {len(buf)} bytes does not match shape {shape} of {header.dtype}")
+    kv = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+    return KVPayload(
+        request_id=header.request_id,
+        model_fingerprint=header.model_fingerprint,
+        prompt_ids=list(header.prompt_ids),
+        first_token=header.first_token,
+        kv=kv,
+    )

@@ -1,0 +1,1 @@
+"""Decode worker: runs the BATON engine, splices KV received over gRPC, streams tokens."""

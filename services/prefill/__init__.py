@@ -1,0 +1,1 @@
+"""Prefill worker: computes prompts' KV and ships it to decode workers."""

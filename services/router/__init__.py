@@ -1,0 +1,1 @@
+"""Router: the public entry; assigns requests to workers by occupancy."""
