@@ -19,7 +19,7 @@ CHUNK_BYTES = 2 << 20  # 2 MiB: far below gRPC's 4 MiB default message limit
 
 def payload_messages(payload: KVPayload, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.PushKvRequest]:
     """The header, then the tensor bytes in chunks. kv: [layers, 2, kv_heads, tokens, head_dim]."""
-    raw = memoryview(payload.kv.detach().contiguous().cpu().view(torch.uint8).numpy()).cast("B")
+    raw = memoryview(payload.kv.detach().contiguous().cpu().view(torch.uint8).numpy().data).cast("B")
     per_layer = max(1, len(raw) // max(1, payload.num_layers))
     yield pb.PushKvRequest(
         header=pb.KvHeader(
