@@ -1,0 +1,88 @@
+"""The decode worker's gRPC face: a thin servicer over DecodeWorker. Errors are raised as exceptions and turned
+into gRPC status codes by baton.rpc.server.ErrorInterceptor."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+
+import grpc
+
+from baton.engine.request import InvalidRequestError, Request
+from baton.rpc.convert import finish_to_proto, params_from_proto
+from baton.rpc.kv_transfer import payload_from_messages
+from baton.rpc.server import Service
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc
+from services.decode.worker import DecodeWorker
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "baton.v1.DecodeWorker"
+
+
+def request_from_proto(m: pb.WorkerRequest) -> Request:
+    """A WorkerRequest as an engine Request. Raises InvalidRequestError naming the field at fault."""
+    if not m.request_id:
+        raise InvalidRequestError("request_id", "required")
+    return Request(m.request_id, list(m.prompt_ids), params_from_proto(m.parameters))
+
+
+class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, worker: DecodeWorker) -> None:
+        self.worker = worker
+
+    async def Decode(  # noqa: N802 - gRPC method name
+        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DecodeResponse]:
+        try:
+            res = self.worker.reserve(request_from_proto(request.request), request.kv_timeout_seconds)
+        except Exception as e:
+            log.info("request %s refused: %s", request.request.request_id, e)
+            raise
+        context.add_done_callback(lambda _: res.cancel())  # the call ended: a client gone away cancels the request
+        try:
+            yield pb.DecodeResponse()  # the row is reserved: the caller may have the KV pushed now
+            async for ev in res.events():
+                msg = pb.DecodeResponse(token_ids=ev.token_ids)
+                msg.finish_reason = finish_to_proto(ev.finish_reason)  # type: ignore[assignment]
+                if ev.stop_text is not None:
+                    msg.stop_text = ev.stop_text
+                yield msg
+        finally:
+            res.cancel()  # no-op when the request ended; otherwise the call was cancelled or failed
+
+    async def PushKv(  # noqa: N802
+        self, request_iterator: AsyncIterable[pb.PushKvRequest], context: grpc.aio.ServicerContext
+    ) -> pb.PushKvResponse:
+        try:
+            payload = await payload_from_messages(request_iterator)
+            self.worker.deliver_kv(payload)
+        except Exception as e:
+            log.info("KV push refused: %s", e)
+            raise
+        return pb.PushKvResponse(received_bytes=payload.nbytes)
+
+    async def Cancel(  # noqa: N802
+        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelResponse:
+        return pb.CancelResponse(found=self.worker.cancel(request.request_id))
+
+    async def Occupancy(  # noqa: N802
+        self, request: pb.OccupancyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OccupancyResponse:
+        o = self.worker.occupancy()
+        return pb.OccupancyResponse(
+            active_rows=o.active_rows,
+            free_rows=o.free_rows,
+            kv_tokens_used=o.kv_tokens_used,
+            kv_tokens_free=o.kv_tokens_free,
+            waiting=o.waiting,
+            model_fingerprint=o.model_fingerprint,
+            completed=o.completed,
+            kv_received=o.kv_received,
+        )
+
+
+def decode_service(worker: DecodeWorker) -> Service:
+    return Service(DecodeServicer(worker), baton_pb2_grpc.add_DecodeWorkerServicer_to_server, SERVICE_NAME)

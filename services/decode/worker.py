@@ -1,0 +1,375 @@
+"""The decode worker's core, free of any transport: reservations, KV intake, the decode loop and occupancy.
+
+Two sides meet here. The asyncio side (the gRPC handlers) reserves rows, hands in KV payloads, cancels and
+reads occupancy; all of the worker's bookkeeping lives on that side and is only touched from the event loop.
+The decode loop runs the Engine in one dedicated thread: each iteration it first applies the commands waiting
+in its inbox (splice a request, cancel one), then runs one engine step, then hands the sampled tokens back to
+the event loop. Network I/O never runs on the loop thread, so a slow KV push never stalls an iteration, and
+the engine is only ever touched from the loop thread.
+
+A request's life on this worker:  reserve() -> RESERVED  --deliver_kv()-->  QUEUED  --first token-->  RUNNING
+--finished or cancelled--> gone. A reservation whose KV does not arrive within its lease is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from baton.engine.engine import Engine, StepOutput
+from baton.engine.kv_payload import KVPayload, PayloadError
+from baton.engine.models import LoadedModel
+from baton.engine.request import FinishReason, InvalidRequestError, Request
+from baton.rpc.server import NotFound, Overloaded, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_TIMEOUT_S = 30.0
+
+
+class SlotState(enum.Enum):
+    RESERVED = "reserved"  # a row is promised; the KV has not arrived yet
+    QUEUED = "queued"  # KV received, waiting for the decode loop to splice it in
+    RUNNING = "running"  # a row of the decode batch, producing tokens
+
+
+@dataclass
+class DecodeEvent:
+    """New tokens of one request; the last event of a request carries its finish reason."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    stop_text: str | None = None  # the output text before the stop string, when one ended the request
+
+
+@dataclass
+class Occupancy:
+    """The worker's load. Every live request holds a row, whether its KV has arrived or not."""
+
+    active_rows: int  # live requests: reserved, queued for splicing, or running
+    free_rows: int  # rows that can still be reserved
+    kv_tokens_used: int  # tokens whose KV this worker holds now (batch and queued payloads)
+    kv_tokens_free: int  # tokens that can still be promised: the budget minus the worst case of every live request
+    waiting: int  # live requests not spliced yet (reserved or queued)
+    model_fingerprint: str
+    completed: int  # requests that finished (stop or length) since start
+    kv_received: int  # KV payloads accepted since start
+    tokens_generated: int  # tokens sampled since start
+
+    def counts(self) -> dict[str, int]:
+        """The numeric fields, e.g. for a registry entry."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
+
+
+class Reservation:
+    """A live request on this worker, as its caller sees it: the events to stream, and a way to cancel it."""
+
+    def __init__(self, worker: DecodeWorker, request: Request, kv_budget: int) -> None:
+        self.worker, self.request, self.kv_budget = worker, request, kv_budget
+        self.state = SlotState.RESERVED
+        self.reserved_at = time.perf_counter()
+        self.kv_at: float | None = None
+        self.lease: asyncio.TimerHandle | None = None
+        self.ended = False
+        self._events: asyncio.Queue[DecodeEvent | Exception] = asyncio.Queue()
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    async def events(self) -> AsyncIterator[DecodeEvent]:
+        """New tokens as they are sampled (several coalesced when the reader falls behind), ending with the event
+        that carries the finish reason. Raises the error that ended the request, if one did."""
+        while True:
+            item = await self._events.get()
+            if isinstance(item, Exception):
+                raise item
+            while item.finish_reason is None and not self._events.empty():
+                nxt = self._events.get_nowait()
+                if isinstance(nxt, Exception):
+                    yield item
+                    raise nxt
+                item = DecodeEvent(item.token_ids + nxt.token_ids, nxt.finish_reason, nxt.stop_text)
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def cancel(self) -> bool:
+        """Cancel this request wherever it is; False when it had already ended."""
+        return self.worker._cancel(self)
+
+    def _push(self, item: DecodeEvent | Exception) -> None:
+        self._events.put_nowait(item)
+
+
+# Commands from the event loop to the decode loop.
+@dataclass
+class _Add:
+    request: Request
+    payload: KVPayload
+
+
+@dataclass
+class _Cancel:
+    request_id: str
+
+
+@dataclass
+class _Stop:
+    pass
+
+
+@dataclass
+class _StepReport:
+    """What one iteration of the decode loop hands back to the event loop."""
+
+    events: list[tuple[Request, DecodeEvent]] = field(default_factory=list)
+    failed: list[tuple[Request, Exception]] = field(default_factory=list)
+    kv_tokens: int = 0
+    tokens_generated: int = 0
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        policy: str = "baton",
+        max_batch: int = 32,
+        max_kv_tokens: int | None = None,
+        default_kv_timeout_s: float = DEFAULT_KV_TIMEOUT_S,
+    ) -> None:
+        self.lm = lm
+        self.engine = Engine(lm, policy=policy, max_batch=max_batch)
+        self.max_batch = max_batch
+        self.max_kv_tokens = max_kv_tokens or max_batch * min(lm.max_context, 2048)
+        self.default_kv_timeout_s = default_kv_timeout_s
+        self.draining = False
+        # event-loop side
+        self._live: dict[str, Reservation] = {}
+        self._completed = self._kv_received = self._tokens_generated = 0
+        self._batch_kv_tokens = 0  # as last reported by the decode loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Event | None = None
+        # decode-loop side
+        self._inbox: queue.SimpleQueue[_Add | _Cancel | _Stop] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the decode loop. Call from the event loop that will call every other method."""
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        threads = torch.get_num_threads()  # a new thread does not always inherit torch.set_num_threads
+        self._thread = threading.Thread(target=self._run, args=(threads,), name="decode-loop", daemon=True)
+        self._thread.start()
+
+    async def drain(self) -> None:
+        """Stop taking reservations and wait until every live request has ended."""
+        self.draining = True
+        assert self._idle is not None, "start() first"
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Stop the decode loop (live requests are cancelled)."""
+        for res in list(self._live.values()):
+            res.cancel()
+        if self._thread is not None:
+            self._inbox.put(_Stop())
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # ---- the event-loop side ---------------------------------------------------------------------------
+    def reserve(self, request: Request, kv_timeout_s: float | None = None) -> Reservation:
+        """Promise a row and KV room to a request whose KV will come through deliver_kv within the lease.
+        Raises InvalidRequestError (cannot be served here at all), Overloaded (full now) or Unavailable."""
+        if self.draining:
+            raise Unavailable("decode worker is draining: it takes no new requests")
+        if not request.id:
+            raise InvalidRequestError("request_id", "required")
+        if request.id in self._live:
+            raise InvalidRequestError("request_id", f"request id {request.id!r} is already live on this worker")
+        self.engine.validate(request)  # reads only the model's limits: safe outside the decode loop
+        budget = request.prompt_len + request.params.max_new_tokens
+        if budget > self.max_kv_tokens:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"prompt + max_new_tokens ({budget} tokens) exceeds this worker's KV budget of {self.max_kv_tokens}",
+            )
+        occ = self.occupancy()
+        if occ.free_rows <= 0:
+            raise Overloaded(f"decode worker is full: all {self.max_batch} rows are taken", retry_after_s=0.1)
+        if budget > occ.kv_tokens_free:
+            raise Overloaded(
+                f"decode worker's KV budget is taken: {budget} tokens asked, {occ.kv_tokens_free} free",
+                retry_after_s=0.1,
+            )
+        assert self._loop is not None and self._idle is not None, "start() first"
+        res = Reservation(self, request, budget)
+        timeout = kv_timeout_s if kv_timeout_s and kv_timeout_s > 0 else self.default_kv_timeout_s
+        res.lease = self._loop.call_later(timeout, self._expire, res, timeout)
+        self._live[request.id] = res
+        self._idle.clear()
+        return res
+
+    def deliver_kv(self, payload: KVPayload) -> None:
+        """Hand in a reserved request's KV; it joins the batch at the next iteration boundary.
+        Raises NotFound (no reservation) or PayloadError (KV this worker cannot use); the reservation stays."""
+        res = self._live.get(payload.request_id)
+        if res is None:
+            raise NotFound(f"no reservation for request {payload.request_id!r} on this worker (expired or cancelled?)")
+        if res.state is not SlotState.RESERVED:
+            raise PayloadError(f"KV for request {payload.request_id!r} was already received")
+        lm = self.lm
+        payload.check_compatible(lm.fingerprint, lm.num_layers, lm.kv_heads, lm.head_dim)
+        if payload.prompt_ids != res.request.prompt_ids:
+            raise PayloadError(f"KV payload for request {payload.request_id!r} was computed for a different prompt")
+        if res.lease is not None:
+            res.lease.cancel()
+        res.state, res.kv_at = SlotState.QUEUED, time.perf_counter()
+        self._kv_received += 1
+        self._inbox.put(_Add(res.request, payload))
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a live request wherever it is; False when no such request is live."""
+        res = self._live.get(request_id)
+        return res is not None and res.cancel()
+
+    def occupancy(self) -> Occupancy:
+        live = self._live.values()
+        waiting = [r for r in live if r.state is not SlotState.RUNNING]
+        promised = sum(r.kv_budget for r in live)
+        queued_kv = sum(r.request.prompt_len for r in live if r.state is SlotState.QUEUED)
+        return Occupancy(
+            active_rows=len(self._live),
+            free_rows=max(0, self.max_batch - len(self._live)),
+            kv_tokens_used=self._batch_kv_tokens + queued_kv,
+            kv_tokens_free=max(0, self.max_kv_tokens - promised),
+            waiting=len(waiting),
+            model_fingerprint=self.lm.fingerprint,
+            completed=self._completed,
+            kv_received=self._kv_received,
+            tokens_generated=self._tokens_generated,
+        )
+
+    def _cancel(self, res: Reservation) -> bool:
+        if res.ended or self._live.get(res.id) is not res:
+            return False
+        if res.state is SlotState.RESERVED:
+            res.request.finish(FinishReason.CANCELLED)
+        else:
+            self._inbox.put(_Cancel(res.id))  # the decode loop frees the row before its next step
+        self._end(res, DecodeEvent([], FinishReason.CANCELLED), "cancelled")
+        return True
+
+    def _expire(self, res: Reservation, timeout: float) -> None:
+        if res.ended or res.state is not SlotState.RESERVED:
+            return
+        msg = f"request {res.id!r}: no KV arrived within {timeout:g}s; its reserved row was released"
+        self._end(res, TimeoutError(msg), "expired")
+
+    def _on_report(self, report: _StepReport) -> None:
+        """Runs on the event loop: deliver one iteration's tokens and endings."""
+        self._batch_kv_tokens, self._tokens_generated = report.kv_tokens, report.tokens_generated
+        for req, ev in report.events:
+            res = self._live.get(req.id)
+            if res is None or res.request is not req or res.ended:
+                continue  # cancelled meanwhile
+            res.state = SlotState.RUNNING
+            if ev.finish_reason is None:
+                res._push(ev)
+            else:
+                self._completed += 1
+                self._end(res, ev, ev.finish_reason.value)
+        for req, exc in report.failed:
+            res = self._live.get(req.id)
+            if res is not None and res.request is req and not res.ended:
+                self._end(res, exc, "failed")
+
+    def _end(self, res: Reservation, last: DecodeEvent | Exception, outcome: str) -> None:
+        res.ended = True
+        if res.lease is not None:
+            res.lease.cancel()
+        del self._live[res.id]
+        res._push(last)
+        now = time.perf_counter()
+        kv_wait = f"{res.kv_at - res.reserved_at:.3f}s" if res.kv_at is not None else "-"
+        log.info(
+            "request %s %s: prompt %d tokens, output %d tokens, kv wait %s, total %.3fs%s",
+            res.id, outcome, res.request.prompt_len, len(res.request.output_ids), kv_wait, now - res.reserved_at,
+            f" ({last})" if isinstance(last, Exception) else "",
+        )
+        if not self._live and self._idle is not None:
+            self._idle.set()
+
+    # ---- the decode loop (its own thread) --------------------------------------------------------------
+    def _run(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        engine = self.engine
+        while True:
+            commands = [self._inbox.get()] if not engine.has_work() else []  # nothing to compute: sleep here
+            while True:
+                try:
+                    commands.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            report = _StepReport()
+            if any(isinstance(c, _Stop) for c in commands):
+                return
+            for cmd in commands:
+                self._apply(cmd, report)
+            if engine.has_work():
+                self._step(report)
+            report.kv_tokens = engine.batch.kv_tokens
+            report.tokens_generated = engine.stats.output_tokens
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._on_report, report)
+
+    def _apply(self, cmd: _Add | _Cancel | _Stop, report: _StepReport) -> None:
+        engine = self.engine
+        if isinstance(cmd, _Cancel):
+            try:
+                engine.cancel(cmd.request_id)
+            except Exception:  # noqa: BLE001 - the request is gone for its caller already; keep the loop alive
+                log.exception("cancelling request %s failed", cmd.request_id)
+        elif isinstance(cmd, _Add):
+            try:
+                if engine.policy == "baton":
+                    engine.add_prefilled(cmd.request, cmd.payload)
+                else:  # orca and static cannot splice KV: prefill locally
+                    cmd.request.arrival_time = time.perf_counter()
+                    engine.add_request(cmd.request)
+            except Exception as e:  # noqa: BLE001 - checked before queueing; reaching here is a bug, not a crash
+                log.exception("request %s could not be queued", cmd.request.id)
+                report.failed.append((cmd.request, e))
+
+    def _step(self, report: _StepReport) -> None:
+        engine = self.engine
+        try:
+            out: StepOutput = engine.step()
+        except Exception as e:  # noqa: BLE001 - fail what the engine holds, keep serving
+            log.exception("decode step failed")
+            everyone = list(engine.waiting) + [r for r, _ in engine.prefilled] + engine.batch.requests
+            err = ServiceError(f"decode step failed: {type(e).__name__}: {e}")
+            for req in everyone:
+                try:
+                    engine.cancel(req.id)
+                except Exception:  # noqa: BLE001
+                    log.exception("could not drop request %s", req.id)
+                report.failed.append((req, err))
+            return
+        by_request: dict[int, tuple[Request, DecodeEvent]] = {}
+        for req, tok in out.tokens:
+            by_request.setdefault(id(req), (req, DecodeEvent([])))[1].token_ids.append(tok)
+        for req in out.finished:
+            ev = by_request.setdefault(id(req), (req, DecodeEvent([])))[1]
+            ev.finish_reason, ev.stop_text = req.finish_reason, req.stop_text
+        report.events = list(by_request.values())
