@@ -30,7 +30,7 @@ proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/baton/v1/baton.proto
 
 lint: setup
-	$(BIN)/ruff check baton tests
+	$(BIN)/ruff check baton services tests
 	$(BIN)/mypy
 
 test: lint

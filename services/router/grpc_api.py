@@ -1,0 +1,79 @@
+"""The router's public gRPC API: a thin servicer over Router.generate. Errors are raised as exceptions and
+turned into status codes by baton.rpc.server.ErrorInterceptor (InvalidRequestError -> INVALID_ARGUMENT naming
+the field, Overloaded -> RESOURCE_EXHAUSTED, ...). A call the client cancels, or whose deadline passes, cancels
+the request on its workers: the handler's task is cancelled, and Router.generate cleans up on the way out."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import grpc
+
+from baton.engine.request import InvalidRequestError, SamplingParams
+from baton.rpc.convert import finish_to_proto, params_from_proto
+from baton.rpc.server import Service
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc
+from services.router.core import Router, StreamEvent
+
+SERVICE_NAME = "baton.v1.Router"
+
+
+class RouterServicer(baton_pb2_grpc.RouterServicer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def _parse(self, request: pb.GenerateRequest) -> tuple[str, list[int], SamplingParams]:
+        """The request's id (made up when empty), prompt token ids and sampling parameters."""
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            if not request.text:
+                raise InvalidRequestError("text", "must not be empty")
+            prompt_ids = self.router.encode_prompt(request.text)
+        elif which == "token_ids":
+            prompt_ids = list(request.token_ids.ids)
+        else:
+            raise InvalidRequestError("prompt", "give text or token_ids")
+        return request.request_id or uuid.uuid4().hex, prompt_ids, params_from_proto(request.parameters)
+
+    def _events(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, context: grpc.aio.ServicerContext
+    ) -> contextlib.aclosing[AsyncGenerator[StreamEvent, None]]:
+        """The request's events, closed (so cancelled everywhere) as soon as the handler stops reading them."""
+        return contextlib.aclosing(self.router.generate(request_id, prompt_ids, params, context.time_remaining()))
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        request_id, prompt_ids, params = self._parse(request)
+        response = pb.GenerateResponse(request_id=request_id)
+        texts: list[str] = []
+        async with self._events(request_id, prompt_ids, params, context) as events:
+            async for ev in events:
+                response.token_ids.extend(ev.token_ids)
+                texts.append(ev.text)
+                if ev.finish_reason is not None:
+                    response.finish_reason = finish_to_proto(ev.finish_reason)  # type: ignore[assignment]
+                    response.usage.prompt_tokens = ev.prompt_tokens
+                    response.usage.completion_tokens = ev.completion_tokens
+        response.text = "".join(texts)
+        return response
+
+    async def GenerateStream(  # noqa: N802
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        request_id, prompt_ids, params = self._parse(request)
+        async with self._events(request_id, prompt_ids, params, context) as events:
+            async for ev in events:
+                msg = pb.GenerateStreamResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
+                if ev.finish_reason is not None:
+                    msg.finish_reason = finish_to_proto(ev.finish_reason)  # type: ignore[assignment]
+                    msg.usage.prompt_tokens = ev.prompt_tokens
+                    msg.usage.completion_tokens = ev.completion_tokens
+                yield msg
+
+
+def router_service(router: Router) -> Service:
+    return Service(RouterServicer(router), baton_pb2_grpc.add_RouterServicer_to_server, SERVICE_NAME)

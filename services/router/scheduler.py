@@ -1,0 +1,297 @@
+"""Which worker gets a request: transport-free, so every rule here is unit-tested without sockets.
+
+Decode: a request needs `prompt_len + max_new_tokens` KV tokens and one row. Among the healthy decode workers
+with a free row and enough free KV tokens, the one with the most free capacity for it wins: capacity is how
+many more requests of this size the worker could take, `min(free_rows, kv_tokens_free // need)`. Ties are
+broken round-robin, so equal workers take turns. A full worker is never chosen.
+
+Prefill: the healthy prefill worker with the fewest requests waiting, ties round-robin.
+
+Workers report their load every poll; between two reports the router counts what it sent itself. An
+assignment counts against its worker until a report taken after the worker accepted it arrives (the report
+then includes it); a request that finishes gives its row and tokens back at once, until a report taken after
+it finished arrives. So a burst between two polls spreads over the workers instead of landing on one.
+
+A request no decode worker can take now waits in a FIFO queue of at most `max_queue` requests; past that it
+is refused with Overloaded. Waiters are served in order whenever a report arrives or a request finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from baton.engine.request import InvalidRequestError
+from baton.rpc.server import Overloaded, Unavailable
+
+
+class Role(enum.Enum):
+    DECODE = "decode"
+    PREFILL = "prefill"
+
+
+@dataclass
+class WorkerLoad:
+    """One worker's load as it last reported it."""
+
+    address: str
+    free_rows: int = 0
+    kv_tokens_free: int = 0
+    waiting: int = 0
+    active_rows: int = 0
+    healthy: bool = True
+    kv_tokens_used: int = 0
+    as_of: float = 0.0  # wall-clock time (time.time()) at which the worker measured this load
+
+
+@dataclass
+class Ticket:
+    """One request assigned to one worker, from the assignment until the request is done there."""
+
+    role: Role
+    address: str
+    tokens: int  # KV tokens the request holds on a decode worker (0 for prefill)
+    id: int = field(default_factory=itertools.count().__next__)
+    accepted_at: float | None = None  # when the worker accepted it; None: not yet
+    done_at: float | None = None
+
+
+@dataclass
+class _Worker:
+    load: WorkerLoad
+    tickets: dict[int, Ticket] = field(default_factory=dict)  # assigned, accepted or done, not yet reported
+    refused_at: float | None = None  # it refused a request: full until a later report says otherwise
+    kv_capacity: int = 0  # the most KV tokens it was ever seen to hold and have free: a lower bound of its budget
+
+    def unreported(self, t: Ticket) -> bool:
+        """The ticket is live but the last report does not include it yet."""
+        return t.done_at is None and (t.accepted_at is None or t.accepted_at >= self.load.as_of)
+
+    def released(self, t: Ticket) -> bool:
+        """The ticket is done but the last report still counts it."""
+        return t.done_at is not None and t.done_at >= self.load.as_of
+
+    def effective(self) -> tuple[int, int, int]:
+        """(free_rows, kv_tokens_free, waiting) counting the router's own assignments since the report."""
+        rows, kv, waiting = self.load.free_rows, self.load.kv_tokens_free, self.load.waiting
+        for t in self.tickets.values():
+            if self.unreported(t):
+                rows, kv, waiting = rows - 1, kv - t.tokens, waiting + 1
+            elif self.released(t):
+                rows, kv, waiting = rows + 1, kv + t.tokens, max(0, waiting - 1)
+        rows = min(rows, self.load.free_rows + self.load.active_rows)
+        if self.refused_at is not None and self.refused_at >= self.load.as_of:
+            rows = 0
+        return max(0, rows), max(0, kv), waiting
+
+    def prune(self) -> None:
+        """Forget tickets the last report already reflects."""
+        for tid, t in list(self.tickets.items()):
+            if t.done_at is not None and not self.released(t):
+                del self.tickets[tid]
+            elif t.done_at is None and t.accepted_at is not None and not self.unreported(t):
+                del self.tickets[tid]  # now part of the report; release() of a forgotten ticket is a no-op
+
+
+@dataclass(eq=False)
+class _Waiter:
+    need: int
+    future: asyncio.Future[Ticket]
+
+
+class Scheduler:
+    def __init__(
+        self, max_queue: int = 256, retry_after_s: float = 1.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.clock = clock
+        self._workers: dict[Role, dict[str, _Worker]] = {Role.DECODE: {}, Role.PREFILL: {}}
+        self._last_pick: dict[Role, str] = {}
+        self._queue: deque[_Waiter] = deque()
+
+    # ---- reports -----------------------------------------------------------------------------------
+    def update(self, role: Role, loads: Iterable[WorkerLoad]) -> None:
+        """The latest report of every worker of a role; workers not listed are forgotten."""
+        workers = self._workers[role]
+        fresh = {load.address: load for load in loads}
+        for address in list(workers):
+            if address not in fresh:
+                del workers[address]
+        for address, load in fresh.items():
+            w = workers.get(address)
+            if w is None:
+                w = workers[address] = _Worker(load)
+            elif load.as_of >= w.load.as_of or not load.healthy:
+                w.load = load
+                w.prune()
+            w.kv_capacity = max(w.kv_capacity, load.kv_tokens_free + load.kv_tokens_used)
+        if role is Role.DECODE:
+            self._wake()
+
+    def loads(self, role: Role) -> list[WorkerLoad]:
+        """Each worker's load as the scheduler counts it now (its report plus the router's own changes)."""
+        out = []
+        for w in self._workers[role].values():
+            rows, kv, waiting = w.effective()
+            out.append(WorkerLoad(w.load.address, rows, kv, waiting, w.load.active_rows, w.load.healthy,
+                                  w.load.kv_tokens_used, w.load.as_of))
+        return out
+
+    # ---- decode ------------------------------------------------------------------------------------
+    def pick_decode(self, need_tokens: int) -> Ticket | None:
+        """Assign the request to the decode worker with the most free capacity for it, or None if none has room."""
+        best: list[str] = []
+        best_capacity = 0
+        for address, w in self._workers[Role.DECODE].items():
+            if not w.load.healthy:
+                continue
+            rows, kv, _ = w.effective()
+            capacity = min(rows, kv // max(1, need_tokens))
+            if capacity > best_capacity:
+                best, best_capacity = [address], capacity
+            elif capacity == best_capacity and capacity > 0:
+                best.append(address)
+        if not best:
+            return None
+        return self._assign(Role.DECODE, self._fair(Role.DECODE, best), need_tokens)
+
+    async def acquire(self, need_tokens: int, timeout: float | None = None, first: bool = False) -> Ticket:
+        """A decode worker for the request, waiting in FIFO order (at the head with `first`) until one has room.
+        Raises Overloaded when the queue is full or the wait times out, Unavailable when no decode worker is
+        known, InvalidRequestError when no known worker could ever hold the request."""
+        self._check_fits(need_tokens)
+        if not self._queue or first:
+            ticket = self.pick_decode(need_tokens)
+            if ticket is not None:
+                return ticket
+        if len(self._queue) >= self.max_queue and not first:
+            raise Overloaded(
+                f"router queue is full ({self.max_queue} requests waiting); retry after {self.retry_after_s:g}s",
+                retry_after_s=self.retry_after_s,
+            )
+        waiter = _Waiter(need_tokens, asyncio.get_running_loop().create_future())
+        if first:
+            self._queue.appendleft(waiter)
+        else:
+            self._queue.append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except BaseException as e:  # timed out or cancelled: leave the queue, give back a ticket assigned meanwhile
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(waiter.future.result())
+            waiter.future.cancel()
+            self._wake()
+            if isinstance(e, asyncio.TimeoutError):
+                raise Overloaded(
+                    f"no decode worker had room within {timeout:g}s; retry after {self.retry_after_s:g}s",
+                    retry_after_s=self.retry_after_s,
+                ) from None
+            raise
+
+    def _check_fits(self, need_tokens: int) -> None:
+        healthy = [w for w in self._workers[Role.DECODE].values() if w.load.healthy]
+        if not healthy:
+            raise Unavailable("no decode worker is available", retry_after_s=self.retry_after_s)
+        largest = max(w.kv_capacity for w in healthy)
+        if need_tokens > largest:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"prompt + max_new_tokens needs {need_tokens} KV tokens, more than any decode worker holds "
+                f"({largest})",
+            )
+
+    def _wake(self) -> None:
+        """Serve waiters in order while the one at the head fits somewhere."""
+        while self._queue:
+            head = self._queue[0]
+            if head.future.done():
+                self._queue.popleft()
+                continue
+            ticket = self.pick_decode(head.need)
+            if ticket is None:
+                return
+            self._queue.popleft()
+            head.future.set_result(ticket)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # ---- prefill -----------------------------------------------------------------------------------
+    def pick_prefill(self, exclude: Iterable[str] = ()) -> Ticket:
+        """Assign the request's prefill to the worker with the fewest waiting. Raises Unavailable if none."""
+        skip = set(exclude)
+        queues = {
+            address: w.effective()[2]
+            for address, w in self._workers[Role.PREFILL].items()
+            if w.load.healthy and address not in skip
+        }
+        if not queues:
+            raise Unavailable("no prefill worker is available", retry_after_s=self.retry_after_s)
+        shortest = min(queues.values())
+        best = [a for a, n in queues.items() if n == shortest]
+        ticket = self._assign(Role.PREFILL, self._fair(Role.PREFILL, best), 0)
+        ticket.accepted_at = self.clock()  # a prefill worker queues whatever it is sent
+        return ticket
+
+    # ---- a ticket's life ---------------------------------------------------------------------------
+    def accepted(self, ticket: Ticket) -> None:
+        """The worker confirmed the assignment: its reports from now on include it."""
+        ticket.accepted_at = self.clock()
+
+    def refused(self, ticket: Ticket) -> None:
+        """The worker turned the request down (full, racing another router): skip it until its next report."""
+        w = self._workers[ticket.role].get(ticket.address)
+        ticket.done_at = self.clock()  # release() is then a no-op
+        if w is not None:
+            w.tickets.pop(ticket.id, None)
+            w.refused_at = ticket.done_at
+        self._wake()
+
+    def failed(self, ticket: Ticket) -> None:
+        """The worker could not be reached: unhealthy until a report says otherwise."""
+        w = self._workers[ticket.role].get(ticket.address)
+        ticket.done_at = self.clock()  # release() is then a no-op
+        if w is not None:
+            w.tickets.pop(ticket.id, None)
+            w.load.healthy = False
+        self._wake()
+
+    def release(self, ticket: Ticket) -> None:
+        """The request is done on its worker (finished, failed or cancelled)."""
+        if ticket.done_at is not None:
+            return
+        ticket.done_at = self.clock()
+        w = self._workers[ticket.role].get(ticket.address)
+        if w is None:
+            pass
+        elif ticket.id in w.tickets:
+            del w.tickets[ticket.id]  # live tickets are kept only until a report includes them: never reported
+        else:
+            w.tickets[ticket.id] = ticket  # reported as busy: give its room back until a report shows it gone
+        if ticket.role is Role.DECODE:
+            self._wake()
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def _assign(self, role: Role, address: str, tokens: int) -> Ticket:
+        ticket = Ticket(role, address, tokens)
+        self._workers[role][address].tickets[ticket.id] = ticket
+        self._last_pick[role] = address
+        return ticket
+
+    def _fair(self, role: Role, tied: list[str]) -> str:
+        """Round-robin among tied workers: the first one after the last worker picked, in address order."""
+        tied = sorted(tied)
+        last = self._last_pick.get(role)
+        if last is None:
+            return tied[0]
+        return next((a for a in tied if a > last), tied[0])
+
