@@ -13,13 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from baton.engine.errors import PayloadError
+
 MAGIC = b"BATONKV1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class PayloadError(ValueError):
-    """A KV payload that is malformed or does not belong to this model."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ _FINISH_TO_PB = {
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 
 
-def finish_to_proto(reason: FinishReason | None) -> int:
+def finish_to_proto(reason: FinishReason | None) -> pb.FinishReason:
     return _FINISH_TO_PB[reason]
 
 

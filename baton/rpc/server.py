@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from baton.engine.kv_payload import PayloadError
+from baton.engine.errors import PayloadError
 from baton.engine.request import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,19 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
+RETRY_AFTER_KEY = "retry-after-s"  # trailing metadata carrying ServiceError.retry_after_s
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    code, msg = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method)
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, f"{retry:g}"),))
+    await context.abort(code, msg)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions raised by handlers into gRPC status codes, in one place."""
 
@@ -83,10 +96,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except grpc.aio.AbortError:
                     raise
                 except Exception as e:  # noqa: BLE001 - every error becomes a status
-                    code, msg = status_of(e)
-                    if code is grpc.StatusCode.INTERNAL:
-                        log.exception("%s failed", method)
-                    await context.abort(code, msg)
+                    await abort_with(context, e, method)
 
             return call
 
@@ -98,10 +108,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except grpc.aio.AbortError:
                     raise
                 except Exception as e:  # noqa: BLE001
-                    code, msg = status_of(e)
-                    if code is grpc.StatusCode.INTERNAL:
-                        log.exception("%s failed", method)
-                    await context.abort(code, msg)
+                    await abort_with(context, e, method)
 
             return call
 

@@ -45,7 +45,7 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
             yield pb.DecodeResponse()  # the row is reserved: the caller may have the KV pushed now
             async for ev in res.events():
                 msg = pb.DecodeResponse(token_ids=ev.token_ids)
-                msg.finish_reason = finish_to_proto(ev.finish_reason)  # type: ignore[assignment]
+                msg.finish_reason = finish_to_proto(ev.finish_reason)
                 if ev.stop_text is not None:
                     msg.stop_text = ev.stop_text
                 yield msg

@@ -55,7 +55,7 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
                 response.token_ids.extend(ev.token_ids)
                 texts.append(ev.text)
                 if ev.finish_reason is not None:
-                    response.finish_reason = finish_to_proto(ev.finish_reason)  # type: ignore[assignment]
+                    response.finish_reason = finish_to_proto(ev.finish_reason)
                     response.usage.prompt_tokens = ev.prompt_tokens
                     response.usage.completion_tokens = ev.completion_tokens
         response.text = "".join(texts)
@@ -69,7 +69,7 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
             async for ev in events:
                 msg = pb.GenerateStreamResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
                 if ev.finish_reason is not None:
-                    msg.finish_reason = finish_to_proto(ev.finish_reason)  # type: ignore[assignment]
+                    msg.finish_reason = finish_to_proto(ev.finish_reason)
                     msg.usage.prompt_tokens = ev.prompt_tokens
                     msg.usage.completion_tokens = ev.completion_tokens
                 yield msg

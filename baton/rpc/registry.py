@@ -1,0 +1,155 @@
+"""The worker registry: workers publish who they are and how loaded they are to Redis; the router reads it.
+
+Each worker owns one key, `{prefix}:worker:{role}:{address}`, holding a WorkerInfo as JSON and set with a TTL a
+few heartbeats long. A worker that stops heartbeating (crashed, partitioned) simply expires; one that stops
+cleanly removes its key. Redis being down never stops a worker: heartbeat() warns once and keeps trying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from baton.v1 import baton_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode")
+# The numeric fields of OccupancyResponse, as carried in WorkerInfo.occupancy.
+OCCUPANCY_FIELDS = (
+    "active_rows",
+    "free_rows",
+    "kv_tokens_used",
+    "kv_tokens_free",
+    "waiting",
+    "completed",
+    "kv_received",
+)
+
+
+def occupancy_dict(resp: pb.OccupancyResponse) -> dict[str, int]:
+    """The numeric fields of an OccupancyResponse, for WorkerInfo.occupancy."""
+    return {name: int(getattr(resp, name)) for name in OCCUPANCY_FIELDS}
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker publishes about itself."""
+
+    role: str  # "prefill" | "decode"
+    address: str  # host:port that other services dial
+    model_fingerprint: str
+    occupancy: dict[str, int] = field(default_factory=dict)  # OCCUPANCY_FIELDS -> value
+    updated_at: float = field(default_factory=time.time)  # time.time() of the publishing
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> WorkerInfo:
+        """Raises ValueError on anything that is not a WorkerInfo."""
+        try:
+            obj = json.loads(data)
+            return cls(
+                role=str(obj["role"]),
+                address=str(obj["address"]),
+                model_fingerprint=str(obj["model_fingerprint"]),
+                occupancy={str(k): int(v) for k, v in dict(obj.get("occupancy") or {}).items()},
+                updated_at=float(obj["updated_at"]),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"not a WorkerInfo: {e}") from e
+
+
+def _glob_escape(s: str) -> str:
+    """Escape Redis glob metacharacters so `s` matches only itself in a SCAN pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+class RedisRegistry:
+    """WorkerInfo records in Redis, one key per worker, expiring unless refreshed."""
+
+    def __init__(self, url: str, prefix: str = "baton") -> None:
+        self.url = url
+        self.prefix = prefix
+        # Fail fast when Redis is down: the heartbeat retries on its own schedule.
+        self._redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=2.0, socket_timeout=2.0, retry=Retry(NoBackoff(), 1)
+        )
+
+    def key(self, role: str, address: str) -> str:
+        return f"{self.prefix}:worker:{role}:{address}"
+
+    async def publish(self, info: WorkerInfo, ttl_s: float) -> None:
+        """Create or refresh the worker's record; it expires after ttl_s unless published again."""
+        await self._redis.set(self.key(info.role, info.address), info.to_json(), px=max(1, int(ttl_s * 1000)))
+
+    async def workers(self, role: str) -> list[WorkerInfo]:
+        """Live workers of one role, sorted by address. Expired records are gone; malformed ones are skipped."""
+        pattern = f"{_glob_escape(self.prefix)}:worker:{_glob_escape(role)}:*"
+        keys = [k async for k in self._redis.scan_iter(match=pattern, count=500)]
+        if not keys:
+            return []
+        found: list[WorkerInfo] = []
+        for key, value in zip(keys, await self._redis.mget(keys)):
+            if value is None:  # expired between SCAN and MGET
+                continue
+            try:
+                info = WorkerInfo.from_json(value)
+            except ValueError as e:
+                log.warning("registry: skipping %r: %s", key, e)
+                continue
+            if info.role == role:
+                found.append(info)
+        return sorted(found, key=lambda w: w.address)
+
+    async def remove(self, role: str, address: str) -> None:
+        await self._redis.delete(self.key(role, address))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+async def heartbeat(
+    registry: RedisRegistry,
+    make_info: Callable[[], WorkerInfo],
+    interval_s: float,
+    stop: asyncio.Event,
+    ttl_factor: float = 3.0,
+) -> None:
+    """Publish make_info() every interval_s until `stop` is set, then remove the record.
+
+    The record lives ttl_factor intervals, so a worker that dies drops out of the registry within that time.
+    While Redis is unreachable this warns once and keeps trying; the worker re-registers when Redis returns.
+    """
+    ttl_s = interval_s * ttl_factor
+    failing = False
+    last: WorkerInfo | None = None
+    while not stop.is_set():
+        try:
+            last = make_info()
+            await registry.publish(last, ttl_s)
+            if failing:
+                log.info("registry %s reachable again: registered %s %s", registry.url, last.role, last.address)
+            failing = False
+        except Exception as e:  # noqa: BLE001 - a heartbeat must outlive any Redis trouble
+            if not failing:
+                log.warning("registry %s: cannot publish (%s); will keep trying", registry.url, e)
+            failing = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+    if last is not None:
+        try:
+            await registry.remove(last.role, last.address)
+        except Exception as e:  # noqa: BLE001
+            log.warning("registry %s: cannot remove %s %s (%s); it expires on its own", registry.url,
+                        last.role, last.address, e)
