@@ -151,5 +151,6 @@ async def heartbeat(
         try:
             await registry.remove(last.role, last.address)
         except Exception as e:  # noqa: BLE001
-            log.warning("registry %s: cannot remove %s %s (%s); it expires on its own", registry.url,
-                        last.role, last.address, e)
+            log.warning(
+                "registry %s: cannot remove %s %s (%s); it expires on its own", registry.url, last.role, last.address, e
+            )

@@ -1,0 +1,133 @@
+"""`baton prefill`: run a prefill worker.
+
+It serves baton.v1.PrefillWorker (plus gRPC health and reflection) and, with --redis, publishes itself to the
+worker registry every --heartbeat-s. On SIGTERM or SIGINT it reports NOT_SERVING, takes no new work, finishes
+the prefills it has accepted (for at most --drain-s) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+
+from baton.cli import add_model_arguments, env_default
+from baton.engine.models import LoadedModel, load_model
+from baton.rpc.registry import RedisRegistry, WorkerInfo, heartbeat, occupancy_dict
+from baton.rpc.server import Service, create_server, set_serving
+from baton.v1 import baton_pb2_grpc
+from services.prefill.server import SERVICE_NAME, PrefillWorkerServicer
+from services.prefill.worker import PrefillWorker
+
+log = logging.getLogger("baton.prefill")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--host", default=env_default("host", "0.0.0.0"), help="interface to listen on")
+    p.add_argument("--port", type=int, default=int(env_default("port", "50071") or 50071))
+    p.add_argument(
+        "--advertise",
+        default=env_default("advertise"),
+        help="host:port that other services dial (default: this host's name and --port)",
+    )
+    p.add_argument("--redis", default=env_default("redis"), help="registry URL, e.g. redis://redis:6379/0")
+    p.add_argument("--redis-prefix", default=env_default("redis_prefix", "baton"), help="registry key prefix")
+    p.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=float(env_default("heartbeat_s", "1.0") or 1.0),
+        help="seconds between registry heartbeats",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(env_default("max_queue", "1024") or 1024),
+        help="queued prefills beyond which new ones are refused with RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--push-timeout-s",
+        type=float,
+        default=float(env_default("push_timeout_s", "60") or 60),
+        help="seconds allowed for shipping one KV payload to a decode worker",
+    )
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=float(env_default("drain_s", "30") or 30),
+        help="on SIGTERM, seconds allowed for accepted prefills to finish",
+    )
+
+
+def advertised_address(host: str, port: int, advertise: str | None) -> str:
+    if advertise:
+        return advertise
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        return f"{socket.gethostname()}:{port}"
+    return f"{host}:{port}"
+
+
+async def serve(lm: LoadedModel, args: argparse.Namespace) -> int:
+    worker = PrefillWorker(lm, max_queue=args.max_queue)
+    servicer = PrefillWorkerServicer(worker, push_timeout_s=args.push_timeout_s)
+    services = [Service(servicer, baton_pb2_grpc.add_PrefillWorkerServicer_to_server, SERVICE_NAME)]
+    listen = f"{args.host}:{args.port}"
+    try:
+        server, health = create_server(services, listen)
+    except RuntimeError as e:
+        log.error("cannot listen on %s: %s", listen, e)
+        worker.shutdown()
+        return 1
+    address = advertised_address(args.host, args.port, args.advertise)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await server.start()
+    await set_serving(health, services, True)
+    log.info("prefill worker serving %s (%s) on %s, advertised as %s", lm.name, lm.fingerprint[:12], listen, address)
+
+    registry: RedisRegistry | None = None
+    stop_heartbeat = asyncio.Event()
+    beats: asyncio.Task[None] | None = None
+    if args.redis:
+        registry = RedisRegistry(args.redis, prefix=args.redis_prefix)
+
+        def make_info() -> WorkerInfo:
+            return WorkerInfo("prefill", address, lm.fingerprint, occupancy_dict(servicer.occupancy()))
+
+        beats = asyncio.create_task(heartbeat(registry, make_info, args.heartbeat_s, stop_heartbeat))
+
+    await stop.wait()
+    log.info("shutting down: finishing %d accepted prefills (at most %.0fs)", servicer.in_flight, args.drain_s)
+    await set_serving(health, services, False)
+    worker.close_intake()
+    if beats is not None:
+        stop_heartbeat.set()
+        await beats  # removes this worker from the registry
+    # Still serving while it drains, so late callers get a clear UNAVAILABLE ("shutting down") to retry elsewhere.
+    deadline = loop.time() + args.drain_s
+    while servicer.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if servicer.in_flight:
+        log.warning("drain timed out: cancelling %d prefills", servicer.in_flight)
+    await server.stop(grace=1.0)
+    worker.shutdown()
+    await servicer.close()
+    if registry is not None:
+        await registry.close()
+    log.info("stopped: %d prefills shipped", servicer.stats.shipped)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    return asyncio.run(serve(lm, args))

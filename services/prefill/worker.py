@@ -1,0 +1,278 @@
+"""The prefill worker's core, free of any transport: a queue of prompts and one compute thread that prefills them.
+
+Requests are submitted from an asyncio event loop and wait in a visible queue. The compute thread (the only
+thread that runs torch) takes every waiting request at each iteration, as one batch, and prefills them one
+by one; each result comes back to the submitter's event loop as the result of an asyncio future. So the
+gRPC side never blocks on a forward pass, and the queue shows how far behind the worker is.
+
+Cancelling drops a queued request at once; a request whose prefill is already running is dropped when the
+compute ends, and its KV is never handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from baton.engine.kv_payload import KVPayload
+from baton.engine.models import LoadedModel
+from baton.engine.request import InvalidRequestError, Request
+from baton.engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue requests already; try another worker or later."""
+
+
+class WorkerClosed(Exception):
+    """The worker is shutting down and takes no new work."""
+
+
+class PrefillCancelled(Exception):
+    """The request was cancelled before its prefill was handed out."""
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"  # waiting for the compute thread
+    RUNNING = "running"  # taken by the compute thread, in the current batch
+    DONE = "done"  # result or error delivered
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class PrefillResult:
+    payload: KVPayload  # the prompt's KV and first token
+    prefill_seconds: float  # compute time of this request
+    queued_seconds: float  # from submit to the start of its compute
+
+
+@dataclass
+class PrefillOccupancy:
+    queued: int  # waiting for the compute thread
+    in_progress: int  # in the batch the compute thread is working on, not yet done
+    completed: int  # prefills computed and handed out since start
+
+    @property
+    def waiting(self) -> int:
+        return self.queued + self.in_progress
+
+
+@dataclass
+class PrefillStats:
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    batches: int = 0  # iterations of the compute loop that found work
+    largest_batch: int = 0
+    prompt_tokens: int = 0  # prefilled, over completed requests
+    compute_seconds: float = 0.0
+
+
+@dataclass
+class _Job:
+    request: Request
+    future: asyncio.Future[PrefillResult]
+    loop: asyncio.AbstractEventLoop
+    submitted_at: float = field(default_factory=time.perf_counter)
+    state: JobState = JobState.QUEUED
+
+
+class PrefillWorker:
+    """A queue of prefills and the thread that computes them. submit/cancel/occupancy are called from the
+    event loop; everything they share with the compute thread is guarded by one lock."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        max_queue: int = 1024,
+        prefill_fn: Callable[[Request], KVPayload] | None = None,
+    ) -> None:
+        self.lm = lm
+        self.max_queue = max_queue
+        self._prefill = prefill_fn or ModelRunner(lm).prefill  # tests wrap it to hold the compute thread
+        self._lock = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._batch: list[_Job] = []  # taken by the compute thread, not yet finished
+        self._jobs: dict[str, _Job] = {}  # every queued or running job, by request id
+        self._closing = False  # no new work
+        self._stopping = False  # the compute thread exits once the queue is empty
+        self.stats = PrefillStats()
+        self._thread = threading.Thread(target=self._run, name="prefill-compute", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop ------------------------------------------------------------------
+
+    def validate(self, req: Request) -> None:
+        """The model's own limits; Request and SamplingParams check the rest."""
+        limit = self.lm.max_context
+        if req.prompt_len + req.params.max_new_tokens > limit:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"prompt ({req.prompt_len} tokens) + max_new_tokens ({req.params.max_new_tokens}) exceeds the "
+                f"model's context of {limit} tokens",
+            )
+        vocab = int(self.lm.config.vocab_size)
+        if max(req.prompt_ids) >= vocab:
+            raise InvalidRequestError(
+                "prompt_ids", f"token id {max(req.prompt_ids)} is outside the vocabulary ({vocab})"
+            )
+
+    def submit(self, req: Request) -> asyncio.Future[PrefillResult]:
+        """Queue a prefill; the returned future gives its result (or raises PrefillCancelled, or the compute's
+        error). Cancelling the future cancels the request. Raises InvalidRequestError, QueueFull, WorkerClosed."""
+        self.validate(req)
+        loop = asyncio.get_running_loop()
+        job = _Job(req, loop.create_future(), loop)
+        with self._lock:
+            if self._closing:
+                raise WorkerClosed("prefill worker is shutting down")
+            if req.id in self._jobs:
+                raise InvalidRequestError("request_id", f"request id {req.id!r} is already in use on this worker")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"prefill queue is full ({self.max_queue} requests)")
+            self._queue.append(job)
+            self._jobs[req.id] = job
+            self.stats.submitted += 1
+            self._lock.notify()
+        job.future.add_done_callback(lambda f: self._on_future_done(job, f))
+        return job.future
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a queued or running prefill; True when it was found. Its future raises PrefillCancelled."""
+        with self._lock:
+            job = self._jobs.get(request_id)
+            if job is None:
+                return False
+            self._cancel_locked(job)
+        if not job.future.done():
+            job.future.set_exception(PrefillCancelled(f"request {request_id!r} was cancelled"))
+        return True
+
+    def occupancy(self) -> PrefillOccupancy:
+        with self._lock:
+            running = sum(1 for j in self._batch if j.state is JobState.RUNNING)
+            return PrefillOccupancy(len(self._queue), running, self.stats.completed)
+
+    @property
+    def queued_ids(self) -> list[str]:
+        with self._lock:
+            return [j.request.id for j in self._queue]
+
+    @property
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return [j.request.id for j in self._batch if j.state is JobState.RUNNING]
+
+    def close_intake(self) -> None:
+        """Take no new work; what is queued or running still completes."""
+        with self._lock:
+            self._closing = True
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop taking work and wait until the queue is empty and nothing runs. False on timeout."""
+        self.close_intake()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.occupancy().waiting:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop the compute thread; queued requests are cancelled, a running prefill finishes first."""
+        with self._lock:
+            self._closing = self._stopping = True
+            dropped = list(self._queue)
+            for job in dropped:
+                self._cancel_locked(job)
+            self._lock.notify_all()
+        for job in dropped:
+            self._deliver(job, error=PrefillCancelled(f"request {job.request.id!r}: prefill worker shut down"))
+        self._thread.join(timeout_s)
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _cancel_locked(self, job: _Job) -> None:
+        if job.state is JobState.QUEUED:
+            self._queue.remove(job)
+        if job.state in (JobState.QUEUED, JobState.RUNNING):
+            job.state = JobState.CANCELLED
+            self.stats.cancelled += 1
+        self._jobs.pop(job.request.id, None)
+
+    def _on_future_done(self, job: _Job, fut: asyncio.Future[PrefillResult]) -> None:
+        if fut.cancelled():  # the submitter gave up (e.g. its RPC was cancelled)
+            with self._lock:
+                if self._jobs.get(job.request.id) is job:
+                    self._cancel_locked(job)
+
+    def _run(self) -> None:
+        """The compute thread: take every queued job, prefill them in turn, repeat."""
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._queue:
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+                for job in batch:
+                    job.state = JobState.RUNNING
+                self._batch = batch
+                self.stats.batches += 1
+                self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            for job in batch:
+                self._compute(job)
+            with self._lock:
+                self._batch = []
+
+    def _compute(self, job: _Job) -> None:
+        with self._lock:
+            if job.state is not JobState.RUNNING:  # cancelled while waiting in this batch
+                return
+        start = time.perf_counter()
+        try:
+            payload = self._prefill(job.request)
+        except Exception as e:  # noqa: BLE001 - handed to the submitter
+            log.exception("prefill of %s failed", job.request.id)
+            with self._lock:
+                if job.state is JobState.RUNNING:
+                    job.state = JobState.DONE
+                    self.stats.failed += 1
+                    self._jobs.pop(job.request.id, None)
+            self._deliver(job, error=e)
+            return
+        seconds = time.perf_counter() - start
+        with self._lock:
+            if job.state is not JobState.RUNNING:  # cancelled during the compute: drop the KV
+                return
+            job.state = JobState.DONE
+            self._jobs.pop(job.request.id, None)
+            self.stats.completed += 1
+            self.stats.prompt_tokens += job.request.prompt_len
+            self.stats.compute_seconds += seconds
+        self._deliver(job, PrefillResult(payload, seconds, start - job.submitted_at))
+
+    def _deliver(self, job: _Job, result: PrefillResult | None = None, error: BaseException | None = None) -> None:
+        """Complete the job's future on its own event loop (futures are not thread-safe)."""
+
+        def complete() -> None:
+            if job.future.done():
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)  # type: ignore[arg-type]
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            job.loop.call_soon_threadsafe(complete)
