@@ -40,13 +40,52 @@ def stack(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         decode = [f"127.0.0.1:{free_port()}" for _ in range(2)]
         prefill = [f"127.0.0.1:{free_port()}"]
         for i, addr in enumerate(decode):
-            ps.baton(f"decode{i}", "decode", "--host", "127.0.0.1", "--port", addr.split(":")[1], "--redis", redis,
-                     "--max-batch", str(MAX_BATCH), "--heartbeat-s", "0.3", *model, wait_address=addr)
-        ps.baton("prefill", "prefill", "--host", "127.0.0.1", "--port", prefill[0].split(":")[1], "--redis", redis,
-                 "--heartbeat-s", "0.3", *model, wait_address=prefill[0])
+            ps.baton(
+                f"decode{i}",
+                "decode",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                addr.split(":")[1],
+                "--redis",
+                redis,
+                "--max-batch",
+                str(MAX_BATCH),
+                "--heartbeat-s",
+                "0.3",
+                *model,
+                wait_address=addr,
+            )
+        ps.baton(
+            "prefill",
+            "prefill",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            prefill[0].split(":")[1],
+            "--redis",
+            redis,
+            "--heartbeat-s",
+            "0.3",
+            *model,
+            wait_address=prefill[0],
+        )
         grpc_port, http_port = free_port(), free_port()
-        ps.baton("router", "router", "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port",
-                 str(http_port), "--redis", redis, "--model", str(tiny_llama_dir), wait_address=f"127.0.0.1:{grpc_port}")
+        ps.baton(
+            "router",
+            "router",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--redis",
+            redis,
+            "--model",
+            str(tiny_llama_dir),
+            wait_address=f"127.0.0.1:{grpc_port}",
+        )
         http = f"http://127.0.0.1:{http_port}"
         for _ in range(100):  # the router's HTTP side comes up with its gRPC side; wait for both workers too
             try:
@@ -60,10 +99,30 @@ def stack(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def reference(lm: LoadedModel, ids: list[int], max_new: int) -> list[int]:
     out = lm.model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=2)
-    return list(out[0, len(ids):].tolist())
+    return list(out[0, len(ids) :].tolist())
 
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in an old green tree".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "small",
+    "birds",
+    "sing",
+    "in",
+    "an",
+    "old",
+    "green",
+    "tree",
+]
 
 
 def text_prompt(i: int) -> str:
@@ -77,23 +136,29 @@ def test_64_concurrent_requests_equal_generate_and_kv_crosses_grpc(stack: Stack,
 
     async def via_openai() -> list[str]:
         client = openai.AsyncOpenAI(base_url=f"{stack.http}/v1", api_key="unused", max_retries=0)
+
         async def one(i: int) -> str:
-            r = await client.completions.create(model="baton", prompt=text_prompt(i), max_tokens=6 + i % 9,
-                                                temperature=0)
+            r = await client.completions.create(
+                model="baton", prompt=text_prompt(i), max_tokens=6 + i % 9, temperature=0
+            )
             return r.choices[0].text
+
         return list(await asyncio.gather(*(one(i) for i in range(32))))
 
     async def via_grpc() -> list[list[int]]:
         async with grpc.aio.insecure_channel(stack.router) as ch:
             stub = baton_pb2_grpc.RouterStub(ch)
+
             async def one(i: int) -> list[int]:
                 ids = tok(text_prompt(100 + i))["input_ids"]
-                req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
-                                         parameters=pb.SamplingParameters(max_new_tokens=5 + i % 7))
+                req = pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=ids), parameters=pb.SamplingParameters(max_new_tokens=5 + i % 7)
+                )
                 got: list[int] = []
                 async for msg in stub.GenerateStream(req):
                     got += msg.token_ids
                 return got
+
             return list(await asyncio.gather(*(one(i) for i in range(32))))
 
     async def both() -> tuple[list[str], list[list[int]]]:
@@ -124,8 +189,11 @@ class LongRequests:
         pstub = baton_pb2_grpc.PrefillWorkerStub(self.channels[1])
         self.calls = []
         for i in range(n):
-            wreq = pb.WorkerRequest(request_id=f"long-{decode}-{i}-{time.monotonic_ns()}", prompt_ids=[5, 6, 7, 8],
-                                    parameters=pb.SamplingParameters(max_new_tokens=1000, ignore_eos=True))
+            wreq = pb.WorkerRequest(
+                request_id=f"long-{decode}-{i}-{time.monotonic_ns()}",
+                prompt_ids=[5, 6, 7, 8],
+                parameters=pb.SamplingParameters(max_new_tokens=1000, ignore_eos=True),
+            )
             call = dstub.Decode(pb.DecodeRequest(request=wreq, kv_timeout_seconds=30))
             next(call)  # the reservation is confirmed
             pstub.Prefill(pb.PrefillRequest(request=wreq, decode_address=decode), timeout=30)
@@ -150,8 +218,10 @@ def test_occupancy_routing_full_worker_avoided_then_queue(stack: Stack, tiny_lla
             stub = baton_pb2_grpc.RouterStub(ch)
             base = [occupancy(a).completed for a in (d1, d2)]
             for i in range(3):  # d1 is full: these must all go to d2
-                r = stub.Generate(pb.GenerateRequest(text=text_prompt(i), parameters=pb.SamplingParameters(
-                    max_new_tokens=4)), timeout=60)
+                r = stub.Generate(
+                    pb.GenerateRequest(text=text_prompt(i), parameters=pb.SamplingParameters(max_new_tokens=4)),
+                    timeout=60,
+                )
                 assert list(r.token_ids) == reference(tiny_llama, tok(text_prompt(i))["input_ids"], 4)
             assert [occupancy(a).completed for a in (d1, d2)] == [base[0], base[1] + 3]
 
@@ -159,8 +229,10 @@ def test_occupancy_routing_full_worker_avoided_then_queue(stack: Stack, tiny_lla
             results: dict[int, list[int]] = {}
 
             def send(i: int) -> None:
-                r = stub.Generate(pb.GenerateRequest(text=text_prompt(i), parameters=pb.SamplingParameters(
-                    max_new_tokens=4)), timeout=60)
+                r = stub.Generate(
+                    pb.GenerateRequest(text=text_prompt(i), parameters=pb.SamplingParameters(max_new_tokens=4)),
+                    timeout=60,
+                )
                 results[i] = list(r.token_ids)
 
             waiters = [threading.Thread(target=send, args=(i,)) for i in (20, 21)]
@@ -187,8 +259,9 @@ def test_cancel_and_disconnect_leave_nothing_behind(stack: Stack) -> None:
             stub = baton_pb2_grpc.RouterStub(ch)
             calls = []
             for i in range(12):
-                req = pb.GenerateRequest(text=text_prompt(i), parameters=pb.SamplingParameters(
-                    max_new_tokens=500, ignore_eos=True))
+                req = pb.GenerateRequest(
+                    text=text_prompt(i), parameters=pb.SamplingParameters(max_new_tokens=500, ignore_eos=True)
+                )
                 calls.append(stub.GenerateStream(req))
             for i, call in enumerate(calls):
                 if i % 2:  # half after their first token, half at once (while queued or prefilling)
@@ -198,8 +271,13 @@ def test_cancel_and_disconnect_leave_nothing_behind(stack: Stack) -> None:
     async def http_disconnects() -> None:
         async with httpx.AsyncClient(base_url=stack.http, timeout=60) as client:
             for i in range(4):
-                body = {"model": "baton", "prompt": text_prompt(i), "max_tokens": 500, "stream": True,
-                        "ignore_eos": True}
+                body = {
+                    "model": "baton",
+                    "prompt": text_prompt(i),
+                    "max_tokens": 500,
+                    "stream": True,
+                    "ignore_eos": True,
+                }
                 async with client.stream("POST", "/v1/completions", json=body) as r:
                     async for line in r.aiter_lines():
                         if line.startswith("data:"):

@@ -144,7 +144,7 @@ async def test_submit_refuses(gated: tuple[PrefillWorker, Gate], tiny_llama: Loa
     assert e.value.field == "max_new_tokens"
     with pytest.raises(InvalidRequestError) as e:
         worker.submit(request("vocab", [tiny_llama.config.vocab_size]))
-    assert e.value.field == "prompt_ids"
+    assert e.value.field == "prompt"
     futures = [worker.submit(request("a"))]
     await gate.wait_started()
     with pytest.raises(InvalidRequestError) as e:

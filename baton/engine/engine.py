@@ -21,7 +21,7 @@ import torch
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import FinishReason, InvalidRequestError, Request, RequestStatus
+from baton.engine.request import FinishReason, InvalidRequestError, Request, RequestStatus, check_model_limits
 from baton.engine.runner import ModelRunner
 from baton.engine.sampler import sample
 
@@ -80,18 +80,9 @@ class Engine:
 
     # ---- intake ----------------------------------------------------------------------------------------
     def validate(self, req: Request) -> None:
-        limit = self.lm.max_context
-        if req.prompt_len + req.params.max_new_tokens > limit:
-            raise InvalidRequestError(
-                "max_new_tokens",
-                f"prompt ({req.prompt_len} tokens) + max_new_tokens ({req.params.max_new_tokens}) exceeds the "
-                f"model's context of {limit} tokens",
-            )
-        vocab = int(self.lm.config.vocab_size)
-        if max(req.prompt_ids) >= vocab:
-            raise InvalidRequestError(
-                "input_ids", f"token id {max(req.prompt_ids)} is outside the vocabulary ({vocab})"
-            )
+        check_model_limits(
+            req.prompt_ids, req.params.max_new_tokens, self.lm.max_context, int(self.lm.config.vocab_size)
+        )
 
     def _check_new_id(self, req: Request) -> None:
         active = [r.id for r in self.waiting] + [r.id for r, _ in self.prefilled] + [r.id for r in self.batch.requests]

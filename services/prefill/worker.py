@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import InvalidRequestError, Request
+from baton.engine.request import InvalidRequestError, Request, check_model_limits
 from baton.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -114,18 +114,9 @@ class PrefillWorker:
 
     def validate(self, req: Request) -> None:
         """The model's own limits; Request and SamplingParams check the rest."""
-        limit = self.lm.max_context
-        if req.prompt_len + req.params.max_new_tokens > limit:
-            raise InvalidRequestError(
-                "max_new_tokens",
-                f"prompt ({req.prompt_len} tokens) + max_new_tokens ({req.params.max_new_tokens}) exceeds the "
-                f"model's context of {limit} tokens",
-            )
-        vocab = int(self.lm.config.vocab_size)
-        if max(req.prompt_ids) >= vocab:
-            raise InvalidRequestError(
-                "prompt_ids", f"token id {max(req.prompt_ids)} is outside the vocabulary ({vocab})"
-            )
+        check_model_limits(
+            req.prompt_ids, req.params.max_new_tokens, self.lm.max_context, int(self.lm.config.vocab_size)
+        )
 
     def submit(self, req: Request) -> asyncio.Future[PrefillResult]:
         """Queue a prefill; the returned future gives its result (or raises PrefillCancelled, or the compute's

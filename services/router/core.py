@@ -28,7 +28,7 @@ import grpc
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from baton.engine.models import resolve_model_path
-from baton.engine.request import FinishReason, InvalidRequestError, SamplingParams
+from baton.engine.request import FinishReason, InvalidRequestError, SamplingParams, check_model_limits
 from baton.rpc.convert import finish_from_proto, params_to_proto
 from baton.rpc.server import NotFound, Overloaded, ServiceError, Unavailable
 from baton.v1 import baton_pb2 as pb
@@ -202,14 +202,7 @@ class Router:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise InvalidRequestError("prompt", "must not be empty")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in prompt_ids):
-            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {self.vocab_size})")
-        if len(prompt_ids) + params.max_new_tokens > self.max_context:
-            raise InvalidRequestError(
-                "max_new_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"model's context of {self.max_context} tokens",
-            )
+        check_model_limits(prompt_ids, params.max_new_tokens, self.max_context, self.vocab_size)
 
     # ---- generation --------------------------------------------------------------------------------
     async def generate(

@@ -1,0 +1,206 @@
+"""A Python client for Baton's gRPC API (the router's baton.v1.Router service).
+
+    from baton.client import BatonClient
+
+    with BatonClient("127.0.0.1:50051") as client:
+        print(client.generate("The capital of France is", max_new_tokens=8).text)
+        for chunk in client.stream("Once upon a time", max_new_tokens=32, temperature=0.7, seed=1):
+            print(chunk.text, end="", flush=True)
+
+AsyncBatonClient has the same methods, as a coroutine (generate) and an async iterator (stream). The prompt is
+a string (tokenized by the router) or a list of token ids; keyword arguments are the fields of
+baton.engine.request.SamplingParams (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+stop, stop_token_ids, ignore_eos), checked before anything is sent. Every failure, local validation included,
+is raised as BatonError(code, message) with the gRPC status code. Leaving a stream early cancels the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Generator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from baton.engine.request import InvalidRequestError, SamplingParams
+from baton.rpc.convert import finish_from_proto, params_to_proto
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+
+Prompt = str | Sequence[int]
+
+
+class BatonError(Exception):
+    """A request that failed: `code` is the gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE ...)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+    @classmethod
+    def of(cls, e: grpc.RpcError) -> BatonError:
+        call: Any = e  # a failed call: has code() and details()
+        return cls(call.code(), call.details() or call.code().name)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation."""
+
+    text: str  # cut before the stop string, if one ended it
+    token_ids: list[int]
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New tokens of a stream; the last chunk has the finish reason and the token counts."""
+
+    text: str  # may be empty while a multi-byte character or a possible stop string is incomplete
+    token_ids: list[int]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.GenerateRequest:
+    """The GenerateRequest for a prompt; raises BatonError(INVALID_ARGUMENT) naming a bad field, TypeError for
+    a keyword that is not a sampling parameter."""
+    if isinstance(sampling.get("stop"), str):
+        sampling["stop"] = [sampling["stop"]]
+    for key in ("stop", "stop_token_ids"):
+        if isinstance(sampling.get(key), (list, tuple)):
+            sampling[key] = tuple(sampling[key])
+    try:
+        params = SamplingParams(**sampling)
+    except InvalidRequestError as e:
+        raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    request = pb.GenerateRequest(request_id=request_id, parameters=params_to_proto(params))
+    if isinstance(prompt, str):
+        request.text = prompt
+    elif isinstance(prompt, Sequence) and all(isinstance(t, int) and 0 <= t < 2**32 for t in prompt):
+        request.token_ids.ids.extend([int(t) for t in prompt])
+    else:
+        raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must be a string or a list of token ids >= 0")
+    return request
+
+
+def _reason(value: int) -> str | None:
+    reason = finish_from_proto(value)
+    return None if reason is None else reason.value
+
+
+def _completion(m: pb.GenerateResponse) -> Completion:
+    return Completion(m.text, list(m.token_ids), _reason(m.finish_reason) or "", m.usage.prompt_tokens,
+                      m.usage.completion_tokens, m.request_id)
+
+
+def _chunk(m: pb.GenerateStreamResponse) -> Chunk:
+    return Chunk(m.text, list(m.token_ids), _reason(m.finish_reason), m.usage.prompt_tokens,
+                 m.usage.completion_tokens)
+
+
+class BatonClient:
+    """A blocking client. `timeout`: seconds a request may take (None: no limit); each call may override it."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None) -> None:
+        self.address, self.timeout = address, timeout
+        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._stub = baton_pb2_grpc.RouterStub(self._channel)
+
+    def generate(self, prompt: Prompt, *, request_id: str = "", timeout: float | None = None,
+                 **sampling: Any) -> Completion:
+        request = build_request(prompt, request_id, **sampling)
+        try:
+            return _completion(self._stub.Generate(request, timeout=self._timeout(timeout)))
+        except grpc.RpcError as e:
+            raise BatonError.of(e) from None
+
+    def stream(self, prompt: Prompt, *, request_id: str = "", timeout: float | None = None,
+               **sampling: Any) -> Generator[Chunk, None, None]:
+        """Chunks as tokens are sampled. The arguments are checked at once; stopping the iteration early (break,
+        close) cancels the request."""
+        request = build_request(prompt, request_id, **sampling)
+        return self._chunks(self._stub.GenerateStream(request, timeout=self._timeout(timeout)))
+
+    @staticmethod
+    def _chunks(call: Any) -> Generator[Chunk, None, None]:
+        try:
+            for message in call:
+                yield _chunk(message)
+        except grpc.RpcError as e:
+            raise BatonError.of(e) from None
+        finally:
+            call.cancel()  # nothing when the stream is over; otherwise the router cancels the request
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> BatonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncBatonClient:
+    """The asyncio client: `await client.generate(...)`, `async for chunk in client.stream(...)`."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None) -> None:
+        self.address, self.timeout = address, timeout
+        self._channel: grpc.aio.Channel | None = None  # made in the running event loop, on first use
+
+    def _stub(self) -> baton_pb2_grpc.RouterStub:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=_OPTIONS)
+        return baton_pb2_grpc.RouterStub(self._channel)
+
+    async def generate(self, prompt: Prompt, *, request_id: str = "", timeout: float | None = None,
+                       **sampling: Any) -> Completion:
+        request = build_request(prompt, request_id, **sampling)
+        try:
+            return _completion(await self._stub().Generate(request, timeout=self._timeout(timeout)))
+        except grpc.RpcError as e:
+            raise BatonError.of(e) from None
+
+    def stream(self, prompt: Prompt, *, request_id: str = "", timeout: float | None = None,
+               **sampling: Any) -> AsyncGenerator[Chunk, None]:
+        """Chunks as tokens are sampled. The arguments are checked at once; leaving the iteration early (break,
+        aclose, cancellation) cancels the request."""
+        request = build_request(prompt, request_id, **sampling)
+        return self._chunks(self._stub().GenerateStream(request, timeout=self._timeout(timeout)))
+
+    @staticmethod
+    async def _chunks(call: Any) -> AsyncGenerator[Chunk, None]:
+        try:
+            async for message in call:
+                yield _chunk(message)
+        except grpc.RpcError as e:
+            raise BatonError.of(e) from None
+        finally:
+            call.cancel()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> AsyncBatonClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()

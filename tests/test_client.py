@@ -1,0 +1,357 @@
+"""BatonClient, AsyncBatonClient and `baton generate`, against the router's real gRPC servicer
+(services/router/grpc_api.py) over the fake router core of test_http_api, served in-process by a grpc.aio
+server on its own event loop thread; then the clients and the HTTP API through the real router core, decode
+and prefill workers on the tiny Llama, all in this process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import grpc
+import openai
+import pytest
+import torch
+import uvicorn
+from transformers import PreTrainedTokenizerBase
+
+from baton.client import AsyncBatonClient, BatonClient, BatonError, Chunk, Completion
+from baton.engine.models import LoadedModel
+from baton.engine.request import SamplingParams
+from baton.generate import add_arguments
+from baton.generate import main as generate_main
+from baton.rpc.server import Overloaded, Service, create_server
+from baton.v1 import baton_pb2_grpc
+from services.decode.server import decode_service
+from services.decode.worker import DecodeWorker
+from services.prefill.server import SERVICE_NAME as PREFILL_SERVICE
+from services.prefill.server import PrefillWorkerServicer
+from services.prefill.worker import PrefillWorker
+from services.router.core import Router
+from services.router.grpc_api import router_service
+from services.router.http_api import create_app
+from services.router.pool import WorkerPool
+from services.router.scheduler import Scheduler
+from tests.conftest import VOCAB, make_tiny_llama
+from tests.test_http_api import ANSWER, FakeRouter, Served, answer_text, free_port, serve, wait_for
+
+T = TypeVar("T")
+
+
+class Loop:
+    """An event loop in a background thread: servers run there, so blocking clients can call them from the test's
+    thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class GrpcThread:
+    """The router's gRPC service over a fake core, served on a Loop."""
+
+    def __init__(self, router: FakeRouter) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        self.loop = Loop()
+        self.server: grpc.aio.Server = self.loop.run(self._start(router), 10)
+
+    async def _start(self, router: FakeRouter) -> grpc.aio.Server:
+        server, _ = create_server([router_service(cast(Any, router))], self.address)
+        await server.start()
+        return server
+
+    def stop(self) -> None:
+        self.loop.run(self.server.stop(0), 10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def fake(tokenizer: PreTrainedTokenizerBase) -> FakeRouter:
+    return FakeRouter(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def address(fake: FakeRouter) -> Iterator[str]:
+    server = GrpcThread(fake)
+    yield server.address
+    server.stop()
+
+
+@pytest.fixture
+def router(fake: FakeRouter) -> Iterator[FakeRouter]:
+    fake.reset()
+    yield fake
+    fake.reset()
+
+
+@pytest.fixture
+def client(address: str) -> Iterator[BatonClient]:
+    with BatonClient(address, timeout=20) as c:
+        yield c
+
+
+# ---- BatonClient -----------------------------------------------------------------------------------------
+def test_generate(client: BatonClient, router: FakeRouter) -> None:
+    c = client.generate("Hello there", max_new_tokens=4, request_id="r-1")
+    prompt_ids = router.encode_prompt("Hello there")
+    assert c == Completion(answer_text(router, 4), router.answer_ids()[:4], "length", len(prompt_ids), 4, "r-1")
+    (call,) = router.calls
+    assert call.request_id == "r-1" and call.prompt_ids == prompt_ids
+
+
+def test_token_ids_and_sampling(client: BatonClient, router: FakeRouter) -> None:
+    c = client.generate([5, 6, 7], max_new_tokens=100, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1,
+                        seed=11, stop="zzz", stop_token_ids=[9], ignore_eos=False)
+    assert c.text == ANSWER and c.finish_reason == "stop" and c.prompt_tokens == 3
+    (call,) = router.calls
+    assert call.prompt_ids == [5, 6, 7] and call.request_id  # made up by the router
+    assert call.params == SamplingParams(max_new_tokens=100, temperature=0.7, top_p=0.9, top_k=40,
+                                         repetition_penalty=1.1, seed=11, stop=("zzz",), stop_token_ids=(9,))
+
+
+def test_stream(client: BatonClient, router: FakeRouter) -> None:
+    chunks = list(client.stream("Hi", max_new_tokens=100))
+    assert "".join(c.text for c in chunks) == ANSWER
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    n = len(router.answer_ids())
+    assert chunks[-1] == Chunk(chunks[-1].text, chunks[-1].token_ids, "stop", len(router.encode_prompt("Hi")), n)
+    assert [t for c in chunks for t in c.token_ids] == router.answer_ids()
+
+
+def test_leaving_a_stream_cancels(client: BatonClient, router: FakeRouter) -> None:
+    router.delay = 0.02
+    stream = client.stream("Hi", max_new_tokens=500, ignore_eos=True)
+    assert next(stream).token_ids
+    stream.close()  # what a `break` out of the loop does once the iterator is dropped
+    wait_for(lambda: router.cancelled == [router.calls[0].request_id])
+
+
+def test_local_validation(client: BatonClient, router: FakeRouter) -> None:
+    with pytest.raises(BatonError, match="temperature") as e:
+        client.generate("x", temperature=-1)
+    assert e.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(BatonError, match="prompt"):
+        client.stream([1, -2])
+    with pytest.raises(TypeError):
+        client.generate("x", nucleus=0.5)
+    assert not router.calls
+
+
+def test_server_errors(client: BatonClient, router: FakeRouter) -> None:
+    with pytest.raises(BatonError, match="max_new_tokens") as e:
+        client.generate("x", max_new_tokens=10_000)  # over the fake's context
+    assert e.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    router.fail = Overloaded("the queue is full", retry_after_s=1)
+    with pytest.raises(BatonError, match="the queue is full") as e:
+        list(client.stream("x"))
+    assert e.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    router.fail, router.fail_after = None, 2
+    texts = []
+    with pytest.raises(BatonError, match="worker exploded") as e:
+        for chunk in client.stream("x", max_new_tokens=10):
+            texts.append(chunk.text)
+    assert e.value.code is grpc.StatusCode.INTERNAL and "".join(texts) == answer_text(router, 2)
+
+
+def test_unreachable() -> None:
+    with BatonClient(f"127.0.0.1:{free_port()}", timeout=10) as c, pytest.raises(BatonError) as e:
+        c.generate("x")
+    assert e.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+# ---- AsyncBatonClient ------------------------------------------------------------------------------------
+def test_async_client(address: str, router: FakeRouter) -> None:
+    async def go() -> None:
+        async with AsyncBatonClient(address, timeout=20) as c:
+            whole = await c.generate("Hi", max_new_tokens=6)
+            assert whole.text == answer_text(router, 6) and whole.finish_reason == "length"
+            chunks = [chunk async for chunk in c.stream("Hi", max_new_tokens=6)]
+            assert "".join(ch.text for ch in chunks) == whole.text and chunks[-1].completion_tokens == 6
+            with pytest.raises(BatonError) as e:
+                await c.generate("x", max_new_tokens=10_000)
+            assert e.value.code is grpc.StatusCode.INVALID_ARGUMENT
+            router.delay = 0.02
+            stream = c.stream("Hi", max_new_tokens=500, ignore_eos=True)
+            async for _ in stream:
+                break
+            await stream.aclose()
+
+    asyncio.run(go())
+    wait_for(lambda: router.cancelled == [router.calls[-1].request_id])
+
+
+# ---- baton generate --------------------------------------------------------------------------------------
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(parser)
+    return generate_main(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_cli(address: str, router: FakeRouter, capsys: pytest.CaptureFixture[str], stream: list[str]) -> None:
+    assert run_cli(["Hello", "--url", address, "--max-new-tokens", "5", "--seed", "3", *stream]) == 0
+    assert capsys.readouterr().out == answer_text(router, 5) + "\n"
+    assert router.calls[0].params == SamplingParams(max_new_tokens=5, seed=3)
+
+
+def test_cli_errors(address: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["Hello", "--url", address, "--temperature", "-2"]) == 1
+    assert "invalid request: temperature" in capsys.readouterr().err
+    port = free_port()
+    assert run_cli(["Hello", "--url", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach Baton at 127.0.0.1:{port}" in err and "baton serve" in err
+
+
+@pytest.fixture(scope="module")
+def http_api(fake: FakeRouter) -> Iterator[Served]:
+    yield from serve(create_app(fake))
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_cli_chat(http_api: Served, router: FakeRouter, capsys: pytest.CaptureFixture[str], stream: list[str]) -> None:
+    url = f"http://{http_api.host}:{http_api.port}"
+    assert run_cli(["-v", "Hi!", "--chat", "--http-url", url, "--max-new-tokens", "3", *stream]) == 0
+    out = capsys.readouterr()
+    assert out.out == answer_text(router, 3) + "\n" and "3 completion tokens" in out.err
+    assert router.calls[0].prompt_ids == router.encode_chat([{"role": "user", "content": "Hi!"}])
+    router.reset()
+    assert run_cli(["Hi!", "--chat", "--http-url", url, "--max-new-tokens", "0", *stream]) == 1
+    assert "invalid request: max_tokens" in capsys.readouterr().err
+    assert run_cli(["Hi!", "--chat", "--http-url", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert "cannot reach Baton's HTTP API" in capsys.readouterr().err
+
+
+# ---- the real router core, workers and model, all in this process --------------------------------------------
+@dataclass
+class Stack:
+    loop: Loop
+    grpc: str  # the router's gRPC address
+    http: Served  # the router's HTTP API
+    decode: DecodeWorker
+
+
+@pytest.fixture(scope="module")
+def stack(tokenizer: PreTrainedTokenizerBase) -> Iterator[Stack]:
+    """Decode and prefill workers on the tiny Llama, the real router core, its gRPC and HTTP APIs, on one event
+    loop; each worker has a model of its own (the same weights as the tiny_llama fixture)."""
+    loop = Loop()
+    decode_addr, prefill_addr, router_addr = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    http_port = free_port()
+    stops: list[Callable[[], Coroutine[Any, Any, Any]]] = []
+
+    async def start() -> DecodeWorker:
+        decode = DecodeWorker(make_tiny_llama(tokenizer), max_batch=4)
+        decode.start()
+        stops.append(decode.close)
+        await _serve([decode_service(decode)], decode_addr, stops)
+        prefill = PrefillWorker(make_tiny_llama(tokenizer))
+        servicer = PrefillWorkerServicer(prefill)
+
+        async def stop_prefill() -> None:
+            prefill.shutdown()
+            await servicer.close()
+
+        stops.append(stop_prefill)
+        await _serve([Service(servicer, baton_pb2_grpc.add_PrefillWorkerServicer_to_server, PREFILL_SERVICE)],
+                     prefill_addr, stops)
+        router = Router(tokenizer, "tiny-llama", 1024, VOCAB,
+                        WorkerPool(Scheduler(16), [decode_addr], [prefill_addr], poll_s=0.05))
+        await router.start()
+        stops.append(router.close)
+        await _serve([router_service(router)], router_addr, stops)
+        http = uvicorn.Server(uvicorn.Config(create_app(router), host="127.0.0.1", port=http_port,
+                                             log_level="warning", lifespan="off"))
+        task = asyncio.ensure_future(http.serve())
+
+        async def stop_http() -> None:
+            http.should_exit = True
+            await task
+
+        stops.append(stop_http)
+        while not http.started:
+            assert not task.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        return decode
+
+    async def stop() -> None:
+        for fn in reversed(stops):
+            await fn()
+
+    try:
+        decode = loop.run(start())
+        yield Stack(loop, router_addr, Served("127.0.0.1", http_port), decode)
+    finally:
+        loop.run(stop())
+        loop.close()
+
+
+async def _serve(services: list[Service], address: str, stops: list[Callable[[], Coroutine[Any, Any, Any]]]) -> None:
+    server, _ = create_server(services, address)
+    await server.start()
+    stops.append(lambda: server.stop(0))
+
+
+def reference(lm: LoadedModel, prompt: list[int], max_new: int) -> list[int]:
+    """Greedy tokens from transformers' own generate()."""
+    out = lm.model.generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                            pad_token_id=0)
+    return list(out[0, len(prompt):].tolist())
+
+
+def test_real_stack(stack: Stack, tiny_llama: LoadedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    prompt = "The quick brown fox"
+    want = reference(tiny_llama, list(tokenizer.encode(prompt)), 8)
+    want_text = tokenizer.decode(want, skip_special_tokens=True)
+    with BatonClient(stack.grpc, timeout=60) as c:
+        done = c.generate(prompt, max_new_tokens=8, ignore_eos=True)
+        assert done.token_ids == want and done.text == want_text and done.finish_reason == "length"
+        chunks = list(c.stream(prompt, max_new_tokens=8, ignore_eos=True))
+        assert [t for ch in chunks for t in ch.token_ids] == want and "".join(ch.text for ch in chunks) == want_text
+
+    with openai.OpenAI(base_url=stack.http.base_url, api_key="x", max_retries=0, timeout=60) as oa:
+        assert oa.models.list().data[0].id == "tiny-llama"
+        r = oa.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want_text and r.usage is not None and r.usage.completion_tokens == 8
+        messages: Any = [{"role": "user", "content": "Hi"}]
+        chat_ids = list(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                       tokenize=False), add_special_tokens=False))
+        want_chat = tokenizer.decode(reference(tiny_llama, chat_ids, 6), skip_special_tokens=True)
+        stream = oa.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+        assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == want_chat
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            oa.completions.create(model="tiny-llama", prompt=prompt, max_tokens=5000)
+
+    # an HTTP client that goes away frees its decode row
+    conn = http.client.HTTPConnection(stack.http.host, stack.http.port, timeout=60)
+    body = {"prompt": prompt, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: {")
+
+    async def active_rows() -> int:
+        return stack.decode.occupancy().active_rows
+
+    assert stack.loop.run(active_rows()) == 1
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    wait_for(lambda: stack.loop.run(active_rows()) == 0, timeout=20)
