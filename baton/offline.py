@@ -149,7 +149,7 @@ def parse_line(raw: bytes, number: int, engine: Engine) -> Line:
         return Line(number, None, error=LineError(None, "not a JSON object"))
     try:
         parsed = parse_request(obj, engine.lm.tokenizer)
-        engine.validate(parsed.request)
+        engine.validate(parsed.request, "input_ids" if "input_ids" in obj else "prompt")
     except InvalidRequestError as e:
         return Line(number, obj.get("id"), error=LineError.of(e))
     return Line(number, parsed.request.id, parsed.request, parsed.arrival_s)

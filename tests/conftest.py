@@ -20,6 +20,10 @@ from baton.engine.request import Request, SamplingParams
 
 VOCAB = 49152  # smollm2's tokenizer, so tiny models can take text too
 
+# Service tests run worker processes beside this one on a 2-core machine: oversubscribed OpenMP threads spin and
+# slow everything down tenfold, so the test process keeps to one thread (tests assert behaviour, not speed).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerBase:

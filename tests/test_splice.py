@@ -103,31 +103,38 @@ SMOLLM2_PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def smollm2_cases(smollm2: LoadedModel) -> list[tuple[list[int], int, list[int]]]:
+    """(prompt ids, max_new_tokens, generate() alone) for each prompt; computed once for both policies."""
+    lm = smollm2
+    tok = lm.tokenizer
+    assert tok is not None
+    cases = []
+    for i, text in enumerate(SMOLLM2_PROMPTS):
+        if i % 2:
+            chat = tok.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+            ids = list(chat["input_ids"])
+        else:
+            ids = list(tok(text)["input_ids"])
+        max_new = 6 + 2 * i
+        ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)
+        cases.append((ids, max_new, list(ref[0, len(ids) :].tolist())))
+    return cases
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["baton", "orca"])
-def test_smollm2_greedy_equals_generate(smollm2: LoadedModel, policy: str) -> None:
-    tok = smollm2.tokenizer
-    assert tok is not None
-    prompts: list[tuple[int, ...]] = [
-        tuple(
-            tok.apply_chat_template(
-                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
-        )
-        if i % 2
-        else tuple(tok(t)["input_ids"])
-        for i, t in enumerate(SMOLLM2_PROMPTS)
-    ]
-    reqs = [
-        Request(str(i), list(p), SamplingParams(max_new_tokens=12 + 3 * i)) for i, p in enumerate(prompts)
-    ]
+def test_smollm2_greedy_equals_generate(
+    smollm2: LoadedModel, smollm2_cases: list[tuple[list[int], int, list[int]]], policy: str
+) -> None:
+    cases = smollm2_cases
+    reqs = [Request(str(i), ids, SamplingParams(max_new_tokens=n)) for i, (ids, n, _) in enumerate(cases)]
     engine = Engine(smollm2, policy=policy, max_batch=3)
-    run_schedule(engine, reqs, [0, 0, 2, 3, 3, 9])
-    for req, p in zip(reqs, prompts):
-        ref = smollm2.model.generate(
-            torch.tensor([p]), max_new_tokens=req.params.max_new_tokens, do_sample=False
-        )
-        assert req.output_ids == ref[0, len(p) :].tolist(), f"request {req.id} diverged"
+    run_schedule(engine, reqs, [0, 0, 2, 3, 3, 7])
+    for req, (_, _, ref) in zip(reqs, cases):
+        assert req.output_ids == ref, f"request {req.id} diverged"
 
 
 @pytest.mark.parametrize("policy", ["baton", "orca", "static"])

@@ -79,10 +79,9 @@ class Engine:
         self._cuda = lm.device.type == "cuda"
 
     # ---- intake ----------------------------------------------------------------------------------------
-    def validate(self, req: Request) -> None:
-        check_model_limits(
-            req.prompt_ids, req.params.max_new_tokens, self.lm.max_context, int(self.lm.config.vocab_size)
-        )
+    def validate(self, req: Request, prompt_field: str = "prompt") -> None:
+        vocab = int(self.lm.config.vocab_size)
+        check_model_limits(req.prompt_ids, req.params.max_new_tokens, self.lm.max_context, vocab, prompt_field)
 
     def _check_new_id(self, req: Request) -> None:
         active = [r.id for r in self.waiting] + [r.id for r, _ in self.prefilled] + [r.id for r in self.batch.requests]

@@ -140,9 +140,12 @@ class Request:
         self.finish_time = time.perf_counter()
 
 
-def check_model_limits(prompt_ids: list[int], max_new_tokens: int, max_context: int, vocab_size: int) -> None:
+def check_model_limits(
+    prompt_ids: list[int], max_new_tokens: int, max_context: int, vocab_size: int, prompt_field: str = "prompt"
+) -> None:
     """Raise InvalidRequestError unless the request fits the model: prompt + max_new_tokens within its context,
-    every token id inside its vocabulary. Shared by the engine, the prefill worker and the router."""
+    every token id inside its vocabulary (else the error names `prompt_field`). Shared by the engine, the prefill
+    worker and the router."""
     if len(prompt_ids) + max_new_tokens > max_context:
         raise InvalidRequestError(
             "max_new_tokens",
@@ -151,4 +154,4 @@ def check_model_limits(prompt_ids: list[int], max_new_tokens: int, max_context: 
         )
     bad = [t for t in prompt_ids if not _is_int(t) or not 0 <= t < vocab_size]
     if bad:
-        raise InvalidRequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        raise InvalidRequestError(prompt_field, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")

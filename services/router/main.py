@@ -24,7 +24,7 @@ from baton.rpc.server import create_server, set_serving
 from services.router.core import Router
 from services.router.grpc_api import router_service
 from services.router.pool import WorkerPool
-from services.router.scheduler import Scheduler
+from services.router.scheduler import Role, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,20 @@ def main(args: argparse.Namespace) -> int:
     return asyncio.run(serve(args))
 
 
+async def _track_readiness(router: Router, health: Any, services: list[Any], poll_s: float) -> None:
+    """Health is SERVING only while the router knows a healthy decode worker and a healthy prefill worker, so
+    that readiness probes (and `baton serve`) wait for a router that can actually serve."""
+    serving: bool | None = None
+    while True:
+        ready = all(any(w.healthy for w in router.scheduler.loads(role)) for role in Role)
+        if ready != serving:
+            await set_serving(health, services, ready)
+            if serving is not None or not ready:
+                log.info("router %s", "ready: workers found" if ready else "not ready: waiting for workers")
+            serving = ready
+        await asyncio.sleep(poll_s)
+
+
 async def serve(args: argparse.Namespace) -> int:
     pool = WorkerPool(Scheduler(args.max_queue), args.decode, args.prefill, args.redis, args.poll_s)
     router = Router.load(args.model, pool, kv_timeout_s=args.kv_timeout_s, queue_timeout_s=args.queue_timeout_s)
@@ -71,7 +85,7 @@ async def serve(args: argparse.Namespace) -> int:
     services = [router_service(router)]
     server, health = create_server(services, f"{args.host}:{args.grpc_port}")
     await server.start()
-    await set_serving(health, services, True)
+    readiness = asyncio.create_task(_track_readiness(router, health, services, args.poll_s), name="readiness")
     http = _http_server(router, args.host, args.http_port) if args.http_port else None
     http_task = asyncio.create_task(http.serve(), name="http") if http is not None else None
     source = f"registry {args.redis}" if args.redis else f"decode {args.decode}, prefill {args.prefill}"
@@ -90,6 +104,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("the HTTP server stopped: %s", http_task.exception() or "no error")
 
     log.info("stopping: %d requests in flight", router.in_flight)
+    readiness.cancel()
     await set_serving(health, services, False)
     if http is not None and http_task is not None:
         http.should_exit = True
