@@ -94,10 +94,12 @@ def test_splice_writes_only_the_newcomer() -> None:
     """The common case copies only the newcomer's KV: no re-layout of the rows already there."""
     batch = DecodeBatch(LAYERS, HEADS, DIM, torch.float32, torch.device("cpu"), max_rows=4, max_segments=1)
     batch.concatenate([(Request("a", [1] * 50, SamplingParams()), token_kv([1.0] * 50))])
+    batch.concatenate([(Request("c", [1] * 5, SamplingParams()), token_kv([3.0] * 5))])  # grows the slab's rows
+    batch.filter({"c"})
     seg = batch.segments[0]
-    slab = seg.kv
+    slab, copied = seg.kv, seg.copied_bytes
     batch.concatenate([(Request("b", [1] * 20, SamplingParams()), token_kv([2.0] * 20))])
-    assert seg.kv is slab and seg.copied_bytes == 0
+    assert seg.kv is slab and seg.copied_bytes == copied
     assert seg.width == 50 and seg.padding == 30
 
 

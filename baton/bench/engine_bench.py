@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,12 +85,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"baton bench engine: {e}", file=sys.stderr)
         return 2
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    reports = run_bench(lm, spec, policies, warmup=not args.no_warmup, progress=True)
-    paths = output_paths(reports, args.out, args.out_dir)
-    for report, path in zip(reports, paths, strict=True):
+    def save(report: dict[str, Any]) -> None:
+        several = [report] * len(policies)  # names as if all were done: FILE-<policy>.json when several
+        path = output_paths(several, args.out, args.out_dir)[0]
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2) + "\n")
+
+    reports = run_bench(lm, spec, policies, warmup=not args.no_warmup, progress=True, on_report=save)
+    paths = output_paths(reports, args.out, args.out_dir)
     print()
     print(comparison_table(reports))
     written = [str(p) for p in paths if p is not None]
@@ -116,8 +120,10 @@ def output_paths(reports: list[dict[str, Any]], out: Path | None, out_dir: Path 
 
 # ---- running ---------------------------------------------------------------------------------------------
 def run_bench(lm: LoadedModel, spec: WorkloadSpec, policies: list[str], warmup: bool = True,
-              progress: bool = False) -> list[dict[str, Any]]:
-    """Draw `spec` once and run every policy on it; one report dict per policy."""
+              progress: bool = False,
+              on_report: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Draw `spec` once and run every policy on it; one report dict per policy, each also passed to on_report
+    as soon as it is ready (so a long run that is interrupted keeps what it measured)."""
     from baton.bench.baselines import run_policy
 
     reqs = draw(spec, lm.tokenizer, int(lm.config.vocab_size))
@@ -138,6 +144,8 @@ def run_bench(lm: LoadedModel, spec: WorkloadSpec, policies: list[str], warmup: 
             result = run_policy(policy, lm, reqs, spec.max_batch)
         report = make_report(result, spec, lm, reqs, mem, run_id, policies)
         reports.append(report)
+        if on_report is not None:
+            on_report(report)
         if progress:
             print("  " + one_line(report), flush=True)
     return reports

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from baton.engine.request import Request
-from baton.engine.segment import KVSegment
+from baton.engine.segment import KVSegment, round_up
 
 
 @dataclass
@@ -76,8 +76,10 @@ class DecodeBatch:
     def copied_bytes(self) -> int:
         return sum(s.copied_bytes for s in self.segments)
 
-    def _new_segment(self) -> KVSegment:
-        seg = KVSegment(*self.kv_shape, self.dtype, self.device, max_rows=self.max_rows)
+    def _new_segment(self, first_prompt_len: int = 0) -> KVSegment:
+        """A segment sized for its first row: one row, room for the prompt and 50% growth."""
+        cols = max(64, round_up(int(first_prompt_len * 1.5) + 17, 64))
+        seg = KVSegment(*self.kv_shape, self.dtype, self.device, rows_cap=1, cols_cap=cols, max_rows=self.max_rows)
         self.segments.append(seg)
         return seg
 
@@ -95,7 +97,7 @@ class DecodeBatch:
         if best is None or (
             best.splice_cost(prompt_len) > self.segment_cost and len(self.segments) < self.max_segments
         ):
-            return self._new_segment()
+            return self._new_segment(prompt_len)
         return best
 
     def add_unprefilled(self, reqs: Iterable[Request]) -> None:

@@ -21,7 +21,7 @@ import torch
 from baton.engine.request import Request
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
@@ -131,7 +131,7 @@ class KVSegment:
         n = len(self)
         longest = max(self.lens, default=0)
         new_hi = max(longest, min_hi)
-        cols_cap = _round_up(int(new_hi * 1.5) + q + 16, 64)  # geometric headroom: relayouts stay rare
+        cols_cap = round_up(int(new_hi * 1.5) + q + 16, 64)  # geometric headroom: relayouts stay rare
         rows_cap = rows_cap or self.rows_cap
         layers, heads, dim = self.shape
         kv = torch.zeros(layers, 2, rows_cap, heads, cols_cap, dim, dtype=self.dtype, device=self.device)

@@ -390,8 +390,9 @@ def _worker_error(role: str, address: str, e: grpc.aio.AioRpcError) -> Exception
     """A worker's gRPC error as the exception the router's APIs map back to a status."""
     code, details = e.code(), e.details() or e.code().name
     where = f"{role} worker {address}: {details}"
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return ValueError(details)  # names the field; the router checked what it could, the worker the rest
+    if code is grpc.StatusCode.INVALID_ARGUMENT:  # the router checked what it could, the worker the rest
+        field, sep, message = details.partition(": ")  # InvalidRequestError's text is "field: message"
+        return InvalidRequestError(field, message) if sep and field.isidentifier() else ValueError(details)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return Overloaded(where, retry_after_s=1.0)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
