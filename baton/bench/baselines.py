@@ -21,6 +21,7 @@ Engine's static policy); hf-cb has no such counters, so they are None there.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -238,6 +239,19 @@ def _summary(xs: list[float]) -> dict[str, float | None]:
 
 
 # ---- hf-cb: transformers' continuous batching -------------------------------------------------------------
+@contextmanager
+def _quiet_cb_logger() -> Iterator[None]:
+    """transformers' continuous batching logs every start and stop at INFO; keep that for --verbose (DEBUG)."""
+    log = logging.getLogger("ContinuousBatchingLogger")
+    old = log.level
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
 def run_hf_cb(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, page_size: int = 256,
               max_batch_tokens: int = 8192) -> RunResult:
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -258,7 +272,7 @@ def run_hf_cb(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, page_si
     order = sorted(reqs, key=lambda r: (r.arrival_s, r.index))
     done: dict[str, Any] = {}
     setup0 = time.perf_counter()
-    with attention_implementation(lm, "sdpa"), model.continuous_batching_context_manager(
+    with _quiet_cb_logger(), attention_implementation(lm, "sdpa"), model.continuous_batching_context_manager(
         generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=30,
         warmup=True,
     ) as manager:

@@ -1,0 +1,238 @@
+"""The OpenAI API's shapes as Baton serves them: request bodies, errors, and their mapping to Baton's types.
+
+See services/router/http_api.py for the compatibility choices; this file holds the parsing half of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from baton.engine.request import FinishReason, InvalidRequestError, SamplingParams
+from baton.rpc.server import Overloaded, ServiceError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 << 20
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# Chat without max_tokens: this many, or the rest of the context if less. Not the whole context, as OpenAI
+# does: a decode worker reserves KV for prompt + max_tokens, so a large default would cut its concurrency.
+CHAT_DEFAULT_MAX_TOKENS = 1024
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+# ---- what the API needs from the router core -------------------------------------------------------------
+class Event(Protocol):
+    """One step of a generation (services.router.core.StreamEvent)."""
+
+    @property
+    def text(self) -> str: ...  # text delta
+    @property
+    def finish_reason(self) -> FinishReason | None: ...  # set on the last event, with the usage
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+
+
+class Backend(Protocol):
+    """The router core (services.router.core.Router) as this API uses it."""
+
+    model_name: str
+    max_context: int
+
+    def encode_prompt(self, text: str) -> list[int]: ...
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Event]: ...
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+                413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
+                504: "timeout_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def invalid(cls, param: str | None, message: str) -> ApiError:
+        return cls(400, f"{param}: {message}" if param else message, param)
+
+    def body(self) -> dict[str, Any]:
+        kind = _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def api_error(exc: BaseException, params: dict[str, str]) -> ApiError:
+    """The API error an exception from parsing or from the core stands for; `params` renames engine fields to
+    this endpoint's (max_new_tokens -> max_tokens)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        param = params.get(exc.field, exc.field)
+        message = str(exc).removeprefix(f"{exc.field}: ")
+        return ApiError(400, f"{param}: {message}", param)
+    if isinstance(exc, ValueError):  # a worker's INVALID_ARGUMENT, relayed by the core as "field: message"
+        m = re.match(r"([a-z_]+): ", str(exc))
+        if m is None:
+            return ApiError(400, str(exc))
+        name = params.get(m.group(1), m.group(1))
+        return ApiError(400, f"{name}: {str(exc)[m.end():]}", name)
+    if isinstance(exc, Overloaded):
+        return ApiError(429, str(exc), code="overloaded", retry_after_s=exc.retry_after_s or 1.0)
+    if isinstance(exc, ServiceError):
+        return ApiError(exc.http_status, str(exc))
+    if isinstance(exc, TimeoutError):
+        return ApiError(504, str(exc) or "timed out")
+    log.error("internal error", exc_info=exc)
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+# ---- request bodies --------------------------------------------------------------------------------------
+# Strict: "0.5" is not a number and true is not 1. Unknown fields are kept (extra="allow") and ignored.
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    include_usage: bool | None = None
+
+
+class OpenAIBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension; -1 or 0: off
+    repetition_penalty: float | None = None  # extension
+    seed: int | None = None
+    stop: Any = None  # a string or a list of strings
+    stop_token_ids: list[int] | None = None  # extension
+    ignore_eos: bool | None = None  # extension
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+
+
+class CompletionRequest(OpenAIBody):
+    prompt: Any  # a string or a list of token ids (or either, alone in a list)
+    max_tokens: int | None = None
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: Any = None  # a string or a list of {"type": "text", "text": ...} parts
+
+
+class ChatCompletionRequest(OpenAIBody):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: Any = None
+
+
+# Fields Baton cannot honour, with the values that ask for nothing (and so are accepted).
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+}
+
+
+def refuse_unsupported(body: OpenAIBody) -> None:
+    for name, ok in NEUTRAL.items():
+        if name in type(body).model_fields and getattr(body, name) not in ok:
+            raise ApiError.invalid(name, f"{getattr(body, name)!r} is not supported by Baton")
+    fmt = getattr(body, "response_format", None)
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError.invalid("response_format", "only {\"type\": \"text\"} is supported by Baton")
+
+
+def sampling_params(body: OpenAIBody, max_new_tokens: int) -> SamplingParams:
+    """Raises InvalidRequestError naming the engine's field (see api_error for the renaming)."""
+    stop = body.stop
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ApiError.invalid("stop", "must be a string or a list of strings")
+    top_k = 0 if body.top_k in (None, -1) else body.top_k
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=top_k,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        seed=body.seed,
+        stop=tuple(s for s in stop if s),  # OpenAI ignores empty stop strings
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=bool(body.ignore_eos),
+    )
+
+
+def completion_prompt(router: Backend, prompt: Any) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError.invalid("prompt", "must not be empty")
+        return router.encode_prompt(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if min(prompt) < 0:
+            raise ApiError.invalid("prompt", "token ids must be >= 0")
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise ApiError.invalid("prompt", "one prompt per request; send several requests for several prompts")
+    raise ApiError.invalid("prompt", "must be a non-empty string or a non-empty list of token ids")
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them: a role and a text content."""
+    if not messages:
+        raise ApiError.invalid("messages", "must not be empty")
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise ApiError.invalid(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
+        content = m.content
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError.invalid(f"messages[{i}].content[{j}]", "only text content parts are supported")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise ApiError.invalid(f"messages[{i}].content", "must be a string or a list of text parts")
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
