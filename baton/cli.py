@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
+
+from baton.logs import setup_logging
 
 # (command path, module, help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -15,10 +16,13 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("router",), "services.router.main", "the router: public gRPC and OpenAI-compatible HTTP API"),
     (("prefill",), "services.prefill.main", "a prefill worker"),
     (("decode",), "services.decode.main", "a decode worker"),
+    (("health",), "baton.health", "exit 0 when a Baton service answers SERVING on gRPC health (HEALTHCHECK)"),
     (("generate",), "baton.generate", "send one prompt to a running Baton and print the completion"),
     (("run",), "baton.offline", "run a JSONL file of requests through the engine, offline"),
     (("bench", "engine"), "baton.bench.engine_bench", "measure one engine policy on a named workload"),
     (("bench", "decode"), "baton.bench.microbench", "decode step vs a bare dense loop, and splice cost"),
+    (("bench", "serve"), "baton.bench.serve_bench", "load a running service at arrival rates; client latencies"),
+    (("bench", "costs"), "baton.bench.costs", "cost curves: decode step vs batch and context, splice, KV shipping"),
     (("bench", "plot"), "baton.bench.plot", "plot benchmark result files"),
 ]
 
@@ -32,7 +36,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=env_default("model", "smollm2-135m"),
-        help="smollm2-135m (embedded) or a Hugging Face model directory",
+        help="smollm2-135m (embedded), a Hugging Face model directory, or a Hub id fetched at start (org/name)",
     )
     p.add_argument(
         "--device", default=env_default("device"), help="cpu, cuda, cuda:1 ... (default: cuda if present)"
@@ -50,6 +54,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """Mutual TLS between Baton's services (all three or none; see baton.rpc.server.TlsConfig)."""
+    p.add_argument("--tls-cert", default=env_default("tls_cert"),
+                   help="PEM certificate of this service, signed by --tls-ca (enables mutual TLS between services)")
+    p.add_argument("--tls-key", default=env_default("tls_key"), help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", default=env_default("tls_ca"),
+                   help="PEM CA certificate: peers must present a certificate it signed")
+
+
 def _chosen(argv: list[str]) -> tuple[str, ...] | None:
     """The command path named by argv (e.g. ("bench", "engine")), found without importing any command."""
     words = [a for a in argv if not a.startswith("-")]
@@ -64,6 +77,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     chosen = _chosen(argv)
     parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving with BATON")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=(env_default("log_json", "") or "").lower() not in ("", "0", "false", "no"),
+        help="log one JSON object per line (BATON_LOG_JSON=1)",
+    )
     subs = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module, help_text in COMMANDS:
@@ -84,10 +103,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose, args.log_json)
     threads = getattr(args, "threads", 0)
     if threads:
         import torch

@@ -92,6 +92,10 @@ def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.G
     return request
 
 
+def _auth(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 def _reason(value: int) -> str | None:
     reason = finish_from_proto(value)
     return None if reason is None else reason.value
@@ -108,10 +112,13 @@ def _chunk(m: pb.GenerateStreamResponse) -> Chunk:
 
 
 class BatonClient:
-    """A blocking client. `timeout`: seconds a request may take (None: no limit); each call may override it."""
+    """A blocking client. `timeout`: seconds a request may take (None: no limit); each call may override it.
+    `api_key`: sent as `authorization: Bearer <key>` to a router that requires one (--api-key)."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None,
+                 api_key: str | None = None) -> None:
         self.address, self.timeout = address, timeout
+        self._metadata = _auth(api_key)
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = baton_pb2_grpc.RouterStub(self._channel)
 
@@ -119,7 +126,8 @@ class BatonClient:
                  **sampling: Any) -> Completion:
         request = build_request(prompt, request_id, **sampling)
         try:
-            return _completion(self._stub.Generate(request, timeout=self._timeout(timeout)))
+            return _completion(self._stub.Generate(request, timeout=self._timeout(timeout),
+                                                   metadata=self._metadata))
         except grpc.RpcError as e:
             raise BatonError.of(e) from None
 
@@ -128,7 +136,8 @@ class BatonClient:
         """Chunks as tokens are sampled. The arguments are checked at once; stopping the iteration early (break,
         close) cancels the request."""
         request = build_request(prompt, request_id, **sampling)
-        return self._chunks(self._stub.GenerateStream(request, timeout=self._timeout(timeout)))
+        return self._chunks(self._stub.GenerateStream(request, timeout=self._timeout(timeout),
+                                                      metadata=self._metadata))
 
     @staticmethod
     def _chunks(call: Any) -> Generator[Chunk, None, None]:
@@ -156,8 +165,10 @@ class BatonClient:
 class AsyncBatonClient:
     """The asyncio client: `await client.generate(...)`, `async for chunk in client.stream(...)`."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None,
+                 api_key: str | None = None) -> None:
         self.address, self.timeout = address, timeout
+        self._metadata = _auth(api_key)
         self._channel: grpc.aio.Channel | None = None  # made in the running event loop, on first use
 
     def _stub(self) -> baton_pb2_grpc.RouterStub:
@@ -169,7 +180,8 @@ class AsyncBatonClient:
                        **sampling: Any) -> Completion:
         request = build_request(prompt, request_id, **sampling)
         try:
-            return _completion(await self._stub().Generate(request, timeout=self._timeout(timeout)))
+            return _completion(await self._stub().Generate(request, timeout=self._timeout(timeout),
+                                                           metadata=self._metadata))
         except grpc.RpcError as e:
             raise BatonError.of(e) from None
 
@@ -178,7 +190,8 @@ class AsyncBatonClient:
         """Chunks as tokens are sampled. The arguments are checked at once; leaving the iteration early (break,
         aclose, cancellation) cancels the request."""
         request = build_request(prompt, request_id, **sampling)
-        return self._chunks(self._stub().GenerateStream(request, timeout=self._timeout(timeout)))
+        return self._chunks(self._stub().GenerateStream(request, timeout=self._timeout(timeout),
+                                                        metadata=self._metadata))
 
     @staticmethod
     async def _chunks(call: Any) -> AsyncGenerator[Chunk, None]:

@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop before this string (may be repeated)")
     p.add_argument("--timeout", type=float, default=_optional_float(env_default("timeout")),
                    help="seconds the request may take (default: no limit)")
+    p.add_argument("--api-key", default=env_default("api_key"),
+                   help="the router's API key, when it requires one (sent as a bearer token)")
 
 
 def _optional_int(text: str | None) -> int | None:
@@ -93,7 +95,7 @@ def _generate(args: argparse.Namespace, prompt: str, sampling: dict[str, Any]) -
     from baton.client import BatonClient, BatonError
 
     try:
-        with BatonClient(args.url, timeout=args.timeout) as client:
+        with BatonClient(args.url, timeout=args.timeout, api_key=args.api_key) as client:
             if not args.stream:
                 c = client.generate(prompt, **sampling)
                 _write(c.text)
@@ -113,7 +115,8 @@ def _generate(args: argparse.Namespace, prompt: str, sampling: dict[str, Any]) -
 
 def _describe(code: str, message: str) -> str:
     what = {"INVALID_ARGUMENT": "invalid request", "RESOURCE_EXHAUSTED": "Baton is busy, try again later",
-            "UNAVAILABLE": "Baton cannot serve the request now", "DEADLINE_EXCEEDED": "timed out"}
+            "UNAVAILABLE": "Baton cannot serve the request now", "DEADLINE_EXCEEDED": "timed out",
+            "UNAUTHENTICATED": "refused (give the router's API key with --api-key)"}
     return f"{what.get(code, code.lower())}: {message}"
 
 
@@ -150,8 +153,10 @@ def _chat(args: argparse.Namespace, prompt: str, sampling: dict[str, Any]) -> tu
         body["seed"] = sampling["seed"]
     if sampling["stop"]:
         body["stop"] = sampling["stop"]
-    request = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as resp:
             return _read_stream(resp) if args.stream else _read_whole(json.load(resp))
@@ -194,5 +199,6 @@ def _http_error(e: urllib.error.HTTPError) -> str:
         message = json.loads(e.read())["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = e.reason
-    code = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+    code = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
+            504: "DEADLINE_EXCEEDED"}
     return _describe(code.get(e.code, f"HTTP {e.code}"), str(message))

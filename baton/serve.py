@@ -32,10 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout", type=float, default=180.0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(taken: set[int] | None = None) -> int:
+    """A port free now; with `taken`, also not in it (and added to it), so that ports handed out are distinct."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if taken is None or port not in taken:
+            if taken is not None:
+                taken.add(port)
+            return port
 
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -113,17 +119,23 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         decode, prefill = [], []
+        metrics: list[str] = []  # each worker's /metrics URL
+        taken = {args.http_port, args.grpc_port}
         for i in range(args.decode_workers):
-            addr = f"127.0.0.1:{free_port()}"
+            addr, metrics_port = f"127.0.0.1:{free_port(taken)}", free_port(taken)
             proc = stack.start(f"decode-{i}", ["decode", "--host", "127.0.0.1", "--port", addr.split(":")[1],
+                                               "--metrics-port", str(metrics_port),
                                                "--max-batch", str(args.max_batch), "--policy", args.policy,
                                                *model_flags(args, threads), *registry])
             decode.append((addr, proc))
+            metrics.append(f"decode-{i} http://127.0.0.1:{metrics_port}/metrics")
         for i in range(args.prefill_workers):
-            addr = f"127.0.0.1:{free_port()}"
+            addr, metrics_port = f"127.0.0.1:{free_port(taken)}", free_port(taken)
             proc = stack.start(f"prefill-{i}", ["prefill", "--host", "127.0.0.1", "--port", addr.split(":")[1],
+                                                "--metrics-port", str(metrics_port),
                                                 *model_flags(args, threads), *registry])
             prefill.append((addr, proc))
+            metrics.append(f"prefill-{i} http://127.0.0.1:{metrics_port}/metrics")
         for addr, proc in decode + prefill:
             wait_serving(addr, proc, args.startup_timeout)
         router_argv = ["router", "--host", args.host, "--grpc-port", str(args.grpc_port),
@@ -137,6 +149,8 @@ def main(args: argparse.Namespace) -> int:
               f"{threads} threads each).\n"
               f"  OpenAI API: http://{host}:{args.http_port}/v1   (e.g. curl http://{host}:{args.http_port}/v1/models)\n"
               f"  gRPC:       {host}:{args.grpc_port}   (baton generate --url {host}:{args.grpc_port} \"Hello\")\n"
+              f"  Metrics:    router http://{host}:{args.http_port}/metrics\n"
+              + "".join(f"              {m}\n" for m in metrics) +
               "Ctrl-C stops everything.", flush=True)
         while not stopping:
             problem = stack.dead()

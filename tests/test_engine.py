@@ -67,7 +67,7 @@ def test_kv_prefilled_elsewhere_is_spliced_exactly(tiny_llama: LoadedModel) -> N
     engine.add_prefilled(req, KVPayload.from_bytes(wire))
     drain(engine)
     assert req.output_ids == ref.output_ids
-    assert engine.stats.idle_rows == 0 and len(engine.stats.splice_s) == 2
+    assert engine.stats.idle_rows == 0 and engine.stats.splices == 2
 
 
 def test_foreign_kv_is_refused(tiny_llama: LoadedModel) -> None:

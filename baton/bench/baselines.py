@@ -127,11 +127,11 @@ def run_engine(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, policy
         duration_s=end - t0,
         idle_token_rows=s.idle_fraction if s.token_rows else None,
         masked_kv_fraction=s.masked_fraction if s.attended_kv else None,
-        splice_ms_mean=1000.0 * sum(s.splice_s) / len(s.splice_s) if s.splice_s else None,
+        splice_ms_mean=1000.0 * s.splice_mean_s if s.splice_mean_s is not None else None,
         stats={
             "steps": s.steps, "token_rows": s.token_rows, "idle_rows": s.idle_rows,
-            "attended_kv": s.attended_kv, "masked_kv": s.masked_kv, "splices": len(s.splice_s),
-            "splice_ms_max": 1000.0 * max(s.splice_s) if s.splice_s else None,
+            "attended_kv": s.attended_kv, "masked_kv": s.masked_kv, "splices": s.splices,
+            "splice_ms_max": 1000.0 * s.splice_max_s if s.splices else None,
             "prefill_s": s.prefill_s, "decode_s": s.decode_s, "output_tokens": s.output_tokens,
         },
     )

@@ -1,12 +1,14 @@
 """`baton bench plot FILE... -o plot.png`: charts of benchmark result files.
 
-Files from `baton bench engine` (or any benchmark whose JSON objects share its keys: `policy`, `workload`,
-`output_tokens_per_s`, `ttft_s`, `tpot_s`, `e2e_s`, and `rate` for Poisson runs). A file may hold one object
-or a list of them.
+Files from `baton bench engine` and `baton bench serve` (or any benchmark whose JSON objects share their keys:
+`policy`, `workload`, `output_tokens_per_s`, `ttft_s`, `tpot_s` or `itl_s`, `e2e_s`, and `rate` for Poisson runs).
+A file may hold one object or a list of them.
 
-- Runs at two or more arrival rates (Poisson workloads): throughput and latency percentiles against the rate,
-  one line per policy.
+- Runs at two or more arrival rates (Poisson workloads): throughput and latency percentiles (p50, p90, p99)
+  against the rate, one line per policy; runs with every request at t=0 (rate null) are left out of these.
 - Otherwise: bars of throughput, and of TTFT / TPOT / end-to-end latency at p50, p90 and p99, per run.
+- Service runs (`baton bench serve`, which have `itl_s`) show the inter-token latency in place of TPOT.
+- Files from `baton bench costs`: its cost curves (plot_costs.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 
 LATENCIES = (("ttft_s", "TTFT", 1.0, "s"), ("tpot_s", "time per output token", 1000.0, "ms"),
              ("e2e_s", "end-to-end latency", 1.0, "s"))
+ITL = ("itl_s", "inter-token latency", 1000.0, "ms")
 QUANTILES = ("p50", "p90", "p99")
+LINE_STYLES = {"p50": ("o", "-"), "p90": ("s", ":"), "p99": ("x", "--")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +44,17 @@ def main(args: argparse.Namespace) -> int:
     if not runs:
         print("baton bench plot: no results in the given files", file=sys.stderr)
         return 2
-    plot(runs, args.output, title=args.title)
+    from baton.bench.plot_costs import is_costs, plot_costs
+
+    costs = [is_costs(r) for r in runs]
+    if any(costs) and not all(costs):
+        print("baton bench plot: cost curves (bench costs) and throughput results cannot share a chart",
+              file=sys.stderr)
+        return 2
+    if all(costs):
+        plot_costs(runs, args.output, title=args.title)
+    else:
+        plot(runs, args.output, title=args.title)
     print(f"wrote {args.output}")
     return 0
 
@@ -51,7 +65,7 @@ def load(files: list[Path]) -> list[dict[str, Any]]:
         data = json.loads(Path(path).read_text())
         items = data if isinstance(data, list) else [data]
         for item in items:
-            if not isinstance(item, dict) or "output_tokens_per_s" not in item:
+            if not isinstance(item, dict) or ("output_tokens_per_s" not in item and item.get("kind") != "costs"):
                 raise ValueError(f"{path}: not a benchmark result (no output_tokens_per_s)")
             runs.append(item)
     return runs
@@ -89,14 +103,14 @@ def plot(runs: list[dict[str, Any]], output: Path, title: str | None = None) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = {_rate(r) for r in runs}
-    by_rate = None not in rates and len(rates) >= 2
+    with_rate = [r for r in runs if _rate(r) is not None]
+    by_rate = len({_rate(r) for r in with_rate}) >= 2
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     kind = "rate" if by_rate else "bars"
     if by_rate:
-        _plot_vs_rate(runs, axes)
+        _plot_vs_rate(with_rate, axes, latencies(with_rate))
     else:
-        _plot_bars(runs, axes)
+        _plot_bars(runs, axes, latencies(runs))
     first = runs[0]
     fig.suptitle(title or _default_title(runs, first))
     fig.tight_layout()
@@ -104,6 +118,13 @@ def plot(runs: list[dict[str, Any]], output: Path, title: str | None = None) -> 
     fig.savefig(output, dpi=110)
     plt.close(fig)
     return kind
+
+
+def latencies(runs: list[dict[str, Any]]) -> tuple[tuple[str, str, float, str], ...]:
+    """TTFT, then ITL when every run has it (service runs) or else TPOT, then end-to-end latency."""
+    if all(isinstance(r.get(ITL[0]), dict) for r in runs):
+        return (LATENCIES[0], ITL, LATENCIES[2])
+    return LATENCIES
 
 
 def _default_title(runs: list[dict[str, Any]], first: dict[str, Any]) -> str:
@@ -116,7 +137,7 @@ def _default_title(runs: list[dict[str, Any]], first: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _plot_bars(runs: list[dict[str, Any]], axes: Any) -> None:
+def _plot_bars(runs: list[dict[str, Any]], axes: Any, lats: tuple[tuple[str, str, float, str], ...]) -> None:
     names = labels(runs)
     x = list(range(len(runs)))
     ax = axes[0][0]
@@ -124,7 +145,7 @@ def _plot_bars(runs: list[dict[str, Any]], axes: Any) -> None:
     ax.set_title("throughput")
     ax.set_ylabel("output tokens/s")
     ax.set_xticks(x, names, rotation=20, ha="right")
-    for ax, (key, name, scale, unit) in zip((axes[0][1], axes[1][0], axes[1][1]), LATENCIES, strict=True):
+    for ax, (key, name, scale, unit) in zip((axes[0][1], axes[1][0], axes[1][1]), lats, strict=True):
         width = 0.8 / len(QUANTILES)
         for k, q in enumerate(QUANTILES):
             vals = [_num((r.get(key) or {}).get(q)) * scale for r in runs]
@@ -135,7 +156,7 @@ def _plot_bars(runs: list[dict[str, Any]], axes: Any) -> None:
         ax.legend()
 
 
-def _plot_vs_rate(runs: list[dict[str, Any]], axes: Any) -> None:
+def _plot_vs_rate(runs: list[dict[str, Any]], axes: Any, lats: tuple[tuple[str, str, float, str], ...]) -> None:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         groups[str(r.get("label") or r.get("policy") or "?")].append(r)
@@ -144,14 +165,14 @@ def _plot_vs_rate(runs: list[dict[str, Any]], axes: Any) -> None:
         rates = [_rate(r) for r in group]
         tput = [_num(r.get("output_tokens_per_s")) for r in group]
         color = axes[0][0].plot(rates, tput, marker="o", label=name)[0].get_color()
-        for ax, (key, _, scale, _unit) in zip((axes[0][1], axes[1][0], axes[1][1]), LATENCIES, strict=True):
-            p50 = [_num((r.get(key) or {}).get("p50")) * scale for r in group]
-            p99 = [_num((r.get(key) or {}).get("p99")) * scale for r in group]
-            ax.plot(rates, p50, marker="o", color=color, label=f"{name} p50")
-            ax.plot(rates, p99, marker="x", color=color, linestyle="--", label=f"{name} p99")
+        for ax, (key, _, scale, _unit) in zip((axes[0][1], axes[1][0], axes[1][1]), lats, strict=True):
+            for q in QUANTILES:
+                marker, style = LINE_STYLES[q]
+                vals = [_num((r.get(key) or {}).get(q)) * scale for r in group]
+                ax.plot(rates, vals, marker=marker, linestyle=style, color=color, label=f"{name} {q}")
     axes[0][0].set_title("throughput vs arrival rate")
     axes[0][0].set_ylabel("output tokens/s")
-    for ax, (_, name, _, unit) in zip((axes[0][1], axes[1][0], axes[1][1]), LATENCIES, strict=True):
+    for ax, (_, name, _, unit) in zip((axes[0][1], axes[1][0], axes[1][1]), lats, strict=True):
         ax.set_title(f"{name} vs arrival rate")
         ax.set_ylabel(unit)
     for row in axes:

@@ -132,8 +132,8 @@ class DecodeBatch:
         starts: list[int] = []
         idle = 0
         for req, n in zip(reqs, lens):
-            if n == 0:  # prompt not computed yet
-                feeds.append(req.prompt_ids)
+            if n == 0:  # prompt not computed yet (with the tokens a resumed request already has)
+                feeds.append(req.all_ids)
             else:
                 feeds.append([req.output_ids[-1]])
                 idle += req.finished  # static batches keep computing finished rows

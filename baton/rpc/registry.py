@@ -112,6 +112,12 @@ class RedisRegistry:
                 found.append(info)
         return sorted(found, key=lambda w: w.address)
 
+    async def server_id(self) -> str:
+        """The Redis server's run id: a new one means Redis restarted, and records not yet published again are
+        missing although their workers are alive."""
+        info = await self._redis.info("server")
+        return str(info.get("run_id", ""))
+
     async def remove(self, role: str, address: str) -> None:
         await self._redis.delete(self.key(role, address))
 

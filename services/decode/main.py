@@ -1,8 +1,10 @@
 """`baton decode`: a decode worker. Loads the model, runs the decode loop in its own thread and serves
 baton.v1.DecodeWorker (with health and reflection) over gRPC; with --redis it registers itself for routers.
 
-SIGTERM or SIGINT drains it: health turns NOT_SERVING, the registry entry goes, new requests are refused,
-running requests finish, and the process exits 0.
+SIGTERM or SIGINT drains it: health turns NOT_SERVING, it reports no free row (routers stop sending it work),
+new requests are refused and running requests finish; those still running after --drain-s are handed off (their
+streams end UNAVAILABLE and routers resume them on other workers). Then the registry entry goes and the process
+exits 0.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 
-from baton.cli import add_model_arguments, env_default
+from baton.cli import add_model_arguments, add_tls_arguments, env_default
 from baton.engine.engine import POLICIES
 from baton.engine.models import load_model
-from baton.rpc.server import create_server, set_serving
+from baton.metrics import DECODE_METRICS_PORT, serve_metrics
+from baton.rpc.server import TlsConfig, advertised_address, create_server, set_serving
 from services.decode.server import decode_service
 from services.decode.worker import DEFAULT_KV_TIMEOUT_S, DecodeWorker
 
@@ -32,29 +34,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=env_default("advertise"),
         help="host:port other services dial (default: this machine's name and --port)",
     )
-    p.add_argument("--max-batch", type=int, default=int(env_default("max_batch", "32") or 32),
-                   help="rows of the decode batch")
-    p.add_argument("--max-kv-tokens", type=int, default=int(env_default("max_kv_tokens", "0") or 0),
-                   help="KV tokens the worker may promise (0: max-batch x min(model context, 2048))")
-    p.add_argument("--policy", choices=POLICIES, default=env_default("policy", "baton"),
-                   help="baton splices prefilled KV; orca and static recompute the prompt here")
-    p.add_argument("--kv-timeout-s", type=float,
-                   default=float(env_default("kv_timeout_s", str(DEFAULT_KV_TIMEOUT_S)) or DEFAULT_KV_TIMEOUT_S),
-                   help="how long a reservation waits for its KV when the request does not say")
+    p.add_argument(
+        "--max-batch", type=int, default=int(env_default("max_batch", "32") or 32), help="rows of the decode batch"
+    )
+    p.add_argument(
+        "--max-kv-tokens",
+        type=int,
+        default=int(env_default("max_kv_tokens", "0") or 0),
+        help="KV tokens the worker may promise (0: max-batch x min(model context, 2048))",
+    )
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=env_default("policy", "baton"),
+        help="baton splices prefilled KV; orca and static recompute the prompt here",
+    )
+    p.add_argument(
+        "--kv-timeout-s",
+        type=float,
+        default=float(env_default("kv_timeout_s", str(DEFAULT_KV_TIMEOUT_S)) or DEFAULT_KV_TIMEOUT_S),
+        help="how long a reservation waits for its KV when the request does not say",
+    )
     p.add_argument("--redis", default=env_default("redis"), help="redis://host:port to register with")
-    p.add_argument("--heartbeat-s", type=float, default=float(env_default("heartbeat_s", "1.0") or 1.0),
-                   help="seconds between registry heartbeats")
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=float(env_default("drain_s", "60") or 60),
+        help="on SIGTERM, seconds allowed for live requests to finish before they are handed off to other workers",
+    )
+    p.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=float(env_default("heartbeat_s", "1.0") or 1.0),
+        help="seconds between registry heartbeats",
+    )
+    add_tls_arguments(p)
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env_default("metrics_port", str(DECODE_METRICS_PORT)) or 0),
+        help="HTTP port of the Prometheus /metrics endpoint (0: none)",
+    )
     add_model_arguments(p)
 
 
-def advertised_address(args: argparse.Namespace) -> str:
-    if args.advertise:
-        return str(args.advertise)
-    host = args.host if args.host not in ("0.0.0.0", "::", "[::]", "") else socket.gethostname()
-    return f"{host}:{args.port}"
-
-
 def main(args: argparse.Namespace) -> int:
+    try:
+        args.tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     lm = load_model(args.model, args.device, args.dtype)
     log.info("model %s loaded on %s (%s), fingerprint %s", args.model, lm.device, lm.dtype, lm.fingerprint[:12])
     worker = DecodeWorker(lm, args.policy, args.max_batch, args.max_kv_tokens or None, args.kv_timeout_s)
@@ -64,13 +93,19 @@ def main(args: argparse.Namespace) -> int:
 async def serve(worker: DecodeWorker, args: argparse.Namespace) -> int:
     worker.start()
     services = [decode_service(worker)]
-    server, health = create_server(services, f"{args.host}:{args.port}")
+    server, health = create_server(services, f"{args.host}:{args.port}", tls=getattr(args, "tls", None))
     await server.start()
+    metrics = serve_metrics(worker.metrics, args.host, args.metrics_port)
     await set_serving(health, services, True)
-    address = advertised_address(args)
+    address = advertised_address(args.host, args.port, args.advertise)
     log.info(
         "decode worker serving on %s:%d (advertised %s), policy %s, %d rows, %d KV tokens",
-        args.host, args.port, address, args.policy, worker.max_batch, worker.max_kv_tokens,
+        args.host,
+        args.port,
+        address,
+        args.policy,
+        worker.max_batch,
+        worker.max_kv_tokens,
     )
 
     stop = asyncio.Event()
@@ -93,14 +128,23 @@ async def serve(worker: DecodeWorker, args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("draining: %d live requests", worker.occupancy().active_rows)
     await set_serving(health, services, False)
+    # While draining the heartbeat goes on, reporting no free row: routers stop sending requests here but do not
+    # take the worker for dead (which would make them resume its running requests elsewhere at once).
+    try:
+        await asyncio.wait_for(worker.drain(), args.drain_s)
+    except asyncio.TimeoutError:
+        # The rest are handed off: their Decode streams end UNAVAILABLE and each router resumes them on another
+        # decode worker from the tokens already streamed, so no client sees the shutdown.
+        log.warning("drain timed out after %.0fs: handing off %d live requests", args.drain_s, worker.hand_off())
     if beat is not None:
         beat_stop.set()  # the heartbeat removes this worker from the registry as it stops
         with contextlib.suppress(Exception):
             await beat
         with contextlib.suppress(Exception):
             await registry.close()
-    await worker.drain()
     await server.stop(grace=2.0)
     await worker.close()
+    if metrics is not None:
+        metrics.stop()
     log.info("decode worker stopped")
     return 0

@@ -4,6 +4,7 @@ into gRPC status codes by baton.rpc.server.ErrorInterceptor."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
@@ -25,7 +26,7 @@ def request_from_proto(m: pb.WorkerRequest) -> Request:
     """A WorkerRequest as an engine Request. Raises InvalidRequestError naming the field at fault."""
     if not m.request_id:
         raise InvalidRequestError("request_id", "required")
-    return Request(m.request_id, list(m.prompt_ids), params_from_proto(m.parameters))
+    return Request(m.request_id, list(m.prompt_ids), params_from_proto(m.parameters), output_ids=list(m.output_ids))
 
 
 class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
@@ -38,7 +39,8 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
         try:
             res = self.worker.reserve(request_from_proto(request.request), request.kv_timeout_seconds)
         except Exception as e:
-            log.info("request %s refused: %s", request.request.request_id, e)
+            log.info("request %s refused: %s", request.request.request_id, e,
+                     extra={"request_id": request.request.request_id})
             raise
         context.add_done_callback(lambda _: res.cancel())  # the call ended: a client gone away cancels the request
         try:
@@ -55,13 +57,22 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
     async def PushKv(  # noqa: N802
         self, request_iterator: AsyncIterable[pb.PushKvRequest], context: grpc.aio.ServicerContext
     ) -> pb.PushKvResponse:
+        start = time.perf_counter()
         try:
-            payload = await payload_from_messages(request_iterator)
+            payload = await payload_from_messages(request_iterator, self._expect)
             self.worker.deliver_kv(payload)
         except Exception as e:
             log.info("KV push refused: %s", e)
+            self.worker.metrics.kv_refused.inc()
             raise
+        self.worker.metrics.kv_receive.observe(time.perf_counter() - start)
+        self.worker.metrics.kv_received.inc(payload.nbytes)
         return pb.PushKvResponse(received_bytes=payload.nbytes)
+
+    def _expect(self, h: pb.KvHeader) -> None:
+        """Refuse a push from its header alone when this worker waits for no such KV (before its bytes come)."""
+        self.worker.expect_kv(h.request_id, h.model_fingerprint, (h.num_layers, h.kv_heads, h.head_dim),
+                              list(h.prompt_ids))
 
     async def Cancel(  # noqa: N802
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext

@@ -28,6 +28,7 @@ from baton.engine.engine import Engine, StepOutput
 from baton.engine.kv_payload import KVPayload, PayloadError
 from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, InvalidRequestError, Request
+from baton.metrics import DecodeMetrics
 from baton.rpc.server import NotFound, Overloaded, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class DecodeWorker:
         self.max_kv_tokens = max_kv_tokens or max_batch * min(lm.max_context, 2048)
         self.default_kv_timeout_s = default_kv_timeout_s
         self.draining = False
+        self.metrics = DecodeMetrics()
         # event-loop side
         self._live: dict[str, Reservation] = {}
         self._completed = self._kv_received = self._tokens_generated = 0
@@ -171,12 +173,23 @@ class DecodeWorker:
         threads = torch.get_num_threads()  # a new thread does not always inherit torch.set_num_threads
         self._thread = threading.Thread(target=self._run, args=(threads,), name="decode-loop", daemon=True)
         self._thread.start()
+        self._publish()
 
     async def drain(self) -> None:
-        """Stop taking reservations and wait until every live request has ended."""
+        """Stop taking reservations (occupancy then reports no free row) and wait until every live request has
+        ended."""
         self.draining = True
+        self._publish()
         assert self._idle is not None, "start() first"
         await self._idle.wait()
+
+    def hand_off(self) -> int:
+        """End every live request with UNAVAILABLE, freeing its row, so that its router resumes it on another
+        worker from the tokens it already streamed (the end of a drain that ran out of time). Returns how many."""
+        live = [res for res in self._live.values() if not res.ended]
+        for res in live:
+            self._cancel(res, Unavailable("decode worker is shutting down: request handed off to another worker"))
+        return len(live)
 
     async def close(self) -> None:
         """Stop the decode loop (live requests are cancelled)."""
@@ -218,25 +231,46 @@ class DecodeWorker:
         res.lease = self._loop.call_later(timeout, self._expire, res, timeout)
         self._live[request.id] = res
         self._idle.clear()
+        self._publish()
         return res
 
     def deliver_kv(self, payload: KVPayload) -> None:
         """Hand in a reserved request's KV; it joins the batch at the next iteration boundary.
         Raises NotFound (no reservation) or PayloadError (KV this worker cannot use); the reservation stays."""
-        res = self._live.get(payload.request_id)
-        if res is None:
-            raise NotFound(f"no reservation for request {payload.request_id!r} on this worker (expired or cancelled?)")
-        if res.state is not SlotState.RESERVED:
-            raise PayloadError(f"KV for request {payload.request_id!r} was already received")
-        lm = self.lm
-        payload.check_compatible(lm.fingerprint, lm.num_layers, lm.kv_heads, lm.head_dim)
-        if payload.prompt_ids != res.request.prompt_ids:
-            raise PayloadError(f"KV payload for request {payload.request_id!r} was computed for a different prompt")
+        res = self.expect_kv(payload.request_id, payload.model_fingerprint,
+                             (payload.num_layers, payload.kv_heads, payload.head_dim), payload.prompt_ids)
+        vocab = int(self.lm.config.vocab_size)
+        if not 0 <= payload.first_token < vocab:  # it is the next step's input: out of range, it fails the batch
+            raise PayloadError(f"KV payload's first token {payload.first_token} is outside the vocabulary [0, {vocab})")
         if res.lease is not None:
             res.lease.cancel()
         res.state, res.kv_at = SlotState.QUEUED, time.perf_counter()
         self._kv_received += 1
         self._inbox.put(_Add(res.request, payload))
+        self.metrics.kv_wait.observe(res.kv_at - res.reserved_at)
+        self._publish()
+
+    def expect_kv(
+        self, request_id: str, fingerprint: str, dims: tuple[int, int, int], token_ids: list[int]
+    ) -> Reservation:
+        """The reservation waiting for a KV payload so described (from its header, before its bytes arrive):
+        dims are (layers, kv_heads, head_dim). Raises NotFound (no reservation) or PayloadError (KV this worker
+        cannot use for it)."""
+        res = self._live.get(request_id)
+        if res is None:
+            raise NotFound(f"no reservation for request {request_id!r} on this worker (expired or cancelled?)")
+        if res.state is not SlotState.RESERVED:
+            raise PayloadError(f"KV for request {request_id!r} was already received")
+        lm = self.lm
+        if fingerprint != lm.fingerprint:
+            raise PayloadError(f"KV payload comes from model {fingerprint[:12]}, this worker serves "
+                               f"{lm.fingerprint[:12]}")
+        if dims != (lm.num_layers, lm.kv_heads, lm.head_dim):
+            raise PayloadError(f"KV payload shape (layers, kv_heads, head_dim)={dims}, expected "
+                               f"{(lm.num_layers, lm.kv_heads, lm.head_dim)}")
+        if token_ids != res.request.all_ids:  # a resumed request's KV covers its tokens so far too
+            raise PayloadError(f"KV payload for request {request_id!r} was computed for a different prompt")
+        return res
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a live request wherever it is; False when no such request is live."""
@@ -247,12 +281,13 @@ class DecodeWorker:
         live = self._live.values()
         waiting = [r for r in live if r.state is not SlotState.RUNNING]
         promised = sum(r.kv_budget for r in live)
-        queued_kv = sum(r.request.prompt_len for r in live if r.state is SlotState.QUEUED)
+        queued_kv = sum(r.request.num_tokens for r in live if r.state is SlotState.QUEUED)
+        rows = 0 if self.draining else max(0, self.max_batch - len(self._live))  # a draining worker takes nothing
         return Occupancy(
             active_rows=len(self._live),
-            free_rows=max(0, self.max_batch - len(self._live)),
+            free_rows=rows,
             kv_tokens_used=self._batch_kv_tokens + queued_kv,
-            kv_tokens_free=max(0, self.max_kv_tokens - promised),
+            kv_tokens_free=0 if self.draining else max(0, self.max_kv_tokens - promised),
             waiting=len(waiting),
             model_fingerprint=self.lm.fingerprint,
             completed=self._completed,
@@ -260,14 +295,23 @@ class DecodeWorker:
             tokens_generated=self._tokens_generated,
         )
 
-    def _cancel(self, res: Reservation) -> bool:
+    def _publish(self) -> None:
+        """The occupancy gauges of the metrics, after every change (on the event loop, where occupancy lives)."""
+        o = self.occupancy()
+        self.metrics.occupancy(o.active_rows - o.waiting, o.waiting, o.free_rows, o.kv_tokens_used, o.kv_tokens_free)
+
+    def _cancel(self, res: Reservation, error: Exception | None = None) -> bool:
+        """Drop a live request; its stream ends CANCELLED, or with `error` (a hand-off)."""
         if res.ended or self._live.get(res.id) is not res:
             return False
         if res.state is SlotState.RESERVED:
             res.request.finish(FinishReason.CANCELLED)
         else:
             self._inbox.put(_Cancel(res.id))  # the decode loop frees the row before its next step
-        self._end(res, DecodeEvent([], FinishReason.CANCELLED), "cancelled")
+        if error is None:
+            self._end(res, DecodeEvent([], FinishReason.CANCELLED), "cancelled")
+        else:
+            self._end(res, error, "handed_off")
         return True
 
     def _expire(self, res: Reservation, timeout: float) -> None:
@@ -283,6 +327,8 @@ class DecodeWorker:
             res = self._live.get(req.id)
             if res is None or res.request is not req or res.ended:
                 continue  # cancelled meanwhile
+            if res.state is not SlotState.RUNNING and res.kv_at is not None:
+                self.metrics.queue.observe(time.perf_counter() - res.kv_at)
             res.state = SlotState.RUNNING
             if ev.finish_reason is None:
                 res._push(ev)
@@ -293,6 +339,7 @@ class DecodeWorker:
             res = self._live.get(req.id)
             if res is not None and res.request is req and not res.ended:
                 self._end(res, exc, "failed")
+        self._publish()
 
     def _end(self, res: Reservation, last: DecodeEvent | Exception, outcome: str) -> None:
         res.ended = True
@@ -306,7 +353,10 @@ class DecodeWorker:
             "request %s %s: prompt %d tokens, output %d tokens, kv wait %s, total %.3fs%s",
             res.id, outcome, res.request.prompt_len, len(res.request.output_ids), kv_wait, now - res.reserved_at,
             f" ({last})" if isinstance(last, Exception) else "",
+            extra={"request_id": res.id},
         )
+        self.metrics.requests.labels(outcome=outcome).inc()
+        self._publish()
         if not self._live and self._idle is not None:
             self._idle.set()
 
@@ -330,6 +380,7 @@ class DecodeWorker:
                 self._step(report)
             report.kv_tokens = engine.batch.kv_tokens
             report.tokens_generated = engine.stats.output_tokens
+            self.metrics.engine(engine.stats)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._on_report, report)
 

@@ -11,12 +11,12 @@ import argparse
 import asyncio
 import logging
 import signal
-import socket
 
-from baton.cli import add_model_arguments, env_default
+from baton.cli import add_model_arguments, add_tls_arguments, env_default
 from baton.engine.models import LoadedModel, load_model
+from baton.metrics import PREFILL_METRICS_PORT, serve_metrics
 from baton.rpc.registry import RedisRegistry, WorkerInfo, heartbeat, occupancy_dict
-from baton.rpc.server import Service, create_server, set_serving
+from baton.rpc.server import Service, TlsConfig, advertised_address, create_server, set_serving
 from baton.v1 import baton_pb2_grpc
 from services.prefill.server import SERVICE_NAME, PrefillWorkerServicer
 from services.prefill.worker import PrefillWorker
@@ -59,23 +59,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=float(env_default("drain_s", "30") or 30),
         help="on SIGTERM, seconds allowed for accepted prefills to finish",
     )
-
-
-def advertised_address(host: str, port: int, advertise: str | None) -> str:
-    if advertise:
-        return advertise
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        return f"{socket.gethostname()}:{port}"
-    return f"{host}:{port}"
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env_default("metrics_port", str(PREFILL_METRICS_PORT)) or 0),
+        help="HTTP port of the Prometheus /metrics endpoint (0: none)",
+    )
+    add_tls_arguments(p)
 
 
 async def serve(lm: LoadedModel, args: argparse.Namespace) -> int:
     worker = PrefillWorker(lm, max_queue=args.max_queue)
-    servicer = PrefillWorkerServicer(worker, push_timeout_s=args.push_timeout_s)
+    tls = getattr(args, "tls", None)
+    servicer = PrefillWorkerServicer(worker, push_timeout_s=args.push_timeout_s, tls=tls)
     services = [Service(servicer, baton_pb2_grpc.add_PrefillWorkerServicer_to_server, SERVICE_NAME)]
     listen = f"{args.host}:{args.port}"
     try:
-        server, health = create_server(services, listen)
+        server, health = create_server(services, listen, tls=tls)
     except RuntimeError as e:
         log.error("cannot listen on %s: %s", listen, e)
         worker.shutdown()
@@ -88,6 +88,7 @@ async def serve(lm: LoadedModel, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     await server.start()
+    metrics = serve_metrics(worker.metrics, args.host, args.metrics_port)
     await set_serving(health, services, True)
     log.info("prefill worker serving %s (%s) on %s, advertised as %s", lm.name, lm.fingerprint[:12], listen, address)
 
@@ -120,12 +121,15 @@ async def serve(lm: LoadedModel, args: argparse.Namespace) -> int:
     await servicer.close()
     if registry is not None:
         await registry.close()
+    if metrics is not None:
+        metrics.stop()
     log.info("stopped: %d prefills shipped", servicer.stats.shipped)
     return 0
 
 
 def main(args: argparse.Namespace) -> int:
     try:
+        args.tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_ca)
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)

@@ -14,7 +14,7 @@ from baton.engine.kv_payload import KVPayload
 from baton.engine.request import InvalidRequestError, Request
 from baton.rpc.convert import params_from_proto
 from baton.rpc.kv_transfer import payload_messages
-from baton.rpc.server import Overloaded, ServiceError, Unavailable, channel
+from baton.rpc.server import Overloaded, ServiceError, TlsConfig, Unavailable, channel
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.prefill.worker import PrefillCancelled, PrefillWorker, QueueFull, WorkerClosed
@@ -46,9 +46,10 @@ class ShipStats:
 
 
 class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, worker: PrefillWorker, push_timeout_s: float = 60.0) -> None:
+    def __init__(self, worker: PrefillWorker, push_timeout_s: float = 60.0, tls: TlsConfig | None = None) -> None:
         self.worker = worker
         self.push_timeout_s = push_timeout_s
+        self.tls = tls  # mutual TLS to decode workers
         self.stats = ShipStats()
         self._channels: dict[str, grpc.aio.Channel] = {}  # decode address -> channel, reused
         self._pushing: dict[str, asyncio.Task[int]] = {}  # request id -> its KV push in progress
@@ -62,10 +63,12 @@ class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
         try:
             return await self._prefill(request)
         except asyncio.CancelledError:
-            log.info("prefill %s: cancelled by the caller after %.3fs", rid, time.perf_counter() - start)
+            log.info("prefill %s: cancelled by the caller after %.3fs", rid, time.perf_counter() - start,
+                     extra={"request_id": rid})
             raise
         except Exception as e:
-            log.info("prefill %s: failed after %.3fs: %s", rid, time.perf_counter() - start, e)
+            log.info("prefill %s: failed after %.3fs: %s", rid, time.perf_counter() - start, e,
+                     extra={"request_id": rid})
             raise
         finally:
             self.in_flight -= 1
@@ -77,7 +80,7 @@ class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
             raise InvalidRequestError("request_id", "required")
         if not request.decode_address:
             raise InvalidRequestError("decode_address", "required, the host:port of the decode worker")
-        req = Request(rid, list(wr.prompt_ids), params_from_proto(wr.parameters))
+        req = Request(rid, list(wr.prompt_ids), params_from_proto(wr.parameters), output_ids=list(wr.output_ids))
         try:
             future = self.worker.submit(req)
         except QueueFull as e:
@@ -104,6 +107,7 @@ class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
         self.stats.shipped += 1
         self.stats.kv_bytes += kv_bytes
         self.stats.transfer_seconds += transfer_s
+        self.worker.metrics.shipped(kv_bytes, transfer_s)
         log.info(
             "prefill %s: %d tokens, queued %.3fs, prefill %.3fs, %d KV bytes to %s in %.3fs",
             rid,
@@ -113,6 +117,7 @@ class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
             kv_bytes,
             request.decode_address,
             transfer_s,
+            extra={"request_id": rid},
         )
         return pb.PrefillResponse(
             request_id=rid, kv_bytes=kv_bytes, prefill_seconds=result.prefill_seconds, transfer_seconds=transfer_s
@@ -127,15 +132,17 @@ class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
             reply: pb.PushKvResponse = await stub.PushKv(iter(messages), timeout=self.push_timeout_s)
         except grpc.aio.AioRpcError as e:
             self.stats.push_failed += 1
+            self.worker.metrics.push_failures.inc()
             raise PushFailed(e.code(), f"KV push to decode worker {address} failed: {e.details()}") from e
         except BaseException:
             self.stats.push_failed += 1
+            self.worker.metrics.push_failures.inc()
             raise
         return int(reply.received_bytes) or payload.nbytes
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = channel(address)
+            self._channels[address] = channel(address, self.tls)
         return self._channels[address]
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
@@ -147,7 +154,7 @@ class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
             push.cancel()
             found = True
         if found:
-            log.info("prefill %s: cancelled", rid)
+            log.info("prefill %s: cancelled", rid, extra={"request_id": rid})
         return pb.CancelResponse(found=found)
 
     async def Occupancy(self, request: pb.OccupancyRequest, context: grpc.aio.ServicerContext) -> pb.OccupancyResponse:

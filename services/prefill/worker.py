@@ -25,6 +25,7 @@ from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
 from baton.engine.request import InvalidRequestError, Request, check_model_limits
 from baton.engine.runner import ModelRunner
+from baton.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class PrefillWorker:
         self._closing = False  # no new work
         self._stopping = False  # the compute thread exits once the queue is empty
         self.stats = PrefillStats()
+        self.metrics = PrefillMetrics()
+        self.metrics.track(running=lambda: self.occupancy().in_progress, waiting=lambda: self.occupancy().queued)
         self._thread = threading.Thread(target=self._run, name="prefill-compute", daemon=True)
         self._thread.start()
 
@@ -115,7 +118,11 @@ class PrefillWorker:
     def validate(self, req: Request) -> None:
         """The model's own limits; Request and SamplingParams check the rest."""
         check_model_limits(
-            req.prompt_ids, req.params.max_new_tokens, self.lm.max_context, int(self.lm.config.vocab_size)
+            req.prompt_ids,
+            req.params.max_new_tokens,
+            self.lm.max_context,
+            int(self.lm.config.vocab_size),
+            output_ids=req.output_ids,
         )
 
     def submit(self, req: Request) -> asyncio.Future[PrefillResult]:
@@ -199,6 +206,7 @@ class PrefillWorker:
         if job.state in (JobState.QUEUED, JobState.RUNNING):
             job.state = JobState.CANCELLED
             self.stats.cancelled += 1
+            self.metrics.requests.labels(outcome="cancelled").inc()
         self._jobs.pop(job.request.id, None)
 
     def _on_future_done(self, job: _Job, fut: asyncio.Future[PrefillResult]) -> None:
@@ -222,6 +230,7 @@ class PrefillWorker:
                 self._batch = batch
                 self.stats.batches += 1
                 self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+                self.metrics.batch_size.observe(len(batch))
             for job in batch:
                 self._compute(job)
             with self._lock:
@@ -240,6 +249,7 @@ class PrefillWorker:
                 if job.state is JobState.RUNNING:
                     job.state = JobState.DONE
                     self.stats.failed += 1
+                    self.metrics.requests.labels(outcome="failed").inc()
                     self._jobs.pop(job.request.id, None)
             self._deliver(job, error=e)
             return
@@ -252,6 +262,7 @@ class PrefillWorker:
             self.stats.completed += 1
             self.stats.prompt_tokens += job.request.prompt_len
             self.stats.compute_seconds += seconds
+            self.metrics.computed(job.request.prompt_len, start - job.submitted_at, seconds)
         self._deliver(job, PrefillResult(payload, seconds, start - job.submitted_at))
 
     def _deliver(self, job: _Job, result: PrefillResult | None = None, error: BaseException | None = None) -> None:

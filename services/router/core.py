@@ -11,7 +11,8 @@ One request's path (see proto/baton/v1/baton.proto):
 3. D's tokens are relayed as they come, detokenized incrementally; the last message carries the finish
    reason. Then the request is logged as one JSON line.
 A request that ends early (client gone, cancelled, an error on either worker) is stopped everywhere: the
-Decode call is cancelled (D drops the row) and a prefill still pending is cancelled on P.
+Decode call is cancelled (D drops the row) and a prefill still pending is cancelled on P. A request whose worker
+dies, drains or loses its KV is resumed on others from the tokens already streamed (resume.py).
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from baton.engine.models import resolve_model_path
-from baton.engine.request import FinishReason, InvalidRequestError, SamplingParams, check_model_limits
+from baton.engine.request import FinishReason, InvalidRequestError, SamplingParams, check_model_limits, is_unicode
+from baton.metrics import RouterMetrics
 from baton.rpc.convert import finish_from_proto, params_to_proto
 from baton.rpc.server import NotFound, Overloaded, ServiceError, Unavailable
 from baton.v1 import baton_pb2 as pb
 from services.router.pool import WorkerPool
+from services.router.resume import KV_PUSH_FAILED, Attempt, Recoverable, RecoveryStats, resumed_request
 from services.router.scheduler import Scheduler, Ticket
 
 log = logging.getLogger(__name__)
@@ -108,24 +111,50 @@ class _Trace:
     prefill: str | None = None
     completion_tokens: int = 0
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    queue_s: float | None = None  # until a decode worker confirmed a row
     finish_reason: str | None = None
     error: str | None = None
+    recoveries: list[str] = field(default_factory=list)  # what failed, each time another attempt took over
 
-    def log(self) -> None:
+    def tokens(self, n: int, metrics: RouterMetrics) -> None:
+        """n new tokens arrived in one message."""
+        if not n:
+            return
         now = time.perf_counter()
+        self.completion_tokens += n
+        metrics.tokens(n, None if self.last_token_at is None else now - self.last_token_at)
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+
+    @property
+    def outcome(self) -> str:
+        if self.finish_reason is not None:
+            return self.finish_reason
+        return "cancelled" if self.error == "cancelled" else "error"
+
+    def log(self, metrics: RouterMetrics) -> None:
+        """One JSON line for the request, and its latencies in the metrics."""
+        e2e = time.perf_counter() - self.start
+        ttft = None if self.first_token_at is None else self.first_token_at - self.start
         line: dict[str, Any] = {
             "request_id": self.id,
             "decode_worker": self.decode,
             "prefill_worker": self.prefill,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "ttft_s": None if self.first_token_at is None else round(self.first_token_at - self.start, 4),
-            "e2e_s": round(now - self.start, 4),
             "finish_reason": self.finish_reason,
+            "ttft_s": None if ttft is None else round(ttft, 4),
+            "e2e_s": round(e2e, 4),
+            "queue_s": None if self.queue_s is None else round(self.queue_s, 4),
         }
         if self.error is not None:
             line["error"] = self.error
-        log.info("%s", json.dumps(line))
+        if self.recoveries:
+            line["recoveries"] = self.recoveries
+        log.info("%s", json.dumps(line), extra={"fields": line})
+        metrics.finished(self.outcome, self.prompt_tokens, e2e, ttft, self.queue_s)
 
 
 class Router:
@@ -138,13 +167,21 @@ class Router:
         pool: WorkerPool,
         kv_timeout_s: float = 30.0,
         queue_timeout_s: float = 30.0,
+        max_retries: int = 3,
     ) -> None:
         self.tokenizer, self.model_name = tokenizer, model_name
         self.max_context, self.vocab_size = max_context, vocab_size
+        # No token is longer than the longest vocabulary entry: a text over this many characters cannot fit the
+        # context, and is refused before the tokenizer spends time on it (which would stall every request).
+        self.max_prompt_chars = max_context * max((len(t) for t in tokenizer.get_vocab()), default=64)
         self.pool = pool
         self.kv_timeout_s, self.queue_timeout_s = kv_timeout_s, queue_timeout_s
+        self.max_retries = max_retries  # recoveries (new attempts, prefills moved) allowed per request
+        self.recovery = RecoveryStats()
         self._active: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        self.metrics = RouterMetrics()
+        self.metrics.track(running=lambda: len(self._active), waiting=lambda: self.pool.scheduler.queued)
 
     @classmethod
     def load(cls, model: str, pool: WorkerPool, **kwargs: Any) -> Router:
@@ -178,7 +215,15 @@ class Router:
     def encode_prompt(self, text: str) -> list[int]:
         if not isinstance(text, str) or not text:
             raise InvalidRequestError("prompt", "must be a non-empty string")
+        self._check_chars("prompt", len(text))
+        if not is_unicode(text):
+            raise InvalidRequestError("prompt", "must be valid Unicode (it holds a lone surrogate)")
         return list(self.tokenizer.encode(text))
+
+    def _check_chars(self, name: str, chars: int) -> None:
+        if chars > self.max_prompt_chars:
+            raise InvalidRequestError(name, f"{chars} characters cannot fit the model's context of "
+                                            f"{self.max_context} tokens")
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """The chat as the model's template writes it, ending with the assistant's turn."""
@@ -188,10 +233,13 @@ class Router:
             and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
         ):
             raise InvalidRequestError("messages", "must be a non-empty list of objects with a role and a content")
+        self._check_chars("messages", sum(len(str(m.get("content") or "")) for m in messages))
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # the template decides what a chat may hold (jinja errors, ValueError ...)
             raise InvalidRequestError("messages", f"chat template failed: {e}") from e
+        if not is_unicode(text):
+            raise InvalidRequestError("messages", "must be valid Unicode (a message holds a lone surrogate)")
         return list(self.tokenizer.encode(text, add_special_tokens=False))  # the template wrote the special tokens
 
     def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -203,6 +251,10 @@ class Router:
         if not prompt_ids:
             raise InvalidRequestError("prompt", "must not be empty")
         check_model_limits(prompt_ids, params.max_new_tokens, self.max_context, self.vocab_size)
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary "
+                                                        f"[0, {self.vocab_size})")
 
     # ---- generation --------------------------------------------------------------------------------
     async def generate(
@@ -215,71 +267,89 @@ class Router:
             self.validate(request_id, prompt_ids, params)
         except InvalidRequestError as e:
             trace.error = str(e)
-            trace.log()
+            trace.log(self.metrics)
             raise
         self._active.add(request_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         request = pb.WorkerRequest(request_id=request_id, prompt_ids=prompt_ids, parameters=params_to_proto(params))
-        ticket: Ticket | None = None
-        call: grpc.aio.UnaryStreamCall | None = None
-        prefill: asyncio.Task[pb.PrefillResponse] | None = None
-        read: asyncio.Future[Any] | None = None
+        text = TextStream(self.tokenizer, params.stop)
+        sent: list[int] = []  # tokens relayed to the client: what another attempt resumes from (resume.py)
+        attempt: Attempt | None = None
         finished = False
         try:
-            ticket, call = await self._reserve(request, len(prompt_ids) + params.max_new_tokens, deadline)
-            trace.decode = ticket.address
-            prefill = self._spawn(self._prefill(request, ticket.address, deadline, trace))
-            text = TextStream(self.tokenizer, params.stop)
             while True:
-                if read is None:
-                    read = asyncio.ensure_future(call.read())
-                await asyncio.wait({read} if prefill.done() else {read, prefill}, return_when=asyncio.FIRST_COMPLETED)
-                if prefill.done() and not prefill.cancelled() and prefill.exception() is not None:
-                    raise prefill.exception()  # type: ignore[misc]
-                if not read.done():
-                    continue
-                msg = self._decode_message(read, ticket.address)
-                read = None
-                ids = list(msg.token_ids)
-                trace.completion_tokens += len(ids)
-                if ids and trace.first_token_at is None:
-                    trace.first_token_at = time.perf_counter()
-                reason = finish_from_proto(msg.finish_reason)
-                if reason is None:
-                    if ids:
-                        yield StreamEvent(ids, text.add(ids))
-                    continue
-                delta = text.add(ids) + text.finish(msg.stop_text if msg.HasField("stop_text") else None)
-                finished = True
-                trace.finish_reason = reason.value
-                yield StreamEvent(ids, delta, reason, len(prompt_ids), trace.completion_tokens)
-                return
+                if len(sent) >= params.max_new_tokens:  # (a worker ends a request with its last token: a guard)
+                    finished = True
+                    trace.finish_reason = FinishReason.LENGTH.value
+                    yield StreamEvent([], text.finish(None), FinishReason.LENGTH, len(prompt_ids), len(sent))
+                    return
+                attempt = Attempt(self, resumed_request(request, sent) if sent else request,
+                                  len(prompt_ids) + params.max_new_tokens, deadline, trace)
+                try:
+                    await attempt.start(first=bool(trace.recoveries))
+                    trace.decode = attempt.address
+                    if trace.queue_s is None:
+                        trace.queue_s = time.perf_counter() - trace.start
+                    self.metrics.chose("decode", attempt.address)
+                    while True:
+                        msg = await attempt.next()
+                        ids = list(msg.token_ids)
+                        trace.tokens(len(ids), self.metrics)
+                        sent += ids
+                        reason = finish_from_proto(msg.finish_reason)
+                        if reason is None or reason is FinishReason.CANCELLED:
+                            if ids:
+                                yield StreamEvent(ids, text.add(ids))
+                            if reason is FinishReason.CANCELLED:  # not asked for by this router: the worker gave up
+                                raise Recoverable(f"decode worker {attempt.address} cancelled the request")
+                            continue
+                        delta = text.add(ids) + text.finish(msg.stop_text if msg.HasField("stop_text") else None)
+                        finished = attempt.finished = True
+                        trace.finish_reason = reason.value
+                        yield StreamEvent(ids, delta, reason, len(prompt_ids), trace.completion_tokens)
+                        return
+                except Recoverable as e:
+                    self._recover(request_id, str(e), sent, trace)
+                finally:
+                    attempt.close()
         except BaseException as e:
             if not finished:  # (closing the stream after its last event is not an error)
                 trace.error = "cancelled" if isinstance(e, (asyncio.CancelledError, GeneratorExit)) else str(e)
             raise
         finally:
-            if read is not None:
-                read.cancel()
-            if call is not None and not finished:
-                call.cancel()  # the decode worker drops the row
-            if prefill is not None and not finished and not _succeeded(prefill):
-                prefill.cancel()  # a prefill still queued (or failed midway) is dropped on its worker too
-                if trace.prefill is not None:
-                    self._spawn(self._cancel_prefill(trace.prefill, request_id))
-            if ticket is not None:
-                self.scheduler.release(ticket)
             self._active.discard(request_id)
-            trace.log()
+            trace.log(self.metrics)
+
+    def _recover(self, request_id: str, failure: str, sent: list[int], trace: _Trace) -> None:
+        """An attempt failed in a way another can repair: count it, or give up past max_retries."""
+        trace.recoveries.append(failure)
+        if len(trace.recoveries) > self.max_retries:
+            self.recovery.gave_up += 1
+            raise Unavailable(f"request {request_id} failed {len(trace.recoveries)} times: "
+                              + "; ".join(trace.recoveries)) from None
+        if sent:
+            self.recovery.resumed += 1
+        else:
+            self.recovery.restarted += 1
+        log.warning("request %s: %s; %s on another decode worker (retry %d of %d)", request_id, failure,
+                    f"resuming after {len(sent)} tokens" if sent else "starting again", len(trace.recoveries),
+                    self.max_retries)
 
     async def _reserve(
-        self, request: pb.WorkerRequest, need_tokens: int, deadline: float | None
+        self, request: pb.WorkerRequest, need_tokens: int, deadline: float | None, first: bool = False
     ) -> tuple[Ticket, grpc.aio.UnaryStreamCall]:
-        """A decode worker's confirmed reservation, and the Decode call that will stream the tokens."""
-        retry = False
+        """A decode worker's confirmed reservation, and the Decode call that will stream the tokens. `first`:
+        wait at the head of the queue."""
+        retry = first
         for _ in range(MAX_RESERVE_ATTEMPTS):
-            ticket = await self.scheduler.acquire(need_tokens, self._remaining(deadline, self.queue_timeout_s), retry)
+            wait = self._remaining(deadline, self.queue_timeout_s)
+            try:
+                ticket = await self.scheduler.acquire(need_tokens, wait, retry)
+            except Overloaded:
+                if deadline is not None and asyncio.get_running_loop().time() >= deadline - 0.01:
+                    raise TimeoutError("the request's deadline passed while it waited for a decode worker") from None
+                raise
             call: grpc.aio.UnaryStreamCall | None = None
             try:
                 call = self.pool.decode_stub(ticket.address).Decode(
@@ -326,15 +396,23 @@ class Router:
                     raise
                 raise Unavailable(f"every prefill worker refused request {request.request_id}") from None
             trace.prefill = ticket.address
+            self.metrics.chose("prefill", ticket.address)
             try:
                 return await self.pool.prefill_stub(ticket.address).Prefill(
                     pb.PrefillRequest(request=request, decode_address=decode_address), timeout=self._remaining(deadline)
                 )
             except grpc.aio.AioRpcError as e:
+                if KV_PUSH_FAILED in (e.details() or ""):  # the decode side failed: another attempt, another row
+                    raise Recoverable(f"prefill worker {ticket.address}: {e.details()}") from None
                 if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self.scheduler.refused(ticket)
-                elif e.code() is grpc.StatusCode.UNAVAILABLE:
+                elif e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):  # died or shut down
                     self.scheduler.failed(ticket)
+                    self.recovery.prefill_retries += 1
+                    trace.recoveries.append(f"prefill worker {ticket.address}: {e.details() or e.code().name}")
+                    if len(trace.recoveries) > self.max_retries:
+                        raise Unavailable(f"request {request.request_id} failed {len(trace.recoveries)} times: "
+                                          + "; ".join(trace.recoveries)) from None
                 else:
                     raise _worker_error("prefill", ticket.address, e) from None
                 log.info("request %s: prefill worker %s refused (%s); trying another", request.request_id,
@@ -380,10 +458,6 @@ class Router:
         if left <= 0:
             raise TimeoutError("the request's deadline passed")
         return left if cap is None else min(left, cap)
-
-
-def _succeeded(task: asyncio.Task[Any]) -> bool:
-    return task.done() and not task.cancelled() and task.exception() is None
 
 
 def _worker_error(role: str, address: str, e: grpc.aio.AioRpcError) -> Exception:

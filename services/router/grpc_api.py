@@ -6,12 +6,13 @@ the request on its workers: the handler's task is cancelled, and Router.generate
 from __future__ import annotations
 
 import contextlib
+import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
-from baton.engine.request import InvalidRequestError, SamplingParams
+from baton.engine.request import MAX_TIMEOUT_S, InvalidRequestError, SamplingParams
 from baton.rpc.convert import finish_to_proto, params_from_proto
 from baton.rpc.server import Service
 from baton.v1 import baton_pb2 as pb
@@ -39,18 +40,21 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
         return request.request_id or uuid.uuid4().hex, prompt_ids, params_from_proto(request.parameters)
 
     def _events(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, context: grpc.aio.ServicerContext
-    ) -> contextlib.aclosing[AsyncGenerator[StreamEvent, None]]:
-        """The request's events, closed (so cancelled everywhere) as soon as the handler stops reading them."""
-        return contextlib.aclosing(self.router.generate(request_id, prompt_ids, params, context.time_remaining()))
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[str, contextlib.aclosing[AsyncGenerator[StreamEvent, None]]]:
+        """The request's id and events, closed (so cancelled everywhere) as soon as the handler stops reading them.
+        The request may take the shorter of its `timeout` field and the call's deadline."""
+        request_id, prompt_ids, params = self._parse(request)
+        timeout = request_timeout(request.timeout, context.time_remaining())
+        return request_id, contextlib.aclosing(self.router.generate(request_id, prompt_ids, params, timeout))
 
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        request_id, prompt_ids, params = self._parse(request)
+        request_id, generation = self._events(request, context)
         response = pb.GenerateResponse(request_id=request_id)
         texts: list[str] = []
-        async with self._events(request_id, prompt_ids, params, context) as events:
+        async with generation as events:
             async for ev in events:
                 response.token_ids.extend(ev.token_ids)
                 texts.append(ev.text)
@@ -64,8 +68,8 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
     async def GenerateStream(  # noqa: N802
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        request_id, prompt_ids, params = self._parse(request)
-        async with self._events(request_id, prompt_ids, params, context) as events:
+        request_id, generation = self._events(request, context)
+        async with generation as events:
             async for ev in events:
                 msg = pb.GenerateStreamResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
                 if ev.finish_reason is not None:
@@ -73,6 +77,14 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
                     msg.usage.prompt_tokens = ev.prompt_tokens
                     msg.usage.completion_tokens = ev.completion_tokens
                 yield msg
+
+
+def request_timeout(timeout: float, deadline_s: float | None) -> float | None:
+    """Seconds a request may take: the shorter of its `timeout` field (0: none) and the call's deadline."""
+    if not (math.isfinite(timeout) and 0 <= timeout <= MAX_TIMEOUT_S):
+        raise InvalidRequestError("timeout", f"must be a number of seconds in [0, {MAX_TIMEOUT_S:g}] (0: none)")
+    limits = [t for t in (timeout or None, deadline_s) if t is not None]
+    return min(limits) if limits else None
 
 
 def router_service(router: Router) -> Service:

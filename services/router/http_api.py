@@ -1,4 +1,5 @@
-"""The router's OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health.
+"""The router's OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, and
+its Prometheus metrics at /metrics.
 
 A thin transport over the router core (anything with the `Backend` shape below): this file turns JSON into
 prompt token ids and SamplingParams, and the core's StreamEvents back into OpenAI's response objects, either
@@ -10,11 +11,13 @@ Compatibility choices:
   with a 400 naming the field, never silently dropped.
 - Defaults follow OpenAI, not the engine: temperature 1, max_tokens 16 for completions; for chat, 1024 or the
   rest of the context if less (see CHAT_DEFAULT_MAX_TOKENS). Extensions: top_k, repetition_penalty,
-  stop_token_ids, ignore_eos.
+  stop_token_ids, ignore_eos, timeout (seconds the whole request may take: then 504, or mid-stream an error
+  event, and the request is stopped on its workers).
 - Any `model` name is accepted; responses name the one model served.
 - Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad input (param = field),
-  413 body over the limit, 429 queue full (with Retry-After), 503 no worker, 500 anything else. An error after
-  a stream has started arrives as one last `data: {"error": ...}` event.
+  401 missing or wrong API key (when the router has one; /health and /metrics stay open), 413 body over the
+  limit, 429 queue full (with Retry-After), 503 no worker, 504 timeout passed, 500 anything else. An error
+  after a stream has started arrives as one last `data: {"error": ...}` event.
 - A client that disconnects cancels its request (the core's generator is closed).
 - finish_reason is "stop", "length", or "cancelled" when the system (not the client) ended a request.
 """
@@ -38,6 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from baton.engine.request import SamplingParams
+from baton.metrics import RouterMetrics
+from baton.rpc.server import bearer_ok
 from services.router.openai_schema import (
     CHAT_DEFAULT_MAX_TOKENS,
     COMPLETION_DEFAULT_MAX_TOKENS,
@@ -52,6 +57,7 @@ from services.router.openai_schema import (
     chat_messages,
     completion_prompt,
     refuse_unsupported,
+    request_timeout,
     sampling_params,
 )
 
@@ -71,6 +77,7 @@ class Job:
     stream: bool
     include_usage: bool
     field_names: dict[str, str]  # engine field -> this request's field, for error messages
+    timeout: float | None = None  # seconds the request may take
     created: int = field(default_factory=lambda: int(time.time()))
 
     def head(self, obj: str) -> dict[str, Any]:
@@ -160,7 +167,7 @@ async def run(router: Backend, job: Job, request: Request) -> Response:
     """Run the job on the core. Errors before its first event become an HTTP error status; a stream answers
     as soon as the first event is there."""
     t0 = time.perf_counter()
-    events = router.generate(job.id, job.prompt_ids, job.params)
+    events = router.generate(job.id, job.prompt_ids, job.params, job.timeout)
     handed_off = False
     try:
         first = await _unless_gone(request, anext(events))
@@ -261,6 +268,28 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+OPEN_PATHS = ("/health", "/metrics")  # answered without an API key (probes, scrapers)
+
+
+class ApiKeyAuth:
+    """ASGI middleware: every path but OPEN_PATHS needs `Authorization: Bearer <api_key>`, else 401 in OpenAI's
+    error shape, before the body is read."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not bearer_ok(header, self.api_key):
+                refusal = ApiError(401, "a valid API key is required: send `Authorization: Bearer <key>`",
+                                   code="invalid_api_key").response()
+                refusal.headers["WWW-Authenticate"] = "Bearer"
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _param(loc: tuple[int | str, ...]) -> str | None:
     """("body", "messages", 0, "role") -> "messages[0].role"."""
     parts = list(loc[1:] if loc and loc[0] == "body" else loc)
@@ -270,10 +299,13 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
     return out or None
 
 
-def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None) -> FastAPI:
+    """The app; with `api_key`, every path but /health and /metrics needs it as a bearer token."""
     app = FastAPI(title="Baton", summary="OpenAI-compatible API of the Baton router", version="1")
     app.state.router = router
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyAuth, api_key=api_key)  # added last: runs first, before the body is read
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> Response:
@@ -313,7 +345,8 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI
             max_new = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
             _check_context(router, len(prompt_ids), max_new, "max_tokens")
             return Job(f"cmpl-{uuid.uuid4().hex}", "completion", router.model_name, prompt_ids,
-                       sampling_params(body, max_new), bool(body.stream), _include_usage(body), names)
+                       sampling_params(body, max_new), bool(body.stream), _include_usage(body), names,
+                       request_timeout(body))
 
         return await answer(job, request, names)
 
@@ -331,9 +364,10 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI
                 if max_new < 1:
                     raise ApiError.invalid("messages", f"the conversation ({len(prompt_ids)} tokens) fills the "
                                                        f"model's context of {router.max_context} tokens")
-            _check_context(router, len(prompt_ids), max_new, max_field)
+            _check_context(router, len(prompt_ids), max_new, max_field, "messages")
             return Job(f"chatcmpl-{uuid.uuid4().hex}", "chat", router.model_name, prompt_ids,
-                       sampling_params(body, max_new), bool(body.stream), _include_usage(body), names)
+                       sampling_params(body, max_new), bool(body.stream), _include_usage(body), names,
+                       request_timeout(body))
 
         return await answer(job, request, names)
 
@@ -347,6 +381,14 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    metrics = getattr(router, "metrics", None)
+    if isinstance(metrics, RouterMetrics):
+
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus(request: Request) -> Response:
+            body, content_type = metrics.exposition(request.headers.get("accept"))
+            return Response(body, headers={"Content-Type": content_type})
+
     return app
 
 
@@ -354,7 +396,10 @@ def _include_usage(body: OpenAIBody) -> bool:
     return bool(body.stream and body.stream_options is not None and body.stream_options.include_usage)
 
 
-def _check_context(router: Backend, prompt_len: int, max_new: int, name: str) -> None:
+def _check_context(router: Backend, prompt_len: int, max_new: int, name: str, prompt_name: str = "prompt") -> None:
+    if prompt_len >= router.max_context:
+        raise ApiError.invalid(prompt_name, f"{prompt_len} tokens leave no room to generate in the model's "
+                                            f"context of {router.max_context} tokens")
     if max_new >= 1 and prompt_len + max_new > router.max_context:
         raise ApiError.invalid(name, f"the prompt ({prompt_len} tokens) + {name} ({max_new}) exceeds the model's "
                                      f"context of {router.max_context} tokens")

@@ -19,8 +19,8 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-from baton.cli import add_model_arguments, env_default
-from baton.rpc.server import create_server, set_serving
+from baton.cli import add_model_arguments, add_tls_arguments, env_default
+from baton.rpc.server import TlsConfig, create_server, set_serving
 from services.router.core import Router
 from services.router.grpc_api import router_service
 from services.router.pool import WorkerPool
@@ -52,14 +52,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a request waits for a decode worker before it is refused")
     p.add_argument("--kv-timeout-s", type=float, default=float(env_default("kv_timeout_s", "30") or 30),
                    help="how long a decode worker holds a reserved row for the prompt's KV")
+    p.add_argument("--max-retries", type=int, default=int(env_default("max_retries", "3") or 3),
+                   help="times one request may be resumed or re-prefilled on other workers after a failure")
     p.add_argument("--grace-s", type=float, default=float(env_default("grace_s", "10") or 10),
                    help="on SIGTERM, how long calls in flight may take to finish")
+    p.add_argument("--api-key", default=env_default("api_key"),
+                   help="require this bearer token on the public API (HTTP Authorization, gRPC authorization "
+                        "metadata); /health, /metrics and gRPC health stay open")
+    p.add_argument("--max-body-bytes", type=int, default=int(env_default("max_body_bytes", str(4 << 20)) or 4 << 20),
+                   help="largest HTTP body (else 413) and gRPC request message (else RESOURCE_EXHAUSTED) accepted")
+    add_tls_arguments(p)
     add_model_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     if not args.redis and not (args.decode and args.prefill):
         log.error("give --decode and --prefill worker addresses, or --redis")
+        return 2
+    try:
+        args.tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+    except ValueError as e:
+        log.error("%s", e)
         return 2
     return asyncio.run(serve(args))
 
@@ -79,14 +92,18 @@ async def _track_readiness(router: Router, health: Any, services: list[Any], pol
 
 
 async def serve(args: argparse.Namespace) -> int:
-    pool = WorkerPool(Scheduler(args.max_queue), args.decode, args.prefill, args.redis, args.poll_s)
-    router = Router.load(args.model, pool, kv_timeout_s=args.kv_timeout_s, queue_timeout_s=args.queue_timeout_s)
+    pool = WorkerPool(Scheduler(args.max_queue), args.decode, args.prefill, args.redis, args.poll_s,
+                      tls=getattr(args, "tls", None))
+    router = Router.load(args.model, pool, kv_timeout_s=args.kv_timeout_s, queue_timeout_s=args.queue_timeout_s,
+                         max_retries=args.max_retries)
     await router.start()
     services = [router_service(router)]
-    server, health = create_server(services, f"{args.host}:{args.grpc_port}")
+    # The public port: plaintext (put a TLS-terminating proxy in front), guarded by --api-key when given.
+    server, health = create_server(services, f"{args.host}:{args.grpc_port}", api_key=args.api_key,
+                                   max_message_bytes=args.max_body_bytes)
     await server.start()
     readiness = asyncio.create_task(_track_readiness(router, health, services, args.poll_s), name="readiness")
-    http = _http_server(router, args.host, args.http_port) if args.http_port else None
+    http = _http_server(router, args) if args.http_port else None
     http_task = asyncio.create_task(http.serve(), name="http") if http is not None else None
     source = f"registry {args.redis}" if args.redis else f"decode {args.decode}, prefill {args.prefill}"
     log.info("router serving gRPC on %s:%d%s, model %s, workers from %s", args.host, args.grpc_port,
@@ -116,7 +133,7 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _http_server(router: Router, host: str, port: int) -> Any:
+def _http_server(router: Router, args: argparse.Namespace) -> Any:
     """A uvicorn server for http_api.create_app(router), or None when there is no HTTP API."""
     if importlib.util.find_spec("services.router.http_api") is None:
         log.warning("no services/router/http_api.py: serving gRPC only")
@@ -137,4 +154,5 @@ def _http_server(router: Router, host: str, port: int) -> Any:
         def install_signal_handlers(self) -> None:  # uvicorn before 0.29
             pass
 
-    return Server(uvicorn.Config(http_api.create_app(router), host=host, port=port, log_level="warning"))
+    app = http_api.create_app(router, max_body_bytes=args.max_body_bytes, api_key=args.api_key)
+    return Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning"))

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from baton.engine.request import FinishReason, InvalidRequestError, SamplingParams
+from baton.engine.request import MAX_TIMEOUT_S, FinishReason, InvalidRequestError, SamplingParams
 from baton.rpc.server import Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ class Backend(Protocol):
 
     def encode_prompt(self, text: str) -> list[int]: ...
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Event]: ...
+    def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None
+    ) -> AsyncIterator[Event]: ...
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
@@ -129,6 +131,7 @@ class OpenAIBody(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
+    timeout: float | None = None  # extension: seconds the whole request may take (then 504, or an error event)
 
 
 class CompletionRequest(OpenAIBody):
@@ -196,6 +199,13 @@ def sampling_params(body: OpenAIBody, max_new_tokens: int) -> SamplingParams:
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=bool(body.ignore_eos),
     )
+
+
+def request_timeout(body: OpenAIBody) -> float | None:
+    t = body.timeout
+    if t is not None and not (math.isfinite(t) and 0 < t <= MAX_TIMEOUT_S):
+        raise ApiError.invalid("timeout", f"must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    return t
 
 
 def completion_prompt(router: Backend, prompt: Any) -> list[int]:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import grpc
 
 from baton.rpc.registry import RedisRegistry, WorkerInfo
-from baton.rpc.server import channel
+from baton.rpc.server import TlsConfig, channel
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.router.scheduler import Role, Scheduler, WorkerLoad
@@ -35,6 +35,8 @@ class WorkerPool:
         redis_url: str | None = None,
         poll_s: float = 0.2,
         fingerprint: str | None = None,
+        tls: TlsConfig | None = None,
+        restart_grace_s: float = 5.0,
     ) -> None:
         if redis_url and (decode or prefill):
             raise ValueError("give worker addresses or a registry (--redis), not both")
@@ -43,14 +45,21 @@ class WorkerPool:
         self.registry = RedisRegistry(redis_url) if redis_url else None
         self.poll_s = poll_s
         self.fingerprint = fingerprint  # adopted from the first worker heard from when None
+        self.tls = tls  # mutual TLS to the workers
+        self.restart_grace_s = restart_grace_s
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._known: dict[Role, dict[str, WorkerLoad]] = {role: {} for role in Role}  # from the last registry read
+        self._redis_id: str | None = None
+        self._keep_until = 0.0  # (monotonic) Redis restarted: until then, workers missing from it are kept
+        self._gone: dict[str, asyncio.Event] = {}  # decode address -> set when that worker leaves the registry
+        self._probes: dict[str, asyncio.Task[None]] = {}
         self._warned: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
 
     # ---- stubs -------------------------------------------------------------------------------------
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = channel(address)
+            self._channels[address] = channel(address, self.tls)
         return self._channels[address]
 
     def decode_stub(self, address: str) -> baton_pb2_grpc.DecodeWorkerStub:
@@ -66,6 +75,8 @@ class WorkerPool:
         self._task = asyncio.create_task(self._run(), name="worker-pool")
 
     async def close(self) -> None:
+        for probe in list(self._probes.values()):
+            probe.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -88,13 +99,37 @@ class WorkerPool:
     # ---- polling -----------------------------------------------------------------------------------
     async def poll(self) -> None:
         """Refresh every worker's load in the scheduler."""
+        if self.registry is not None:
+            await self._poll_registry()
+            return
         for role in Role:
-            if self.registry is not None:
-                loads = await self._from_registry(role)
-            else:
-                loads = list(await asyncio.gather(*(self._ask(role, a) for a in self.static[role])))
-            if loads is not None:
-                self.scheduler.update(role, loads)
+            self.scheduler.update(role, list(await asyncio.gather(*(self._ask(role, a) for a in self.static[role]))))
+
+    def gone(self, address: str) -> asyncio.Event:
+        """Set when the decode worker at `address` leaves the registry (it missed its heartbeats, or stopped):
+        requests still streaming from it are resumed elsewhere. (Without a registry a dead worker's streams
+        break on their own, at the latest when gRPC keepalive gives up on its connection.)"""
+        return self._gone.setdefault(address, asyncio.Event())
+
+    async def _confirm_gone(self, address: str, timeout_s: float = 2.0) -> None:
+        """A decode worker left the registry. It is gone if it does not answer either; one that answers only missed
+        heartbeats (a busy machine, Redis trouble on its side), and its requests stay where they are."""
+        try:
+            await self.decode_stub(address).Occupancy(pb.OccupancyRequest(), timeout=timeout_s)
+            log.info("decode worker %s left the registry but still answers: its requests stay", address)
+        except grpc.aio.AioRpcError as e:
+            log.warning("decode worker %s left the registry and does not answer (%s): resuming its requests elsewhere",
+                        address, e.code().name)
+            self.lost(address)
+        finally:
+            self._probes.pop(address, None)
+
+    def lost(self, address: str) -> None:
+        """The worker at `address` is gone: wake the requests waiting on it (a worker that comes back later
+        under the same address starts with a fresh event)."""
+        event = self._gone.pop(address, None)
+        if event is not None:
+            event.set()
 
     async def _ask(self, role: Role, address: str) -> WorkerLoad:
         """One worker's Occupancy over gRPC; unhealthy when it cannot be reached or serves another model."""
@@ -120,16 +155,37 @@ class WorkerPool:
         load.healthy = self._same_model(role, address, resp.model_fingerprint)
         return load
 
-    async def _from_registry(self, role: Role) -> list[WorkerLoad] | None:
-        """The registry's workers of a role; None (keep the last known loads) while Redis cannot be read."""
+    async def _poll_registry(self) -> None:
+        """The registry's workers. Redis failing never costs a worker: while it cannot be read the last known
+        loads stay; when it comes back restarted (empty), workers missing from it are kept for restart_grace_s,
+        time for their heartbeats to publish them again. Otherwise a worker missing from it is gone."""
         assert self.registry is not None
         try:
-            infos = await self.registry.workers(role.value)
+            server_id = await self.registry.server_id()
+            infos = {role: await self.registry.workers(role.value) for role in Role}
         except Exception as e:  # noqa: BLE001 - keep the last known loads while Redis is away
             self._warn_once(self.registry.url, "registry", f"registry {self.registry.url} unreadable: {e}")
-            return None
-        self._warned.discard((self.registry.url, "registry"))
-        return [self._load_of(role, info) for info in infos]
+            return
+        if (self.registry.url, "registry") in self._warned:
+            self._warned.discard((self.registry.url, "registry"))
+            log.info("registry %s readable again", self.registry.url)
+        now = time.monotonic()
+        if self._redis_id is not None and server_id != self._redis_id:
+            self._keep_until = now + self.restart_grace_s
+            log.warning("registry %s restarted: keeping the known workers for %gs while they register again",
+                        self.registry.url, self.restart_grace_s)
+        self._redis_id = server_id
+        for role in Role:
+            loads = {info.address: self._load_of(role, info) for info in infos[role]}
+            if now < self._keep_until:
+                for address, load in self._known[role].items():
+                    loads.setdefault(address, load)
+            for address in self._known[role].keys() - loads.keys():
+                log.info("%s worker %s left the registry", role.value, address)
+                if role is Role.DECODE and address in self._gone and address not in self._probes:
+                    self._probes[address] = asyncio.create_task(self._confirm_gone(address))
+            self._known[role] = loads
+            self.scheduler.update(role, list(loads.values()))
 
     def _load_of(self, role: Role, info: WorkerInfo) -> WorkerLoad:
         occ = info.occupancy

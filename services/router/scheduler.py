@@ -67,6 +67,13 @@ class _Worker:
     tickets: dict[int, Ticket] = field(default_factory=dict)  # assigned, accepted or done, not yet reported
     refused_at: float | None = None  # it refused a request: full until a later report says otherwise
     kv_capacity: int = 0  # the most KV tokens it was ever seen to hold and have free: a lower bound of its budget
+    failed_at: float | None = None  # the router could not reach it: unhealthy until a report measured after that
+
+    @property
+    def healthy(self) -> bool:
+        # A registry read repeats the same record until the worker's next heartbeat: only a report measured after
+        # the failure may bring a worker back (a dead one never publishes again).
+        return self.load.healthy and (self.failed_at is None or self.load.as_of > self.failed_at)
 
     def unreported(self, t: Ticket) -> bool:
         """The ticket is live but the last report does not include it yet."""
@@ -139,7 +146,7 @@ class Scheduler:
         out = []
         for w in self._workers[role].values():
             rows, kv, waiting = w.effective()
-            out.append(WorkerLoad(w.load.address, rows, kv, waiting, w.load.active_rows, w.load.healthy,
+            out.append(WorkerLoad(w.load.address, rows, kv, waiting, w.load.active_rows, w.healthy,
                                   w.load.kv_tokens_used, w.load.as_of))
         return out
 
@@ -149,7 +156,7 @@ class Scheduler:
         best: list[str] = []
         best_capacity = 0
         for address, w in self._workers[Role.DECODE].items():
-            if not w.load.healthy:
+            if not w.healthy:
                 continue
             rows, kv, _ = w.effective()
             capacity = min(rows, kv // max(1, need_tokens))
@@ -197,7 +204,7 @@ class Scheduler:
             raise
 
     def _check_fits(self, need_tokens: int) -> None:
-        healthy = [w for w in self._workers[Role.DECODE].values() if w.load.healthy]
+        healthy = [w for w in self._workers[Role.DECODE].values() if w.healthy]
         if not healthy:
             raise Unavailable("no decode worker is available", retry_after_s=self.retry_after_s)
         largest = max(w.kv_capacity for w in healthy)
@@ -232,7 +239,7 @@ class Scheduler:
         queues = {
             address: w.effective()[2]
             for address, w in self._workers[Role.PREFILL].items()
-            if w.load.healthy and address not in skip
+            if w.healthy and address not in skip
         }
         if not queues:
             raise Unavailable("no prefill worker is available", retry_after_s=self.retry_after_s)
@@ -262,7 +269,7 @@ class Scheduler:
         ticket.done_at = self.clock()  # release() is then a no-op
         if w is not None:
             w.tickets.pop(ticket.id, None)
-            w.load.healthy = False
+            w.failed_at = ticket.done_at
         self._wake()
 
     def release(self, ticket: Ticket) -> None:

@@ -1,0 +1,227 @@
+"""`baton bench serve`: load a running Baton service with a named workload and measure what clients see.
+
+    baton bench serve --url 127.0.0.1:50051 --workload poisson --rate 2 --duration 120 --out serve.json
+    baton bench serve --workload mixed --rate inf --out serve-mixed.json         # all 64 at t=0, as `bench engine`
+    baton bench serve --workload poisson --rates 0.5,1,2,4 --duration 120 --policy orca --out-dir results/serve
+
+Requests are drawn from the same named, seeded workloads as `baton bench engine` (workloads.py), tokenized with
+the service's tokenizer (--model, as the service was started with) and sent as token ids over the router's gRPC
+streaming API with EOS ignored (loadgen.py). Arrivals:
+
+- `--rate inf` (the default for `mixed`): the whole workload at t=0, the very requests `baton bench engine`
+  serves for the same workload, seed and --requests (its --num-requests);
+- `--rate R --requests N` (or neither, for the workload's own count): N Poisson arrivals, the same requests and
+  arrival times as `baton bench engine --rate R --num-requests N`;
+- `--rate R --duration S`: Poisson arrivals for S seconds, cycling through the workload's requests.
+
+Each rate ends when its last request has; throughput is over that time. `--rates` runs several rates one after
+another. Results: one JSON object per rate (--out FILE.json holds one object, or a list for several rates;
+--out-dir DIR gets <workload>[-rate<R>]-<policy>.json per rate); `baton bench plot` draws them against the rate.
+The service does not say which decode policy it runs: name it with --policy (a label in the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from baton.bench.engine_bench import output_paths, percentiles
+from baton.bench.loadgen import Outcome, plan, poisson_arrivals, run_load, warm_up
+from baton.bench.workloads import WORKLOADS, WorkloadSpec, draw, get_workload
+from baton.cli import env_default
+from baton.client import BatonError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="127.0.0.1:50051", help="the router's gRPC address host:port")
+    p.add_argument("--model", default=env_default("model", "smollm2-135m"),
+                   help="the model the service runs, for its tokenizer (default smollm2-135m)")
+    p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS), help="named workload (default mixed)")
+    p.add_argument("--rate", type=float, help="Poisson arrivals in requests/s, or inf: all at t=0 "
+                                              "(default: the workload's own, inf for mixed)")
+    p.add_argument("--rates", help="several rates, comma separated, run one after another (e.g. 0.5,1,2,inf)")
+    p.add_argument("--duration", type=float, help="seconds of Poisson arrivals (finite rates)")
+    p.add_argument("--requests", type=int, help="number of requests (default: the workload's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawn workload and arrivals (default 0)")
+    p.add_argument("--prompt-min", type=int, help="override the shortest prompt (tokens)")
+    p.add_argument("--prompt-max", type=int, help="override the longest prompt (tokens)")
+    p.add_argument("--output-min", type=int, help="override the fewest output tokens")
+    p.add_argument("--output-max", type=int, help="override the most output tokens")
+    p.add_argument("--policy", default=env_default("policy", "unknown"),
+                   help="the service's decode policy, recorded in the results (baton, orca, static)")
+    p.add_argument("--api-key", default=env_default("api_key"), help="the router's --api-key, if it has one")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
+    p.add_argument("--out", type=Path, help="result JSON file (a list when several rates)")
+    p.add_argument("--out-dir", type=Path, help="directory for <workload>[-rate<R>]-<policy>.json files")
+    p.add_argument("--no-warmup", action="store_true", help="skip the two untimed warm-up requests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_rates(args: argparse.Namespace, spec: WorkloadSpec) -> list[float]:
+    """The rates to run, inf meaning all at t=0."""
+    if args.rates is not None and args.rate is not None:
+        raise ValueError("give --rate or --rates, not both")
+    if args.rates is not None:
+        try:
+            rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"--rates: not a list of numbers: {args.rates!r}") from None
+    elif args.rate is not None:
+        rates = [float(args.rate)]
+    else:
+        rates = [math.inf if spec.rate is None else spec.rate]
+    if not rates or any(math.isnan(r) or r <= 0 for r in rates):
+        raise ValueError("rates must be > 0 requests/s (or inf)")
+    return rates
+
+
+def grpc_address(url: str) -> str:
+    if url.startswith(("http://", "https://")):
+        raise ValueError(f"--url {url!r}: give the router's gRPC address (host:port, its --grpc-port), not HTTP")
+    address = url.removeprefix("grpc://").rstrip("/")
+    if ":" not in address:
+        raise ValueError(f"--url {url!r}: expected host:port")
+    return address
+
+
+def load_tokenizer(model: str) -> tuple[Any, int]:
+    """The model's tokenizer (None if it has none) and vocabulary size, without loading its weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from baton.engine.models import resolve_model_path
+
+    path = resolve_model_path(model)
+    vocab = int(AutoConfig.from_pretrained(path).vocab_size)
+    try:
+        return AutoTokenizer.from_pretrained(path), vocab
+    except (OSError, ValueError):
+        return None, vocab
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        address = grpc_address(args.url)
+        if args.out is not None and args.out_dir is not None:
+            raise ValueError("give --out or --out-dir, not both")
+        if args.duration is not None and not args.duration > 0:
+            raise ValueError("--duration must be > 0 seconds")
+        spec = get_workload(args.workload, num_requests=args.requests, seed=args.seed, prompt_min=args.prompt_min,
+                            prompt_max=args.prompt_max, output_min=args.output_min, output_max=args.output_max)
+        rates = parse_rates(args, spec)
+    except ValueError as e:
+        print(f"baton bench serve: {e}", file=sys.stderr)
+        return 2
+    tokenizer, vocab = load_tokenizer(args.model)
+    return asyncio.run(sweep(args, address, spec, rates, tokenizer, vocab))
+
+
+async def sweep(args: argparse.Namespace, address: str, spec: WorkloadSpec, rates: list[float], tokenizer: Any,
+                vocab: int) -> int:
+    reports: list[dict[str, Any]] = []
+    if not args.no_warmup:
+        try:
+            await warm_up(address, draw(spec, tokenizer, vocab)[:1], api_key=args.api_key)
+        except BatonError as e:
+            print(f"baton bench serve: the service at {address} failed its warm-up requests: {e}", file=sys.stderr)
+            return 1
+    for rate in rates:
+        report = await run_rate(args, address, spec, rate, tokenizer, vocab)
+        reports.append(report)
+        save(reports, args.out, args.out_dir)
+        print(one_line(report), flush=True)
+    written = sorted({str(p) for p in output_paths(reports, args.out, args.out_dir) if p is not None})
+    print("wrote " + ", ".join(written) if written else "(no --out/--out-dir: results not saved)")
+    return 0 if all(r["requests_completed"] > 0 for r in reports) else 1
+
+
+async def run_rate(args: argparse.Namespace, address: str, spec: WorkloadSpec, rate: float, tokenizer: Any,
+                   vocab: int) -> dict[str, Any]:
+    if math.isinf(rate):
+        planned = plan(draw(dataclasses.replace(spec, rate=None), tokenizer, vocab))
+    elif args.duration is not None:
+        pool = draw(dataclasses.replace(spec, rate=None), tokenizer, vocab)
+        planned = plan(pool, poisson_arrivals(rate, spec.seed, duration=args.duration, count=args.requests))
+    else:
+        pool = draw(dataclasses.replace(spec, rate=rate), tokenizer, vocab)
+        planned = plan(pool, [r.arrival_s for r in pool])
+    desc = "all at t=0" if math.isinf(rate) else f"{rate:g} req/s"
+    outcomes, elapsed = await run_load(address, planned, args.request_timeout, progress=not args.no_progress,
+                                       desc=desc, api_key=args.api_key)
+    return make_report(outcomes, elapsed, args, spec, rate)
+
+
+def save(reports: list[dict[str, Any]], out: Path | None, out_dir: Path | None) -> None:
+    """Write what has been measured so far (an interrupted sweep keeps its finished rates)."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) + "\n")
+    elif out_dir is not None:
+        path = output_paths(reports[-1:], None, out_dir)[0]
+        assert path is not None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(reports[-1], indent=2) + "\n")
+
+
+def make_report(outcomes: list[Outcome], elapsed: float, args: argparse.Namespace, spec: WorkloadSpec,
+                rate: float) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.ok]
+    out_tokens = sum(o.output_tokens for o in ok)
+    tpot = [(o.e2e_s - o.ttft_s) / (o.output_tokens - 1) for o in ok
+            if o.output_tokens > 1 and o.e2e_s is not None and o.ttft_s is not None]
+    finite = not math.isinf(rate)
+    return {
+        "kind": "serve",
+        "url": args.url,
+        "workload": spec.name,
+        "workload_params": spec.params(),
+        "rate": rate if finite else None,  # requests/s; null: all at t=0
+        "arrivals": "poisson" if finite else "all at t=0",
+        "duration": args.duration if finite else None,  # seconds of arrivals asked for; null: a fixed count
+        "seed": spec.seed,
+        "policy": args.policy,
+        "model": args.model,
+        "num_requests": len(outcomes),
+        "requests_completed": len(ok),
+        "requests_failed": len(outcomes) - len(ok),
+        "errors": dict(Counter(o.error or "INCOMPLETE" for o in outcomes if not o.ok)),
+        "prompt_tokens": sum(o.prompt_len for o in ok),
+        "output_tokens": out_tokens,
+        "requested_output_tokens": sum(o.max_new_tokens for o in ok),
+        "duration_s": elapsed,  # from the start to the end of the last request
+        "output_tokens_per_s": out_tokens / elapsed if elapsed > 0 else None,
+        "requests_per_s": len(ok) / elapsed if elapsed > 0 else None,
+        "ttft_s": percentiles([o.ttft_s for o in ok if o.ttft_s is not None]),
+        "itl_s": percentiles([x for o in ok for x in o.itl_s]),
+        "tpot_s": percentiles(tpot),
+        "e2e_s": percentiles([o.e2e_s for o in ok if o.e2e_s is not None]),
+        "send_lag_s": percentiles([o.sent_s - o.scheduled_s for o in outcomes]),  # the client keeping up
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "client": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                   "python": platform.python_version()},
+        "requests": [o.summary() for o in outcomes],
+    }
+
+
+def _fmt(x: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if x is None else f"{x * scale:.{digits}f}"
+
+
+def one_line(r: dict[str, Any]) -> str:
+    rate = "all at t=0" if r["rate"] is None else f"{r['rate']:g} req/s"
+    errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items())
+    return (f"{r['policy']} @ {rate}: {r['requests_completed']}/{r['num_requests']} completed"
+            f"{f' ({errors})' if errors else ''}, {_fmt(r['output_tokens_per_s'], digits=1)} tok/s, "
+            f"{_fmt(r['requests_per_s'], digits=3)} req/s, TTFT p50/p90/p99 {_fmt(r['ttft_s']['p50'])}/"
+            f"{_fmt(r['ttft_s']['p90'])}/{_fmt(r['ttft_s']['p99'])} s, ITL p50/p99 "
+            f"{_fmt(r['itl_s']['p50'], 1000, 1)}/{_fmt(r['itl_s']['p99'], 1000, 1)} ms, e2e p50/p99 "
+            f"{_fmt(r['e2e_s']['p50'])}/{_fmt(r['e2e_s']['p99'])} s, {r['duration_s']:.1f} s")
