@@ -7,6 +7,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from baton.logs import setup_logging
 
@@ -32,35 +34,40 @@ def env_default(name: str, default: str | None = None) -> str | None:
     return os.environ.get("BATON_" + name.upper().replace("-", "_"), default)
 
 
+def flag(p: argparse.ArgumentParser, name: str, default: Any = None, type: Callable[[str], Any] = str,
+         **kwargs: Any) -> None:
+    """Add `name` (e.g. "--max-batch") with its environment twin (BATON_MAX_BATCH) as the default when set."""
+    env = env_default(name.lstrip("-"))
+    p.add_argument(name, type=type, default=default if env in (None, "") else type(env), **kwargs)
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=env_default("model", "smollm2-135m"),
-        help="smollm2-135m (embedded), a Hugging Face model directory, or a Hub id fetched at start (org/name)",
-    )
-    p.add_argument(
-        "--device", default=env_default("device"), help="cpu, cuda, cuda:1 ... (default: cuda if present)"
-    )
-    p.add_argument(
-        "--dtype",
-        default=env_default("dtype", "auto"),
-        help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=int(env_default("threads", "0") or 0),
-        help="torch CPU threads (0: torch's default)",
-    )
+    flag(p, "--model", "smollm2-135m",
+         help="smollm2-135m (embedded), a Hugging Face model directory, or a Hub id fetched at start (org/name)")
+    flag(p, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    flag(p, "--dtype", "auto", help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    flag(p, "--threads", 0, int, help="torch CPU threads (0: torch's default)")
 
 
 def add_tls_arguments(p: argparse.ArgumentParser) -> None:
     """Mutual TLS between Baton's services (all three or none; see baton.rpc.server.TlsConfig)."""
-    p.add_argument("--tls-cert", default=env_default("tls_cert"),
-                   help="PEM certificate of this service, signed by --tls-ca (enables mutual TLS between services)")
-    p.add_argument("--tls-key", default=env_default("tls_key"), help="PEM private key of --tls-cert")
-    p.add_argument("--tls-ca", default=env_default("tls_ca"),
-                   help="PEM CA certificate: peers must present a certificate it signed")
+    flag(p, "--tls-cert", help="PEM certificate of this service, signed by --tls-ca (enables mutual TLS)")
+    flag(p, "--tls-key", help="PEM private key of --tls-cert")
+    flag(p, "--tls-ca", help="PEM CA certificate: peers must present a certificate it signed")
+
+
+def add_worker_arguments(p: argparse.ArgumentParser, port: int, metrics_port: int, drain_s: float,
+                         drain_help: str) -> None:
+    """The flags prefill and decode workers share: where they listen, how they register, drain, TLS, model."""
+    flag(p, "--host", "0.0.0.0", help="address to listen on")
+    flag(p, "--port", port, int, help="gRPC port")
+    flag(p, "--advertise", help="host:port other services dial (default: this machine's address and --port)")
+    flag(p, "--redis", help="registry URL to register with, e.g. redis://redis:6379/0")
+    flag(p, "--heartbeat-s", 1.0, float, help="seconds between registry heartbeats")
+    flag(p, "--drain-s", drain_s, float, help=drain_help)
+    flag(p, "--metrics-port", metrics_port, int, help="HTTP port of the Prometheus /metrics endpoint (0: none)")
+    add_tls_arguments(p)
+    add_model_arguments(p)
 
 
 def _chosen(argv: list[str]) -> tuple[str, ...] | None:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 
-from baton.cli import add_model_arguments, add_tls_arguments, env_default
+from baton.cli import add_worker_arguments, flag
 from baton.engine.engine import POLICIES
 from baton.engine.models import load_model
 from baton.metrics import DECODE_METRICS_PORT, serve_metrics
@@ -27,55 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=env_default("host", "0.0.0.0"), help="address to listen on")
-    p.add_argument("--port", type=int, default=int(env_default("port", "50061") or 50061))
-    p.add_argument(
-        "--advertise",
-        default=env_default("advertise"),
-        help="host:port other services dial (default: this machine's name and --port)",
-    )
-    p.add_argument(
-        "--max-batch", type=int, default=int(env_default("max_batch", "32") or 32), help="rows of the decode batch"
-    )
-    p.add_argument(
-        "--max-kv-tokens",
-        type=int,
-        default=int(env_default("max_kv_tokens", "0") or 0),
-        help="KV tokens the worker may promise (0: max-batch x min(model context, 2048))",
-    )
-    p.add_argument(
-        "--policy",
-        choices=POLICIES,
-        default=env_default("policy", "baton"),
-        help="baton splices prefilled KV; orca and static recompute the prompt here",
-    )
-    p.add_argument(
-        "--kv-timeout-s",
-        type=float,
-        default=float(env_default("kv_timeout_s", str(DEFAULT_KV_TIMEOUT_S)) or DEFAULT_KV_TIMEOUT_S),
-        help="how long a reservation waits for its KV when the request does not say",
-    )
-    p.add_argument("--redis", default=env_default("redis"), help="redis://host:port to register with")
-    p.add_argument(
-        "--drain-s",
-        type=float,
-        default=float(env_default("drain_s", "60") or 60),
-        help="on SIGTERM, seconds allowed for live requests to finish before they are handed off to other workers",
-    )
-    p.add_argument(
-        "--heartbeat-s",
-        type=float,
-        default=float(env_default("heartbeat_s", "1.0") or 1.0),
-        help="seconds between registry heartbeats",
-    )
-    add_tls_arguments(p)
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env_default("metrics_port", str(DECODE_METRICS_PORT)) or 0),
-        help="HTTP port of the Prometheus /metrics endpoint (0: none)",
-    )
-    add_model_arguments(p)
+    add_worker_arguments(p, port=50061, metrics_port=DECODE_METRICS_PORT, drain_s=60.0,
+                         drain_help="on SIGTERM, seconds live requests may take before they are handed off")
+    flag(p, "--max-batch", 32, int, help="rows of the decode batch")
+    flag(p, "--max-kv-tokens", 0, int,
+         help="KV tokens the worker may promise (0: max-batch x min(model context, 2048))")
+    flag(p, "--policy", "baton", choices=POLICIES,
+         help="baton splices prefilled KV; orca and static recompute the prompt here")
+    flag(p, "--kv-timeout-s", DEFAULT_KV_TIMEOUT_S, float,
+         help="how long a reservation waits for its KV when the request does not say")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 
-from baton.cli import add_model_arguments, add_tls_arguments, env_default
+from baton.cli import add_worker_arguments, flag
 from baton.engine.models import LoadedModel, load_model
 from baton.metrics import PREFILL_METRICS_PORT, serve_metrics
 from baton.rpc.registry import RedisRegistry, WorkerInfo, heartbeat, occupancy_dict
@@ -25,47 +25,11 @@ log = logging.getLogger("baton.prefill")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--host", default=env_default("host", "0.0.0.0"), help="interface to listen on")
-    p.add_argument("--port", type=int, default=int(env_default("port", "50071") or 50071))
-    p.add_argument(
-        "--advertise",
-        default=env_default("advertise"),
-        help="host:port that other services dial (default: this host's name and --port)",
-    )
-    p.add_argument("--redis", default=env_default("redis"), help="registry URL, e.g. redis://redis:6379/0")
-    p.add_argument("--redis-prefix", default=env_default("redis_prefix", "baton"), help="registry key prefix")
-    p.add_argument(
-        "--heartbeat-s",
-        type=float,
-        default=float(env_default("heartbeat_s", "1.0") or 1.0),
-        help="seconds between registry heartbeats",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=int(env_default("max_queue", "1024") or 1024),
-        help="queued prefills beyond which new ones are refused with RESOURCE_EXHAUSTED",
-    )
-    p.add_argument(
-        "--push-timeout-s",
-        type=float,
-        default=float(env_default("push_timeout_s", "60") or 60),
-        help="seconds allowed for shipping one KV payload to a decode worker",
-    )
-    p.add_argument(
-        "--drain-s",
-        type=float,
-        default=float(env_default("drain_s", "30") or 30),
-        help="on SIGTERM, seconds allowed for accepted prefills to finish",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env_default("metrics_port", str(PREFILL_METRICS_PORT)) or 0),
-        help="HTTP port of the Prometheus /metrics endpoint (0: none)",
-    )
-    add_tls_arguments(p)
+    add_worker_arguments(p, port=50071, metrics_port=PREFILL_METRICS_PORT, drain_s=30.0,
+                         drain_help="on SIGTERM, seconds allowed for accepted prefills to finish")
+    flag(p, "--redis-prefix", "baton", help="registry key prefix")
+    flag(p, "--max-queue", 1024, int, help="queued prefills beyond which new ones are refused (RESOURCE_EXHAUSTED)")
+    flag(p, "--push-timeout-s", 60.0, float, help="seconds allowed for shipping one KV payload to a decode worker")
 
 
 async def serve(lm: LoadedModel, args: argparse.Namespace) -> int:

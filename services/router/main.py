@@ -19,7 +19,7 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-from baton.cli import add_model_arguments, add_tls_arguments, env_default
+from baton.cli import add_model_arguments, add_tls_arguments, env_default, flag
 from baton.rpc.server import TlsConfig, create_server, set_serving
 from services.router.core import Router
 from services.router.grpc_api import router_service
@@ -35,32 +35,26 @@ def _addresses(name: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=env_default("host", "0.0.0.0"), help="address to listen on")
-    p.add_argument("--grpc-port", type=int, default=int(env_default("grpc_port", "50051") or 50051))
-    p.add_argument("--http-port", type=int, default=int(env_default("http_port", "8000") or 8000),
-                   help="OpenAI-compatible HTTP API (0: none)")
+    flag(p, "--host", "0.0.0.0", help="address to listen on")
+    flag(p, "--grpc-port", 50051, int, help="public gRPC API")
+    flag(p, "--http-port", 8000, int, help="OpenAI-compatible HTTP API and /metrics (0: none)")
     p.add_argument("--decode", nargs="+", action="extend", default=_addresses("decode"), metavar="HOST:PORT",
                    help="decode worker addresses")
     p.add_argument("--prefill", nargs="+", action="extend", default=_addresses("prefill"), metavar="HOST:PORT",
                    help="prefill worker addresses")
-    p.add_argument("--redis", default=env_default("redis"), help="redis://host:port to find workers in instead")
-    p.add_argument("--poll-s", type=float, default=float(env_default("poll_s", "0.2") or 0.2),
-                   help="seconds between reads of the workers' load")
-    p.add_argument("--max-queue", type=int, default=int(env_default("max_queue", "256") or 256),
-                   help="requests that may wait for a decode worker; more are refused (RESOURCE_EXHAUSTED)")
-    p.add_argument("--queue-timeout-s", type=float, default=float(env_default("queue_timeout_s", "30") or 30),
-                   help="how long a request waits for a decode worker before it is refused")
-    p.add_argument("--kv-timeout-s", type=float, default=float(env_default("kv_timeout_s", "30") or 30),
-                   help="how long a decode worker holds a reserved row for the prompt's KV")
-    p.add_argument("--max-retries", type=int, default=int(env_default("max_retries", "3") or 3),
-                   help="times one request may be resumed or re-prefilled on other workers after a failure")
-    p.add_argument("--grace-s", type=float, default=float(env_default("grace_s", "10") or 10),
-                   help="on SIGTERM, how long calls in flight may take to finish")
-    p.add_argument("--api-key", default=env_default("api_key"),
-                   help="require this bearer token on the public API (HTTP Authorization, gRPC authorization "
-                        "metadata); /health, /metrics and gRPC health stay open")
-    p.add_argument("--max-body-bytes", type=int, default=int(env_default("max_body_bytes", str(4 << 20)) or 4 << 20),
-                   help="largest HTTP body (else 413) and gRPC request message (else RESOURCE_EXHAUSTED) accepted")
+    flag(p, "--redis", help="redis://host:port to find workers in instead")
+    flag(p, "--poll-s", 0.2, float, help="seconds between reads of the workers' load")
+    flag(p, "--max-queue", 256, int,
+         help="requests that may wait for a decode worker; more are refused (RESOURCE_EXHAUSTED)")
+    flag(p, "--queue-timeout-s", 30.0, float, help="how long a request waits for a decode worker before it is refused")
+    flag(p, "--kv-timeout-s", 30.0, float, help="how long a decode worker holds a reserved row for the prompt's KV")
+    flag(p, "--max-retries", 3, int,
+         help="times one request may be resumed or re-prefilled on other workers after a failure")
+    flag(p, "--grace-s", 10.0, float, help="on SIGTERM, how long calls in flight may take to finish")
+    flag(p, "--api-key", help="require this bearer token on the public API (HTTP Authorization, gRPC "
+                              "authorization metadata); /health, /metrics and gRPC health stay open")
+    flag(p, "--max-body-bytes", 4 << 20, int,
+         help="largest HTTP body (else 413) and gRPC request message (else RESOURCE_EXHAUSTED) accepted")
     add_tls_arguments(p)
     add_model_arguments(p)
 
