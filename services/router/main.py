@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import logging
 import signal
 from collections.abc import Iterator
@@ -128,15 +126,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def _http_server(router: Router, args: argparse.Namespace) -> Any:
-    """A uvicorn server for http_api.create_app(router), or None when there is no HTTP API."""
-    if importlib.util.find_spec("services.router.http_api") is None:
-        log.warning("no services/router/http_api.py: serving gRPC only")
-        return None
-    http_api = importlib.import_module("services.router.http_api")
-    if not hasattr(http_api, "create_app"):
-        log.warning("services/router/http_api.py has no create_app(router): serving gRPC only")
-        return None
+    """A uvicorn server for the OpenAI-compatible HTTP API (services/router/http_api.py)."""
     import uvicorn
+
+    from services.router import http_api
 
     class Server(uvicorn.Server):
         """uvicorn without its own signal handlers: this process handles SIGTERM/SIGINT for both servers."""
