@@ -16,20 +16,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from baton.cli import add_model_arguments, env_default
+from baton.cli import add_model_arguments, env_default, flag
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--prefill-workers", type=int, default=int(env_default("prefill_workers", "1") or 1))
-    p.add_argument("--decode-workers", type=int, default=int(env_default("decode_workers", "1") or 1))
-    p.add_argument("--host", default=env_default("host", "127.0.0.1"), help="address the router listens on")
-    p.add_argument("--http-port", type=int, default=int(env_default("http_port", "8000") or 8000))
-    p.add_argument("--grpc-port", type=int, default=int(env_default("grpc_port", "50051") or 50051))
-    p.add_argument("--max-batch", type=int, default=int(env_default("max_batch", "32") or 32))
-    p.add_argument("--policy", default=env_default("policy", "baton"), choices=["baton", "orca", "static"])
-    p.add_argument("--redis", default=env_default("redis"), help="use this Redis as the worker registry")
-    p.add_argument("--startup-timeout", type=float, default=180.0)
+    flag(p, "--prefill-workers", 1, int, help="prefill worker processes")
+    flag(p, "--decode-workers", 1, int, help="decode worker processes")
+    flag(p, "--host", "127.0.0.1", help="address the router listens on")
+    flag(p, "--http-port", 8000, int, help="OpenAI-compatible HTTP API")
+    flag(p, "--grpc-port", 50051, int, help="gRPC API")
+    flag(p, "--max-batch", 32, int, help="rows of each decode worker's batch")
+    flag(p, "--policy", "baton", choices=["baton", "orca", "static"], help="decode workers' engine policy")
+    flag(p, "--redis", help="use this Redis as the worker registry")
+    flag(p, "--startup-timeout", 180.0, float, help="seconds every service has to become healthy")
 
 
 def free_port(taken: set[int] | None = None) -> int:
@@ -45,23 +45,19 @@ def free_port(taken: set[int] | None = None) -> int:
 
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Block until the gRPC health service at `address` says SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """Block until the gRPC health service at `address` says SERVING (over mutual TLS when BATON_TLS_* are set:
+    the services started here read the same variables)."""
+    from baton.health import is_serving
+    from baton.rpc.server import TlsConfig
 
+    tls = TlsConfig.from_files(env_default("tls_cert"), env_default("tls_key"), env_default("tls_ca"))
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"process for {address} exited with code {proc.returncode}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process for {address} exited with code {proc.returncode}")
+        if is_serving(address, 1.0, tls):
+            return
+        time.sleep(0.2)
     raise TimeoutError(f"{address} did not become healthy within {timeout:.0f} s")
 
 
