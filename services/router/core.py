@@ -166,7 +166,7 @@ class Router:
         vocab_size: int,
         pool: WorkerPool,
         kv_timeout_s: float = 30.0,
-        queue_timeout_s: float = 30.0,
+        queue_timeout_s: float | None = None,
         max_retries: int = 3,
     ) -> None:
         self.tokenizer, self.model_name = tokenizer, model_name

@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--poll-s", 0.2, float, help="seconds between reads of the workers' load")
     flag(p, "--max-queue", 256, int,
          help="requests that may wait for a decode worker; more are refused (RESOURCE_EXHAUSTED)")
-    flag(p, "--queue-timeout-s", 30.0, float, help="how long a request waits for a decode worker before it is refused")
+    flag(p, "--queue-timeout-s", 0.0, float,
+         help="how long a queued request waits for a decode worker before it is refused (0: until its deadline)")
     flag(p, "--kv-timeout-s", 30.0, float, help="how long a decode worker holds a reserved row for the prompt's KV")
     flag(p, "--max-retries", 3, int,
          help="times one request may be resumed or re-prefilled on other workers after a failure")
@@ -86,7 +87,7 @@ async def _track_readiness(router: Router, health: Any, services: list[Any], pol
 async def serve(args: argparse.Namespace) -> int:
     pool = WorkerPool(Scheduler(args.max_queue), args.decode, args.prefill, args.redis, args.poll_s,
                       tls=getattr(args, "tls", None))
-    router = Router.load(args.model, pool, kv_timeout_s=args.kv_timeout_s, queue_timeout_s=args.queue_timeout_s,
+    router = Router.load(args.model, pool, kv_timeout_s=args.kv_timeout_s, queue_timeout_s=args.queue_timeout_s or None,
                          max_retries=args.max_retries)
     await router.start()
     services = [router_service(router)]

@@ -35,6 +35,11 @@ KV_PUSH_FAILED = "KV push to decode worker"
 KV_LEASE_EXPIRED = "no KV arrived"
 
 
+# How long a recovering request waits for a decode worker to be known again when none is (the router's
+# --queue-timeout-s, when set, instead).
+RECOVERY_WAIT_S = 30.0
+
+
 class Recoverable(Exception):
     """An attempt failed in a way another attempt, on other workers, can repair; the message says what failed."""
 
@@ -88,7 +93,7 @@ class Attempt:
         start the prefill."""
         router = self.router
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + router.queue_timeout_s
+        give_up = loop.time() + (router.queue_timeout_s or RECOVERY_WAIT_S)
         while True:
             try:
                 self.ticket, self.call = await router._reserve(self.request, self.need_tokens, self.deadline, first)
