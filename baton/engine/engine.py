@@ -234,6 +234,13 @@ class Engine:
         if reason is not None:
             req.finish(reason)
 
+    def may_end(self, req: Request, token: int) -> bool:
+        """Whether `token`, as req's next output token, could end it (conservative: any stop string counts).
+        Reads only the request and the model's limits: safe outside the decode loop."""
+        p = req.params
+        return bool(token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids) or p.stop
+                    or len(req.output_ids) + 1 >= p.max_new_tokens)
+
     def _finish_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):

@@ -80,6 +80,7 @@ class Reservation:
         self.kv_at: float | None = None
         self.lease: asyncio.TimerHandle | None = None
         self.ended = False
+        self.early_token: int | None = None  # the first token, streamed when the KV came (see deliver_kv)
         self._events: asyncio.Queue[DecodeEvent | Exception] = asyncio.Queue()
 
     @property
@@ -247,6 +248,12 @@ class DecodeWorker:
         res.state, res.kv_at = SlotState.QUEUED, time.perf_counter()
         self._kv_received += 1
         self._inbox.put(_Add(res.request, payload))
+        if self.engine.policy == "baton" and not self.engine.may_end(res.request, payload.first_token):
+            # The prefill sampled the first token already: stream it now instead of after the next iteration
+            # boundary and a step (time to first token). The engine emits it again at the splice; _on_report
+            # drops that copy. A token that could end the request waits for the engine, which decides the end.
+            res.early_token = payload.first_token
+            res._push(DecodeEvent([payload.first_token]))
         self.metrics.kv_wait.observe(res.kv_at - res.reserved_at)
         self._publish()
 
@@ -330,6 +337,11 @@ class DecodeWorker:
             if res.state is not SlotState.RUNNING and res.kv_at is not None:
                 self.metrics.queue.observe(time.perf_counter() - res.kv_at)
             res.state = SlotState.RUNNING
+            if res.early_token is not None:  # streamed when its KV came
+                assert ev.token_ids[:1] == [res.early_token], "the engine's first token is the prefill's"
+                ev, res.early_token = DecodeEvent(ev.token_ids[1:], ev.finish_reason, ev.stop_text), None
+                if not ev.token_ids and ev.finish_reason is None:
+                    continue
             if ev.finish_reason is None:
                 res._push(ev)
             else:
