@@ -130,6 +130,26 @@ def test_staggered_requests_equal_generate(tiny_llama: LoadedModel, policy: str)
     run_with_worker(tiny_llama, body, policy=policy, max_batch=4)
 
 
+def test_first_token_streams_when_the_kv_arrives(tiny_llama: LoadedModel) -> None:
+    """Under baton the prefill's first token goes out at once, not after a splice and a step, and only once;
+    a first token that could end the request (here max_new_tokens 1) waits for the engine to decide."""
+    long, short = make("long", prompt(5, 9), 6), make("short", prompt(6, 9), 1)
+    payloads = {r.id: kv_for(tiny_llama, r) for r in (long, short)}
+
+    async def body(worker: DecodeWorker) -> None:
+        res_long, res_short = worker.reserve(long, 10.0), worker.reserve(short, 10.0)
+        worker.deliver_kv(payloads["long"])
+        worker.deliver_kv(payloads["short"])
+        # no await yet: nothing from the decode loop can have reached the event loop
+        assert res_long._events.qsize() == 1 and res_short._events.qsize() == 0
+        assert (await collect(res_long)) == (reference(tiny_llama, long.prompt_ids, 6), FinishReason.LENGTH)
+        assert (await collect(res_short)) == ([payloads["short"].first_token], FinishReason.LENGTH)
+        await until(lambda: worker.occupancy().active_rows == 0)
+        assert_empty(worker)
+
+    run_with_worker(tiny_llama, body)
+
+
 def test_cancel_frees_the_row_wherever_the_request_is(tiny_llama: LoadedModel) -> None:
     running, reserved = make("run", prompt(5, 10), 800), make("res", prompt(6, 4))
     payload = kv_for(tiny_llama, running)
