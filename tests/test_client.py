@@ -10,16 +10,14 @@ import asyncio
 import http.client
 import json
 import socket
-import threading
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from collections.abc import Iterator
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import grpc
 import openai
 import pytest
 import torch
-import uvicorn
 from transformers import PreTrainedTokenizerBase
 
 from baton.client import AsyncBatonClient, BatonClient, BatonError, Chunk, Completion
@@ -27,40 +25,11 @@ from baton.engine.models import LoadedModel
 from baton.engine.request import SamplingParams
 from baton.generate import add_arguments
 from baton.generate import main as generate_main
-from baton.rpc.server import Overloaded, Service, create_server
-from baton.v1 import baton_pb2_grpc
-from services.decode.server import decode_service
-from services.decode.worker import DecodeWorker
-from services.prefill.server import SERVICE_NAME as PREFILL_SERVICE
-from services.prefill.server import PrefillWorkerServicer
-from services.prefill.worker import PrefillWorker
-from services.router.core import Router
+from baton.rpc.server import Overloaded, create_server
 from services.router.grpc_api import router_service
 from services.router.http_api import create_app
-from services.router.pool import WorkerPool
-from services.router.scheduler import Scheduler
-from tests.conftest import VOCAB, make_tiny_llama
+from tests.inproc import Loop, Stack, running_stack
 from tests.test_http_api import ANSWER, FakeRouter, Served, answer_text, free_port, serve, wait_for
-
-T = TypeVar("T")
-
-
-class Loop:
-    """An event loop in a background thread: servers run there, so blocking clients can call them from the test's
-    thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class GrpcThread:
@@ -240,73 +209,12 @@ def test_cli_chat(http_api: Served, router: FakeRouter, capsys: pytest.CaptureFi
 
 
 # ---- the real router core, workers and model, all in this process --------------------------------------------
-@dataclass
-class Stack:
-    loop: Loop
-    grpc: str  # the router's gRPC address
-    http: Served  # the router's HTTP API
-    decode: DecodeWorker
-
-
 @pytest.fixture(scope="module")
 def stack(tokenizer: PreTrainedTokenizerBase) -> Iterator[Stack]:
     """Decode and prefill workers on the tiny Llama, the real router core, its gRPC and HTTP APIs, on one event
-    loop; each worker has a model of its own (the same weights as the tiny_llama fixture)."""
-    loop = Loop()
-    decode_addr, prefill_addr, router_addr = (f"127.0.0.1:{free_port()}" for _ in range(3))
-    http_port = free_port()
-    stops: list[Callable[[], Coroutine[Any, Any, Any]]] = []
-
-    async def start() -> DecodeWorker:
-        decode = DecodeWorker(make_tiny_llama(tokenizer), max_batch=4)
-        decode.start()
-        stops.append(decode.close)
-        await _serve([decode_service(decode)], decode_addr, stops)
-        prefill = PrefillWorker(make_tiny_llama(tokenizer))
-        servicer = PrefillWorkerServicer(prefill)
-
-        async def stop_prefill() -> None:
-            prefill.shutdown()
-            await servicer.close()
-
-        stops.append(stop_prefill)
-        await _serve([Service(servicer, baton_pb2_grpc.add_PrefillWorkerServicer_to_server, PREFILL_SERVICE)],
-                     prefill_addr, stops)
-        router = Router(tokenizer, "tiny-llama", 1024, VOCAB,
-                        WorkerPool(Scheduler(16), [decode_addr], [prefill_addr], poll_s=0.05))
-        await router.start()
-        stops.append(router.close)
-        await _serve([router_service(router)], router_addr, stops)
-        http = uvicorn.Server(uvicorn.Config(create_app(router), host="127.0.0.1", port=http_port,
-                                             log_level="warning", lifespan="off"))
-        task = asyncio.ensure_future(http.serve())
-
-        async def stop_http() -> None:
-            http.should_exit = True
-            await task
-
-        stops.append(stop_http)
-        while not http.started:
-            assert not task.done(), "uvicorn did not start"
-            await asyncio.sleep(0.01)
-        return decode
-
-    async def stop() -> None:
-        for fn in reversed(stops):
-            await fn()
-
-    try:
-        decode = loop.run(start())
-        yield Stack(loop, router_addr, Served("127.0.0.1", http_port), decode)
-    finally:
-        loop.run(stop())
-        loop.close()
-
-
-async def _serve(services: list[Service], address: str, stops: list[Callable[[], Coroutine[Any, Any, Any]]]) -> None:
-    server, _ = create_server(services, address)
-    await server.start()
-    stops.append(lambda: server.stop(0))
+    loop (tests/inproc.py)."""
+    with running_stack(tokenizer) as s:
+        yield s
 
 
 def reference(lm: LoadedModel, prompt: list[int], max_new: int) -> list[int]:
@@ -326,7 +234,7 @@ def test_real_stack(stack: Stack, tiny_llama: LoadedModel, tokenizer: PreTrained
         chunks = list(c.stream(prompt, max_new_tokens=8, ignore_eos=True))
         assert [t for ch in chunks for t in ch.token_ids] == want and "".join(ch.text for ch in chunks) == want_text
 
-    with openai.OpenAI(base_url=stack.http.base_url, api_key="x", max_retries=0, timeout=60) as oa:
+    with openai.OpenAI(base_url=f"{stack.http}/v1", api_key="x", max_retries=0, timeout=60) as oa:
         assert oa.models.list().data[0].id == "tiny-llama"
         r = oa.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0,
                                   extra_body={"ignore_eos": True})
@@ -342,16 +250,17 @@ def test_real_stack(stack: Stack, tiny_llama: LoadedModel, tokenizer: PreTrained
             oa.completions.create(model="tiny-llama", prompt=prompt, max_tokens=5000)
 
     # an HTTP client that goes away frees its decode row
-    conn = http.client.HTTPConnection(stack.http.host, stack.http.port, timeout=60)
+    url = urlsplit(stack.http)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
     body = {"prompt": prompt, "max_tokens": 900, "ignore_eos": True, "stream": True}
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline().startswith(b"data: {")
 
-    async def active_rows() -> int:
-        return stack.decode.occupancy().active_rows
+    def active_rows() -> int:
+        return stack.loop.call(lambda: stack.decode.occupancy().active_rows)
 
-    assert stack.loop.run(active_rows()) == 1
+    assert active_rows() == 1
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    wait_for(lambda: stack.loop.run(active_rows()) == 0, timeout=20)
+    wait_for(lambda: active_rows() == 0, timeout=20)
