@@ -271,7 +271,7 @@ def test_sampling_fields(client: openai.OpenAI, router: FakeRouter) -> None:
     client.completions.create(model="m", prompt="a", max_tokens=3, temperature=0.5, top_p=0.9, seed=7,
                               stop=["xyz", "abc"], user="u", n=1,
                               extra_body={"top_k": 20, "repetition_penalty": 1.2, "ignore_eos": True,
-                                          "stop_token_ids": [5], "metadata": {"a": 1}, "whatever": [1]})
+                                          "stop_token_ids": [5], "metadata": {"a": 1}, "store": False})
     client.completions.create(model="m", prompt="a", stop="xyz")
     first, second = (c.params for c in router.calls)
     assert first == SamplingParams(max_new_tokens=3, temperature=0.5, top_p=0.9, top_k=20, repetition_penalty=1.2,
@@ -320,6 +320,7 @@ def error_of(server: Served, path: str, body: Any, status: int = 400) -> dict[st
         ({"prompt": "a", "seed": -1}, "seed"),
         ({"prompt": "a", "stream": "yes"}, "stream"),
         ({"prompt": "a", "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+        ({"prompt": "a", "max_token": 5}, "max_token"),  # unknown fields are named, not ignored
     ],
 )
 def test_completion_refusals(server: Served, router: FakeRouter, body: dict[str, Any], param: str) -> None:
@@ -342,6 +343,7 @@ def test_completion_refusals(server: Served, router: FakeRouter, body: dict[str,
          "response_format"),
         ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
         ({"messages": [{"role": "user", "content": "x" * 3000}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "temprature": 0}, "temprature"),
     ],
 )
 def test_chat_refusals(server: Served, router: FakeRouter, body: dict[str, Any], param: str) -> None:

@@ -108,7 +108,8 @@ def api_error(exc: BaseException, params: dict[str, str]) -> ApiError:
 
 
 # ---- request bodies --------------------------------------------------------------------------------------
-# Strict: "0.5" is not a number and true is not 1. Unknown fields are kept (extra="allow") and ignored.
+# Strict: "0.5" is not a number and true is not 1. Fields outside the model are kept (extra="allow") so that
+# refuse_unsupported can name them: OpenAI's own bookkeeping fields (IGNORED) are accepted, any other is refused.
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     include_usage: bool | None = None
@@ -169,7 +170,15 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+# OpenAI request fields that ask nothing of the generation: accepted and ignored.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                     "safety_identifier"})
+
+
 def refuse_unsupported(body: OpenAIBody) -> None:
+    unknown = sorted(set(body.model_extra or {}) - IGNORED)
+    if unknown:
+        raise ApiError.invalid(unknown[0], f"unknown field {unknown[0]!r}")
     for name, ok in NEUTRAL.items():
         if name in type(body).model_fields and getattr(body, name) not in ok:
             raise ApiError.invalid(name, f"{getattr(body, name)!r} is not supported by Baton")
