@@ -3,7 +3,9 @@
 Registered with transformers' AttentionInterface, so any model that dispatches attention through it (Llama,
 Qwen, Mistral, GPT-2, ...) works unchanged. When a forward call carries `baton_batch=<DecodeBatch>`, each
 layer writes this step's keys/values into the batch's slabs and attends, segment by segment, over each
-segment's column window with its mask. Without it (prefill, `generate()`), this is plain SDPA.
+segment's column window with its mask. When it carries `baton_packed=[(start, end), ...]` (a packed prefill:
+several prompts end to end in row 0), each prompt attends causally to itself alone. Without either (a single
+prompt's prefill, `generate()`), this is plain SDPA.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 NAME = "baton"
 BATCH_KWARG = "baton_batch"
+PACKED_KWARG = "baton_packed"
 
 
 def baton_attention(
@@ -33,6 +36,15 @@ def baton_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     batch: DecodeBatch | None = kwargs.pop(BATCH_KWARG, None)
+    spans: list[tuple[int, int]] | None = kwargs.pop(PACKED_KWARG, None)
+    if spans is not None:  # query/key/value: [1, heads or kv_heads, total, head_dim]
+        per_prompt = [
+            sdpa_attention_forward(
+                module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, scaling=scaling, is_causal=True
+            )[0]
+            for s, e in spans
+        ]
+        return torch.cat(per_prompt, dim=1), None  # [1, total, heads, head_dim]
     if batch is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs

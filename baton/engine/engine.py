@@ -168,15 +168,18 @@ class Engine:
         return out
 
     def _admit_baton(self, now: float, out: StepOutput) -> None:
-        for req in self._arrived(now)[: max(0, self.batch.free_rows - len(self.prefilled))]:
-            self.waiting.remove(req)
+        newcomers = self._arrived(now)[: max(0, self.batch.free_rows - len(self.prefilled))]
+        if newcomers:
+            for req in newcomers:
+                self.waiting.remove(req)
             t0 = time.perf_counter()
-            payload = self.runner.prefill(req)
+            payloads = self.runner.prefill_many(newcomers)  # packed, never padded: no idle rows
             self._sync()
             self.stats.prefill_s += time.perf_counter() - t0
-            self.stats.token_rows += req.prompt_len
-            req.status = RequestStatus.PREFILLED
-            self.prefilled.append((req, payload))
+            for req, payload in zip(newcomers, payloads):
+                self.stats.token_rows += len(payload.prompt_ids)
+                req.status = RequestStatus.PREFILLED
+                self.prefilled.append((req, payload))
         items: list[tuple[Request, torch.Tensor]] = []
         while self.prefilled and len(items) < self.batch.free_rows:
             req, payload = self.prefilled.popleft()
