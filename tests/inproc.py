@@ -122,9 +122,9 @@ def running_stack(tokenizer: PreTrainedTokenizerBase, options: Options | None = 
         await serve([decode_service(decode)], decode_addr, tls=opts.tls)
         runner = ModelRunner(make_tiny_llama(tokenizer))
 
-        def gated_prefill(req: Request) -> KVPayload:
+        def gated_prefill(reqs: list[Request]) -> list[KVPayload]:
             gate.wait(30)
-            return runner.prefill(req)
+            return runner.prefill_many(reqs)
 
         prefill = PrefillWorker(runner.lm, prefill_fn=gated_prefill)
         servicer = PrefillWorkerServicer(prefill, tls=opts.tls)

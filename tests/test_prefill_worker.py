@@ -47,11 +47,11 @@ class Gate:
         self.open = threading.Event()
         self.calls: list[str] = []
 
-    def __call__(self, req: Request) -> KVPayload:
-        self.calls.append(req.id)
+    def __call__(self, reqs: list[Request]) -> list[KVPayload]:
+        self.calls += [req.id for req in reqs]
         self.started.set()
         self.open.wait(30)
-        return self.runner.prefill(req)
+        return self.runner.prefill_many(reqs)
 
     async def wait_started(self) -> None:
         assert await asyncio.to_thread(self.started.wait, 30)
@@ -98,7 +98,8 @@ async def test_queue_batches_cancel_and_occupancy(gated: tuple[PrefillWorker, Ga
     for r, req in ((ra, request("a")), (rb, request("b", PROMPT[:4])), (rd, request("d", PROMPT[:6]))):
         want = runner.prefill(req)
         assert r.payload.request_id == req.id and r.payload.prompt_ids == req.prompt_ids
-        assert torch.equal(r.payload.kv, want.kv) and r.payload.first_token == want.first_token
+        torch.testing.assert_close(r.payload.kv, want.kv)  # b and d ran packed together: equal up to rounding
+        assert r.payload.first_token == want.first_token
         assert r.payload.model_fingerprint == tiny_llama.fingerprint
     assert gate.calls == ["a", "b", "d"]  # "c" never computed
     assert worker.stats.largest_batch == 2  # b and d were taken together
@@ -164,7 +165,7 @@ async def test_submit_refuses(gated: tuple[PrefillWorker, Gate], tiny_llama: Loa
 
 @pytest.mark.asyncio
 async def test_compute_error_reaches_the_submitter(tiny_llama: LoadedModel) -> None:
-    def broken(req: Request) -> KVPayload:
+    def broken(reqs: list[Request]) -> list[KVPayload]:
         raise RuntimeError("out of memory, say")
 
     worker = PrefillWorker(tiny_llama, prefill_fn=broken)

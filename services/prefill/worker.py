@@ -1,9 +1,10 @@
 """The prefill worker's core, free of any transport: a queue of prompts and one compute thread that prefills them.
 
 Requests are submitted from an asyncio event loop and wait in a visible queue. The compute thread (the only
-thread that runs torch) takes every waiting request at each iteration, as one batch, and prefills them one
-by one; each result comes back to the submitter's event loop as the result of an asyncio future. So the
-gRPC side never blocks on a forward pass, and the queue shows how far behind the worker is.
+thread that runs torch) takes every waiting request at each iteration, as one batch, and prefills it in runs
+packed end to end without padding (`ModelRunner.prefill_many`, up to PREFILL_TOKEN_BUDGET tokens per forward
+pass); each result comes back to the submitter's event loop as the result of an asyncio future. So the gRPC
+side never blocks on a forward pass, and the queue shows how far behind the worker is.
 
 Cancelling drops a queued request at once; a request whose prefill is already running is dropped when the
 compute ends, and its KV is never handed out.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
 from baton.engine.request import InvalidRequestError, Request, check_model_limits
-from baton.engine.runner import ModelRunner
+from baton.engine.runner import ModelRunner, pack_for_prefill
 from baton.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,11 @@ class PrefillWorker:
         self,
         lm: LoadedModel,
         max_queue: int = 1024,
-        prefill_fn: Callable[[Request], KVPayload] | None = None,
+        prefill_fn: Callable[[list[Request]], list[KVPayload]] | None = None,
     ) -> None:
         self.lm = lm
         self.max_queue = max_queue
-        self._prefill = prefill_fn or ModelRunner(lm).prefill  # tests wrap it to hold the compute thread
+        self._prefill = prefill_fn or ModelRunner(lm).prefill_many  # tests wrap it to hold the compute thread
         self._lock = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._batch: list[_Job] = []  # taken by the compute thread, not yet finished
@@ -216,7 +217,7 @@ class PrefillWorker:
                     self._cancel_locked(job)
 
     def _run(self) -> None:
-        """The compute thread: take every queued job, prefill them in turn, repeat."""
+        """The compute thread: take every queued job, prefill them in packed runs, repeat."""
         while True:
             with self._lock:
                 while not self._queue and not self._stopping:
@@ -231,39 +232,43 @@ class PrefillWorker:
                 self.stats.batches += 1
                 self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
                 self.metrics.batch_size.observe(len(batch))
-            for job in batch:
-                self._compute(job)
+            for run in pack_for_prefill([len(job.request.all_ids) for job in batch]):
+                self._compute([batch[i] for i in run])
             with self._lock:
                 self._batch = []
 
-    def _compute(self, job: _Job) -> None:
-        with self._lock:
-            if job.state is not JobState.RUNNING:  # cancelled while waiting in this batch
-                return
+    def _compute(self, run: list[_Job]) -> None:
+        with self._lock:  # drop the jobs cancelled while they waited in this batch
+            jobs = [job for job in run if job.state is JobState.RUNNING]
+        if not jobs:
+            return
         start = time.perf_counter()
         try:
-            payload = self._prefill(job.request)
-        except Exception as e:  # noqa: BLE001 - handed to the submitter
-            log.exception("prefill of %s failed", job.request.id)
-            with self._lock:
-                if job.state is JobState.RUNNING:
-                    job.state = JobState.DONE
-                    self.stats.failed += 1
-                    self.metrics.requests.labels(outcome="failed").inc()
-                    self._jobs.pop(job.request.id, None)
-            self._deliver(job, error=e)
+            payloads = self._prefill([job.request for job in jobs])
+        except Exception as e:  # noqa: BLE001 - handed to the submitters
+            log.exception("prefill of %s failed", ", ".join(job.request.id for job in jobs))
+            for job in jobs:
+                with self._lock:
+                    if job.state is JobState.RUNNING:
+                        job.state = JobState.DONE
+                        self.stats.failed += 1
+                        self.metrics.requests.labels(outcome="failed").inc()
+                        self._jobs.pop(job.request.id, None)
+                self._deliver(job, error=e)
             return
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start  # the run's compute time, which each of its requests waited
         with self._lock:
-            if job.state is not JobState.RUNNING:  # cancelled during the compute: drop the KV
-                return
-            job.state = JobState.DONE
-            self._jobs.pop(job.request.id, None)
-            self.stats.completed += 1
-            self.stats.prompt_tokens += job.request.prompt_len
             self.stats.compute_seconds += seconds
-            self.metrics.computed(job.request.prompt_len, start - job.submitted_at, seconds)
-        self._deliver(job, PrefillResult(payload, seconds, start - job.submitted_at))
+        for job, payload in zip(jobs, payloads, strict=True):
+            with self._lock:
+                if job.state is not JobState.RUNNING:  # cancelled during the compute: drop the KV
+                    continue
+                job.state = JobState.DONE
+                self._jobs.pop(job.request.id, None)
+                self.stats.completed += 1
+                self.stats.prompt_tokens += job.request.prompt_len
+                self.metrics.computed(job.request.prompt_len, start - job.submitted_at, seconds)
+            self._deliver(job, PrefillResult(payload, seconds, start - job.submitted_at))
 
     def _deliver(self, job: _Job, result: PrefillResult | None = None, error: BaseException | None = None) -> None:
         """Complete the job's future on its own event loop (futures are not thread-safe)."""
