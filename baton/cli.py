@@ -66,6 +66,8 @@ def add_worker_arguments(p: argparse.ArgumentParser, port: int, metrics_port: in
     flag(p, "--heartbeat-s", 1.0, float, help="seconds between registry heartbeats")
     flag(p, "--drain-s", drain_s, float, help=drain_help)
     flag(p, "--metrics-port", metrics_port, int, help="HTTP port of the Prometheus /metrics endpoint (0: none)")
+    flag(p, "--shared-cores", help="a lock file path: take turns on this machine's CPU cores with the workers given "
+                                   "the same path, prefills first (baton serve sets it on a CPU-only machine)")
     add_tls_arguments(p)
     add_model_arguments(p)
 

@@ -1,8 +1,9 @@
 """`baton serve`: the whole stack on one machine, as separate processes.
 
-Starts the decode and prefill workers (each on its own port, with a share of the machine's cores), waits until
-each reports SERVING on the gRPC health service, then starts the router, prints where to send requests, and
-stops everything on Ctrl-C or SIGTERM (or when any process dies).
+Starts the decode and prefill workers (each on its own port), waits until each reports SERVING on the gRPC
+health service, then starts the router, prints where to send requests, and stops everything on Ctrl-C or
+SIGTERM (or when any process dies). When the model runs on the CPU the workers take turns on every core, prefills
+first (baton/shared_cores.py); otherwise each gets a share of the cores for its host-side work.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--http-port", 8000, int, help="OpenAI-compatible HTTP API")
     flag(p, "--grpc-port", 50051, int, help="gRPC API")
     flag(p, "--max-batch", 32, int, help="rows of each decode worker's batch")
+    flag(p, "--shared-cores", "auto", choices=["auto", "on", "off"],
+         help="workers take turns on every CPU core, prefills first, instead of splitting the cores between them "
+              "(auto: on when the model runs on the CPU)")
     flag(p, "--policy", "baton", choices=["baton", "orca", "static"], help="decode workers' engine policy")
     flag(p, "--redis", help="use this Redis as the worker registry")
     flag(p, "--startup-timeout", 180.0, float, help="seconds every service has to become healthy")
@@ -97,12 +102,28 @@ def model_flags(args: argparse.Namespace, threads: int) -> list[str]:
     return flags
 
 
+def runs_on_cpu(device: str | None) -> bool:
+    if device:
+        return device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def main(args: argparse.Namespace) -> int:
     from baton.engine.models import resolve_model_path
 
     resolve_model_path(args.model)  # convert the embedded model once, before several processes want it
     workers = args.prefill_workers + args.decode_workers
-    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)  # workers must not fight over cores
+    cores = os.cpu_count() or 1
+    lock_dir = None
+    shared: list[str] = []
+    if args.shared_cores == "on" or (args.shared_cores == "auto" and runs_on_cpu(args.device)):
+        lock_dir = tempfile.TemporaryDirectory(prefix="baton-serve-")
+        shared = ["--shared-cores", os.path.join(lock_dir.name, "cores")]
+        threads = args.threads or cores  # one forward pass at a time: each may use every core
+    else:
+        threads = args.threads or max(1, cores // workers)  # side by side: workers must not fight over cores
     registry = ["--redis", args.redis] if args.redis else []
     stack = Stack()
     stopping = False
@@ -122,14 +143,14 @@ def main(args: argparse.Namespace) -> int:
             proc = stack.start(f"decode-{i}", ["decode", "--host", "127.0.0.1", "--port", addr.split(":")[1],
                                                "--metrics-port", str(metrics_port),
                                                "--max-batch", str(args.max_batch), "--policy", args.policy,
-                                               *model_flags(args, threads), *registry])
+                                               *model_flags(args, threads), *registry, *shared])
             decode.append((addr, proc))
             metrics.append(f"decode-{i} http://127.0.0.1:{metrics_port}/metrics")
         for i in range(args.prefill_workers):
             addr, metrics_port = f"127.0.0.1:{free_port(taken)}", free_port(taken)
             proc = stack.start(f"prefill-{i}", ["prefill", "--host", "127.0.0.1", "--port", addr.split(":")[1],
                                                 "--metrics-port", str(metrics_port),
-                                                *model_flags(args, threads), *registry])
+                                                *model_flags(args, threads), *registry, *shared])
             prefill.append((addr, proc))
             metrics.append(f"prefill-{i} http://127.0.0.1:{metrics_port}/metrics")
         for addr, proc in decode + prefill:
@@ -142,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
         wait_serving(f"127.0.0.1:{args.grpc_port}", router, args.startup_timeout)
         host = "localhost" if args.host in ("0.0.0.0", "127.0.0.1") else args.host
         print(f"Baton is ready ({args.decode_workers} decode, {args.prefill_workers} prefill workers, "
-              f"{threads} threads each).\n"
+              f"{threads} threads each{', taking turns on the cores' if shared else ''}).\n"
               f"  OpenAI API: http://{host}:{args.http_port}/v1   (e.g. curl http://{host}:{args.http_port}/v1/models)\n"
               f"  gRPC:       {host}:{args.grpc_port}   (baton generate --url {host}:{args.grpc_port} \"Hello\")\n"
               f"  Metrics:    router http://{host}:{args.http_port}/metrics\n"
@@ -160,3 +181,5 @@ def main(args: argparse.Namespace) -> int:
         return 1
     finally:
         stack.stop()
+        if lock_dir is not None:
+            lock_dir.cleanup()

@@ -10,6 +10,7 @@ prompt's prefill, `generate()`), this is plain SDPA.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 NAME = "baton"
 BATCH_KWARG = "baton_batch"
 PACKED_KWARG = "baton_packed"
+LAYER_HOOK_KWARG = "baton_layer_hook"  # called before each layer's attention of a decode step
 
 
 def baton_attention(
@@ -36,6 +38,9 @@ def baton_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     batch: DecodeBatch | None = kwargs.pop(BATCH_KWARG, None)
+    hook: Callable[[], None] | None = kwargs.pop(LAYER_HOOK_KWARG, None)
+    if hook is not None:
+        hook()
     spans: list[tuple[int, int]] | None = kwargs.pop(PACKED_KWARG, None)
     if spans is not None:  # query/key/value: [1, heads or kv_heads, total, head_dim]
         per_prompt = [

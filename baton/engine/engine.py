@@ -90,6 +90,8 @@ class Engine:
         self.prefilled: deque[tuple[Request, KVPayload]] = deque()  # waiting to be spliced
         self.stats = EngineStats()
         self.eos_ids = lm.eos_token_ids
+        # run before each layer of a decode step: a decode worker that shares its cores yields them there
+        self.layer_hook: Callable[[], None] | None = None
         self._cuda = lm.device.type == "cuda"
 
     # ---- intake ----------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ class Engine:
 
     def _decode(self, out: StepOutput) -> None:
         t0 = time.perf_counter()
-        res = self.runner.decode(self.batch)
+        res = self.runner.decode(self.batch, self.layer_hook)
         reqs = self.batch.requests
         tokens = sample(res.logits, reqs)
         self._sync()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from baton.engine.attention import BATCH_KWARG, PACKED_KWARG, no_mask
+from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, no_mask
 from baton.engine.batch import DecodeBatch, StepInputs
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
@@ -107,8 +107,8 @@ class ModelRunner:
         return payloads
 
     @torch.inference_mode()
-    def decode(self, batch: DecodeBatch) -> StepResult:
-        """One forward step of every row of the batch."""
+    def decode(self, batch: DecodeBatch, layer_hook: Callable[[], None] | None = None) -> StepResult:
+        """One forward step of every row of the batch; layer_hook, if given, runs before each layer's attention."""
         inputs = batch.step_inputs()
         q = inputs.input_ids.shape[1]
         useful = attended = 0
@@ -123,7 +123,7 @@ class ModelRunner:
             attention_mask=no_mask(len(batch), self.lm.device),
             use_cache=False,
             logits_to_keep=1,
-            **{BATCH_KWARG: batch},
+            **{BATCH_KWARG: batch, LAYER_HOOK_KWARG: layer_hook},
         )
         a = 0
         for seg in batch.segments:

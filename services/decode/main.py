@@ -20,6 +20,7 @@ from baton.engine.engine import POLICIES
 from baton.engine.models import load_model
 from baton.metrics import DECODE_METRICS_PORT, serve_metrics
 from baton.rpc.server import TlsConfig, advertised_address, create_server, set_serving
+from baton.shared_cores import SharedCores
 from services.decode.server import decode_service
 from services.decode.worker import DEFAULT_KV_TIMEOUT_S, DecodeWorker
 
@@ -46,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     lm = load_model(args.model, args.device, args.dtype)
     log.info("model %s loaded on %s (%s), fingerprint %s", args.model, lm.device, lm.dtype, lm.fingerprint[:12])
-    worker = DecodeWorker(lm, args.policy, args.max_batch, args.max_kv_tokens or None, args.kv_timeout_s)
+    cores = SharedCores(args.shared_cores) if args.shared_cores else None
+    worker = DecodeWorker(lm, args.policy, args.max_batch, args.max_kv_tokens or None, args.kv_timeout_s, cores)
     return asyncio.run(serve(worker, args))
 
 

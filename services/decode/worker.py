@@ -30,6 +30,7 @@ from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, InvalidRequestError, Request
 from baton.metrics import DecodeMetrics
 from baton.rpc.server import NotFound, Overloaded, ServiceError, Unavailable
+from baton.shared_cores import SharedCores
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,13 @@ class DecodeWorker:
         max_batch: int = 32,
         max_kv_tokens: int | None = None,
         default_kv_timeout_s: float = DEFAULT_KV_TIMEOUT_S,
+        shared_cores: SharedCores | None = None,
     ) -> None:
         self.lm = lm
+        self.shared_cores = shared_cores  # when set, each step waits its turn on the cores (prefills go first)
         self.engine = Engine(lm, policy=policy, max_batch=max_batch)
+        if shared_cores is not None:
+            self.engine.layer_hook = shared_cores.yield_to_prefill
         self.max_batch = max_batch
         self.max_kv_tokens = max_kv_tokens or max_batch * min(lm.max_context, 2048)
         self.default_kv_timeout_s = default_kv_timeout_s
@@ -243,19 +248,28 @@ class DecodeWorker:
         vocab = int(self.lm.config.vocab_size)
         if not 0 <= payload.first_token < vocab:  # it is the next step's input: out of range, it fails the batch
             raise PayloadError(f"KV payload's first token {payload.first_token} is outside the vocabulary [0, {vocab})")
+        self.announce_first_token(res.id, payload.first_token)  # if its push's header has not already
         if res.lease is not None:
             res.lease.cancel()
         res.state, res.kv_at = SlotState.QUEUED, time.perf_counter()
         self._kv_received += 1
         self._inbox.put(_Add(res.request, payload))
-        if self.engine.policy == "baton" and not self.engine.may_end(res.request, payload.first_token):
-            # The prefill sampled the first token already: stream it now instead of after the next iteration
-            # boundary and a step (time to first token). The engine emits it again at the splice; _on_report
-            # drops that copy. A token that could end the request waits for the engine, which decides the end.
-            res.early_token = payload.first_token
-            res._push(DecodeEvent([payload.first_token]))
         self.metrics.kv_wait.observe(res.kv_at - res.reserved_at)
         self._publish()
+
+    def announce_first_token(self, request_id: str, token: int) -> None:
+        """Stream a reserved request's first token now, as its KV push announces it (header first, bytes after):
+        under baton the prefill sampled it already, so the client need not wait for the KV bytes, the next
+        iteration boundary and a step (time to first token). The engine emits it again at the splice; _on_report
+        drops that copy. A token that could end the request waits for the engine, which decides the end. Should
+        the push fail after this, the router resumes the request from this token elsewhere (resume.py)."""
+        res = self._live.get(request_id)
+        if (res is None or res.state is not SlotState.RESERVED or res.early_token is not None
+                or self.engine.policy != "baton" or not 0 <= token < int(self.lm.config.vocab_size)
+                or self.engine.may_end(res.request, token)):
+            return
+        res.early_token = token
+        res._push(DecodeEvent([token]))
 
     def expect_kv(
         self, request_id: str, fingerprint: str, dims: tuple[int, int, int], token_ids: list[int]
@@ -417,7 +431,11 @@ class DecodeWorker:
     def _step(self, report: _StepReport) -> None:
         engine = self.engine
         try:
-            out: StepOutput = engine.step()
+            if self.shared_cores is not None:
+                with self.shared_cores.decode_step():
+                    out: StepOutput = engine.step()
+            else:
+                out = engine.step()
         except Exception as e:  # noqa: BLE001 - fail what the engine holds, keep serving
             log.exception("decode step failed")
             everyone = list(engine.waiting) + [r for r, _ in engine.prefilled] + engine.batch.requests

@@ -17,6 +17,7 @@ from baton.engine.models import LoadedModel, load_model
 from baton.metrics import PREFILL_METRICS_PORT, serve_metrics
 from baton.rpc.registry import RedisRegistry, WorkerInfo, heartbeat, occupancy_dict
 from baton.rpc.server import Service, TlsConfig, advertised_address, create_server, set_serving
+from baton.shared_cores import SharedCores
 from baton.v1 import baton_pb2_grpc
 from services.prefill.server import SERVICE_NAME, PrefillWorkerServicer
 from services.prefill.worker import PrefillWorker
@@ -33,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def serve(lm: LoadedModel, args: argparse.Namespace) -> int:
-    worker = PrefillWorker(lm, max_queue=args.max_queue)
+    cores = SharedCores(args.shared_cores) if args.shared_cores else None
+    worker = PrefillWorker(lm, max_queue=args.max_queue, shared_cores=cores)
     tls = getattr(args, "tls", None)
     servicer = PrefillWorkerServicer(worker, push_timeout_s=args.push_timeout_s, tls=tls)
     services = [Service(servicer, baton_pb2_grpc.add_PrefillWorkerServicer_to_server, SERVICE_NAME)]

@@ -4,6 +4,7 @@ decode worker named in the request (DecodeWorker.PushKv). KV never passes throug
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -125,11 +126,15 @@ class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
 
     async def _push(self, payload: KVPayload, address: str) -> int:
         """Send the payload to the decode worker; returns the bytes it acknowledged."""
-        # Splitting and checksumming a large payload takes a while: do it off the event loop.
-        messages = await asyncio.to_thread(lambda: list(payload_messages(payload)))
+        # The header goes first (the decode worker streams the first token from it); its checksum over every
+        # byte takes a while, so it is made off the event loop. The chunks follow, cut as they are sent.
+        messages = payload_messages(payload)
+        header = await asyncio.to_thread(next, messages)
         stub = baton_pb2_grpc.DecodeWorkerStub(self._channel(address))
         try:
-            reply: pb.PushKvResponse = await stub.PushKv(iter(messages), timeout=self.push_timeout_s)
+            reply: pb.PushKvResponse = await stub.PushKv(
+                itertools.chain([header], messages), timeout=self.push_timeout_s
+            )
         except grpc.aio.AioRpcError as e:
             self.stats.push_failed += 1
             self.worker.metrics.push_failures.inc()

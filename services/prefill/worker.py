@@ -27,6 +27,7 @@ from baton.engine.models import LoadedModel
 from baton.engine.request import InvalidRequestError, Request, check_model_limits
 from baton.engine.runner import ModelRunner, pack_for_prefill
 from baton.metrics import PrefillMetrics
+from baton.shared_cores import SharedCores
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,10 @@ class PrefillWorker:
         lm: LoadedModel,
         max_queue: int = 1024,
         prefill_fn: Callable[[list[Request]], list[KVPayload]] | None = None,
+        shared_cores: SharedCores | None = None,
     ) -> None:
         self.lm = lm
+        self.shared_cores = shared_cores  # when set, each forward pass waits for the decode step in progress
         self.max_queue = max_queue
         self._prefill = prefill_fn or ModelRunner(lm).prefill_many  # tests wrap it to hold the compute thread
         self._lock = threading.Condition()
@@ -244,7 +247,11 @@ class PrefillWorker:
             return
         start = time.perf_counter()
         try:
-            payloads = self._prefill([job.request for job in jobs])
+            if self.shared_cores is not None:
+                with self.shared_cores.prefill():
+                    payloads = self._prefill([job.request for job in jobs])
+            else:
+                payloads = self._prefill([job.request for job in jobs])
         except Exception as e:  # noqa: BLE001 - handed to the submitters
             log.exception("prefill of %s failed", ", ".join(job.request.id for job in jobs))
             for job in jobs:
