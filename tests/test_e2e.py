@@ -36,7 +36,9 @@ class Stack:
 def stack(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with processes(tmp_path_factory.mktemp("e2e-logs")) as ps:
         redis = ps.redis()
-        model = ["--model", str(tiny_llama_dir), "--threads", "1"]
+        # the workers take turns on the cores as under `baton serve` on a CPU machine (baton/shared_cores.py)
+        cores = ["--shared-cores", str(tmp_path_factory.mktemp("cores") / "cores")]
+        model = ["--model", str(tiny_llama_dir), "--threads", "1", *cores]
         decode = [f"127.0.0.1:{free_port()}" for _ in range(2)]
         prefill = [f"127.0.0.1:{free_port()}"]
         for i, addr in enumerate(decode):
