@@ -4,8 +4,8 @@ On a CPU-only machine `baton serve` runs a prefill and a decode worker side by s
 two thrash whenever both compute (oversubscribed OpenMP threads); given half the cores each, cores sit idle
 whenever one of them has nothing to do, and the decode batch, busy all the time, runs at half speed. With a
 shared pair of lock files they take turns the way the in-process engine does: a prefill waits at most for the
-decode step in progress, then runs on every core while decode steps wait; decoding has every core whenever no
-prefill is waiting.
+layer of the decode step in progress, then runs on every core while decoding waits; decoding has every core
+whenever no prefill is waiting.
 
 Two flock(2) locks on files next to each other (locks of separate open files, so they also work between
 threads of one process):
@@ -38,7 +38,8 @@ class SharedCores:
 
     @contextmanager
     def prefill(self) -> Iterator[None]:
-        """Hold the cores for one prefill forward pass; waits for the decode step in progress, if any."""
+        """Hold the cores for one prefill forward pass; waits until a decode step in progress reaches its next
+        layer (yield_to_prefill) or ends."""
         fcntl.flock(self._want, fcntl.LOCK_EX)
         try:
             fcntl.flock(self._run, fcntl.LOCK_EX)

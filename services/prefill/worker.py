@@ -102,7 +102,7 @@ class PrefillWorker:
         shared_cores: SharedCores | None = None,
     ) -> None:
         self.lm = lm
-        self.shared_cores = shared_cores  # when set, each forward pass waits for the decode step in progress
+        self.shared_cores = shared_cores  # when set, each forward pass waits for the decode layer in progress
         self.max_queue = max_queue
         self._prefill = prefill_fn or ModelRunner(lm).prefill_many  # tests wrap it to hold the compute thread
         self._lock = threading.Condition()
