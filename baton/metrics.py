@@ -124,7 +124,11 @@ class PrefillMetrics(_Registry):
         self.batch_size = self._histogram(
             "baton_prefill_batch_size", "requests taken by one iteration of the compute thread", BATCH_BUCKETS
         )
-        self.compute = self._histogram("baton_prefill_compute_seconds", "compute time of the forward pass that prefilled a request (several may be packed in one)", LATENCY_BUCKETS)
+        self.compute = self._histogram(
+            "baton_prefill_compute_seconds",
+            "compute time of the forward pass that prefilled a request (several may be packed in one)",
+            LATENCY_BUCKETS,
+        )
         self.queue = self._histogram(
             "baton_prefill_queue_time_seconds", "from submission to the start of a prefill's compute", LATENCY_BUCKETS
         )
