@@ -72,7 +72,3 @@ class SharedCores:
             fcntl.flock(self._run, fcntl.LOCK_EX)
             return
         fcntl.flock(self._want, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        self._want.close()
-        self._run.close()

@@ -71,9 +71,9 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
 
     def _expect(self, h: pb.KvHeader) -> None:
         """Refuse a push from its header alone when this worker waits for no such KV (before its bytes come)."""
-        self.worker.expect_kv(h.request_id, h.model_fingerprint, (h.num_layers, h.kv_heads, h.head_dim),
-                              list(h.prompt_ids))
-        self.worker.announce_first_token(h.request_id, h.first_token)
+        res = self.worker.expect_kv(h.request_id, h.model_fingerprint, (h.num_layers, h.kv_heads, h.head_dim),
+                                    list(h.prompt_ids))
+        self.worker.announce_first_token(res, h.first_token)
 
     async def Cancel(  # noqa: N802
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext

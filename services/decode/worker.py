@@ -14,6 +14,7 @@ A request's life on this worker:  reserve() -> RESERVED  --deliver_kv()-->  QUEU
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import queue
@@ -248,7 +249,7 @@ class DecodeWorker:
         vocab = int(self.lm.config.vocab_size)
         if not 0 <= payload.first_token < vocab:  # it is the next step's input: out of range, it fails the batch
             raise PayloadError(f"KV payload's first token {payload.first_token} is outside the vocabulary [0, {vocab})")
-        self.announce_first_token(res.id, payload.first_token)  # if its push's header has not already
+        self.announce_first_token(res, payload.first_token)  # if its push's header has not already
         if res.lease is not None:
             res.lease.cancel()
         res.state, res.kv_at = SlotState.QUEUED, time.perf_counter()
@@ -257,14 +258,13 @@ class DecodeWorker:
         self.metrics.kv_wait.observe(res.kv_at - res.reserved_at)
         self._publish()
 
-    def announce_first_token(self, request_id: str, token: int) -> None:
+    def announce_first_token(self, res: Reservation, token: int) -> None:
         """Stream a reserved request's first token now, as its KV push announces it (header first, bytes after):
         under baton the prefill sampled it already, so the client need not wait for the KV bytes, the next
         iteration boundary and a step (time to first token). The engine emits it again at the splice; _on_report
         drops that copy. A token that could end the request waits for the engine, which decides the end. Should
         the push fail after this, the router resumes the request from this token elsewhere (resume.py)."""
-        res = self._live.get(request_id)
-        if (res is None or res.state is not SlotState.RESERVED or res.early_token is not None
+        if (res.state is not SlotState.RESERVED or res.early_token is not None
                 or self.engine.policy != "baton" or not 0 <= token < int(self.lm.config.vocab_size)
                 or self.engine.may_end(res.request, token)):
             return
@@ -431,11 +431,8 @@ class DecodeWorker:
     def _step(self, report: _StepReport) -> None:
         engine = self.engine
         try:
-            if self.shared_cores is not None:
-                with self.shared_cores.decode_step():
-                    out: StepOutput = engine.step()
-            else:
-                out = engine.step()
+            with self.shared_cores.decode_step() if self.shared_cores else contextlib.nullcontext():
+                out: StepOutput = engine.step()
         except Exception as e:  # noqa: BLE001 - fail what the engine holds, keep serving
             log.exception("decode step failed")
             everyone = list(engine.waiting) + [r for r, _ in engine.prefilled] + engine.batch.requests

@@ -247,10 +247,7 @@ class PrefillWorker:
             return
         start = time.perf_counter()
         try:
-            if self.shared_cores is not None:
-                with self.shared_cores.prefill():
-                    payloads = self._prefill([job.request for job in jobs])
-            else:
+            with self.shared_cores.prefill() if self.shared_cores else contextlib.nullcontext():
                 payloads = self._prefill([job.request for job in jobs])
         except Exception as e:  # noqa: BLE001 - handed to the submitters
             log.exception("prefill of %s failed", ", ".join(job.request.id for job in jobs))
