@@ -1,15 +1,15 @@
-"""The `baton` command. Each subcommand lives in its own module, which provides `add_arguments(parser)` and
-`main(args) -> int`; this file only wires them together (imported lazily, so `baton --help` is fast)."""
+"""The `baton` command, the top of the import graph. Each subcommand lives in its own module, which provides
+`add_arguments(parser)` and `main(args) -> int`; this file only wires them together, naming each module by its
+path and importing only the one chosen (so `baton --help` is fast, and nothing below imports this file). The
+flags the modules share live below them, in baton/flags.py."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-from collections.abc import Callable
-from typing import Any
 
+from baton.flags import env_default
 from baton.logs import setup_logging
 
 # (command path, module, help)
@@ -27,49 +27,6 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "costs"), "baton.bench.costs", "cost curves: decode step vs batch and context, splice, KV shipping"),
     (("bench", "plot"), "baton.bench.plot", "plot benchmark result files"),
 ]
-
-
-def env_default(name: str, default: str | None = None) -> str | None:
-    """Every flag has an environment-variable twin: --max-batch <-> BATON_MAX_BATCH."""
-    return os.environ.get("BATON_" + name.upper().replace("-", "_"), default)
-
-
-def flag(p: argparse.ArgumentParser, name: str, default: Any = None, type: Callable[[str], Any] = str,
-         **kwargs: Any) -> None:
-    """Add `name` (e.g. "--max-batch") with its environment twin (BATON_MAX_BATCH) as the default when set."""
-    env = env_default(name.lstrip("-"))
-    p.add_argument(name, type=type, default=default if env in (None, "") else type(env), **kwargs)
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    flag(p, "--model", "smollm2-135m",
-         help="smollm2-135m (embedded), a Hugging Face model directory, or a Hub id fetched at start (org/name)")
-    flag(p, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    flag(p, "--dtype", "auto", help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    flag(p, "--threads", 0, int, help="torch CPU threads (0: torch's default)")
-
-
-def add_tls_arguments(p: argparse.ArgumentParser) -> None:
-    """Mutual TLS between Baton's services (all three or none; see baton.rpc.server.TlsConfig)."""
-    flag(p, "--tls-cert", help="PEM certificate of this service, signed by --tls-ca (enables mutual TLS)")
-    flag(p, "--tls-key", help="PEM private key of --tls-cert")
-    flag(p, "--tls-ca", help="PEM CA certificate: peers must present a certificate it signed")
-
-
-def add_worker_arguments(p: argparse.ArgumentParser, port: int, metrics_port: int, drain_s: float,
-                         drain_help: str) -> None:
-    """The flags prefill and decode workers share: where they listen, how they register, drain, TLS, model."""
-    flag(p, "--host", "0.0.0.0", help="address to listen on")
-    flag(p, "--port", port, int, help="gRPC port")
-    flag(p, "--advertise", help="host:port other services dial (default: this machine's address and --port)")
-    flag(p, "--redis", help="registry URL to register with, e.g. redis://redis:6379/0")
-    flag(p, "--heartbeat-s", 1.0, float, help="seconds between registry heartbeats")
-    flag(p, "--drain-s", drain_s, float, help=drain_help)
-    flag(p, "--metrics-port", metrics_port, int, help="HTTP port of the Prometheus /metrics endpoint (0: none)")
-    flag(p, "--shared-cores", help="a lock file path: take turns on this machine's CPU cores with the workers given "
-                                   "the same path, prefills first (baton serve sets it on a CPU-only machine)")
-    add_tls_arguments(p)
-    add_model_arguments(p)
 
 
 def _chosen(argv: list[str]) -> tuple[str, ...] | None:

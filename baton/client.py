@@ -23,7 +23,8 @@ from typing import Any
 
 import grpc
 
-from baton.engine.request import InvalidRequestError, SamplingParams
+from baton.engine.request import SamplingParams
+from baton.errors import InvalidRequestError
 from baton.rpc.convert import finish_from_proto, params_to_proto
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from baton.cli import env_default
+from baton.flags import env_default
 
 DEFAULT_URL = "127.0.0.1:50051"
 DEFAULT_HTTP_PORT = 8000

@@ -12,7 +12,7 @@ import os
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from baton.cli import add_tls_arguments
+from baton.flags import add_tls_arguments
 from baton.rpc.server import TlsConfig, channel
 
 DEFAULT_PORTS = (50051, 50061, 50071)  # router gRPC, decode, prefill

@@ -34,7 +34,7 @@ FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class _Registry:
+class MetricsRegistry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # the standard process_* metrics: CPU, memory, open files
@@ -48,13 +48,18 @@ class _Registry:
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(name, doc, buckets=buckets, registry=self.registry)
 
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's current value (0 when it has none yet), e.g. value("baton_prefill_requests_total",
+        outcome="cancelled")."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The registry's samples and their content type: Prometheus' text format, or OpenMetrics if accepted."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
 
-class RouterMetrics(_Registry):
+class RouterMetrics(MetricsRegistry):
     """The client's view of every request, and where the router sent it."""
 
     def __init__(self) -> None:
@@ -83,11 +88,20 @@ class RouterMetrics(_Registry):
         self.choices = self._counter(
             "baton_router_worker_choices", "requests assigned to each worker", ("role", "worker")
         )
+        self.recoveries = self._counter(
+            "baton_router_recoveries",
+            "failures repaired on other workers, by kind: resumed (after streamed tokens), restarted (before any), "
+            "prefill_retry (a prefill moved to another prefill worker), gave_up (a request failed past max_retries)",
+            ("kind",),
+        )
 
     def track(self, *, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the live gauges at scrape time (scrapes run on the router's event loop)."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
+
+    def recovered(self, kind: str) -> None:
+        self.recoveries.labels(kind=kind).inc()
 
     def chose(self, role: str, worker: str) -> None:
         self.choices.labels(role=role, worker=worker).inc()
@@ -112,7 +126,7 @@ class RouterMetrics(_Registry):
             self.queue.observe(queue_s)
 
 
-class PrefillMetrics(_Registry):
+class PrefillMetrics(MetricsRegistry):
     def __init__(self) -> None:
         super().__init__()
         self.running = self._gauge("baton_prefill_requests_running", "prefills being computed")
@@ -168,7 +182,7 @@ class EngineCounts(Protocol):
     output_tokens: int
 
 
-class DecodeMetrics(_Registry):
+class DecodeMetrics(MetricsRegistry):
     def __init__(self) -> None:
         super().__init__()
         g = self._gauge
@@ -250,7 +264,7 @@ class MetricsServer:
         self.server.server_close()
 
 
-def serve_metrics(metrics: _Registry, host: str, port: int) -> MetricsServer | None:
+def serve_metrics(metrics: MetricsRegistry, host: str, port: int) -> MetricsServer | None:
     """Serve /metrics on host:port (port 0: not at all). A port already taken is logged, not fatal: the worker
     still serves requests."""
     if not port:

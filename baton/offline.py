@@ -27,7 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from baton.engine.engine import POLICIES, Engine, StepOutput
 from baton.engine.models import load_model
-from baton.engine.request import InvalidRequestError, Request, SamplingParams
+from baton.engine.request import Request, SamplingParams
+from baton.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def run_lines(engine: Engine, raws: list[bytes], out: IO[str]) -> list[Line]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from baton.cli import add_model_arguments, env_default
+    from baton.flags import add_model_arguments, env_default
 
     parser.add_argument("--input", required=True, help="requests, one JSON object a line ('-': stdin)")
     parser.add_argument("--output", required=True, help="results, one JSON object a line ('-': stdout)")

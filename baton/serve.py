@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from baton.cli import add_model_arguments, env_default, flag
+from baton.flags import add_model_arguments, add_registry_arguments, env_default, flag
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="workers take turns on every CPU core, prefills first, instead of splitting the cores between them "
               "(auto: on when the model runs on the CPU)")
     flag(p, "--policy", "baton", choices=["baton", "orca", "static"], help="decode workers' engine policy")
-    flag(p, "--redis", help="use this Redis as the worker registry")
+    add_registry_arguments(p)  # without --redis, the router is given the workers' addresses
     flag(p, "--startup-timeout", 180.0, float, help="seconds every service has to become healthy")
 
 
@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
         threads = args.threads or cores  # one forward pass at a time: each may use every core
     else:
         threads = args.threads or max(1, cores // workers)  # side by side: workers must not fight over cores
-    registry = ["--redis", args.redis] if args.redis else []
+    registry = ["--redis", args.redis, "--redis-prefix", args.redis_prefix] if args.redis else []
     stack = Stack()
     stopping = False
 

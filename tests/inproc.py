@@ -21,11 +21,9 @@ from baton.engine.kv_payload import KVPayload
 from baton.engine.request import Request
 from baton.engine.runner import ModelRunner
 from baton.rpc.server import Service, TlsConfig, create_server
-from baton.v1 import baton_pb2_grpc
 from services.decode.server import decode_service
 from services.decode.worker import DecodeWorker
-from services.prefill.server import SERVICE_NAME as PREFILL_SERVICE
-from services.prefill.server import PrefillWorkerServicer
+from services.prefill.server import prefill_service
 from services.prefill.worker import PrefillWorker
 from services.router.core import Router
 from services.router.grpc_api import router_service
@@ -126,17 +124,14 @@ def running_stack(tokenizer: PreTrainedTokenizerBase, options: Options | None = 
             gate.wait(30)
             return runner.prefill_many(reqs)
 
-        prefill = PrefillWorker(runner.lm, prefill_fn=gated_prefill)
-        servicer = PrefillWorkerServicer(prefill, tls=opts.tls)
+        prefill = PrefillWorker(runner.lm, prefill_fn=gated_prefill, tls=opts.tls)
 
         async def stop_prefill() -> None:
             gate.set()
-            prefill.shutdown()
-            await servicer.close()
+            await prefill.close()
 
         stops.append(stop_prefill)
-        await serve([Service(servicer, baton_pb2_grpc.add_PrefillWorkerServicer_to_server, PREFILL_SERVICE)],
-                    prefill_addr, tls=opts.tls)
+        await serve([prefill_service(prefill)], prefill_addr, tls=opts.tls)
         pool = WorkerPool(Scheduler(opts.max_queue), [decode_addr], [prefill_addr], poll_s=0.05, tls=opts.tls)
         router = Router(tokenizer, "tiny-llama", 1024, VOCAB, pool)
         await router.start()

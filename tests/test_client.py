@@ -23,9 +23,10 @@ from transformers import PreTrainedTokenizerBase
 from baton.client import AsyncBatonClient, BatonClient, BatonError, Chunk, Completion
 from baton.engine.models import LoadedModel
 from baton.engine.request import SamplingParams
+from baton.errors import Overloaded
 from baton.generate import add_arguments
 from baton.generate import main as generate_main
-from baton.rpc.server import Overloaded, create_server
+from baton.rpc.server import create_server
 from services.router.grpc_api import router_service
 from services.router.http_api import create_app
 from tests.inproc import Loop, Stack, running_stack

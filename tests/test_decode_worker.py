@@ -19,13 +19,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from baton.engine.kv_payload import KVPayload, PayloadError
+from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
+from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.engine.runner import ModelRunner
+from baton.errors import InvalidRequestError, NotFound, Overloaded, PayloadError, Unavailable
 from baton.rpc.convert import params_to_proto
 from baton.rpc.kv_transfer import payload_messages
-from baton.rpc.server import NotFound, Overloaded, Unavailable
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.decode.worker import DecodeWorker, Reservation

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from baton.engine.engine import Engine
-from baton.engine.kv_payload import KVPayload, PayloadError
+from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
+from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.engine.runner import ModelRunner
+from baton.errors import InvalidRequestError, PayloadError
 from tests.conftest import make_tiny_llama
 
 

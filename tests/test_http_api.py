@@ -19,8 +19,8 @@ import uvicorn
 from fastapi import FastAPI
 from transformers import PreTrainedTokenizerBase
 
-from baton.engine.request import FinishReason, InvalidRequestError, SamplingParams
-from baton.rpc.server import Overloaded, Unavailable
+from baton.engine.request import FinishReason, SamplingParams
+from baton.errors import InvalidRequestError, Overloaded, Unavailable
 from services.router.http_api import CHAT_DEFAULT_MAX_TOKENS, create_app
 
 ANSWER = " the quick brown fox jumps over the lazy dog."

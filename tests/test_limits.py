@@ -18,10 +18,10 @@ import httpx
 import pytest
 from transformers import PreTrainedTokenizerBase
 
+from baton.rpc.load import Role
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.router.main import add_arguments
-from services.router.scheduler import Role
 from tests.inproc import Options, Stack, running_stack
 
 
@@ -62,7 +62,7 @@ def row_taken(stack: Stack) -> Iterator[None]:
         call = baton_pb2_grpc.DecodeWorkerStub(ch).Decode(pb.DecodeRequest(request=wr, kv_timeout_seconds=60),
                                                           timeout=60)
         assert not next(call).token_ids
-        wait_for(lambda: stack.loop.call(lambda: stack.router.scheduler.loads(Role.DECODE)[0].free_rows) == 0)
+        wait_for(lambda: stack.loop.call(lambda: stack.router.scheduler.reports(Role.DECODE)[0].decode.free_rows) == 0)
         try:
             yield
         finally:
@@ -109,7 +109,7 @@ def test_a_deadline_passing_in_the_queue(clean: Stack) -> None:
 def test_a_deadline_passing_during_prefill_drops_it_everywhere(clean: Stack, how: str) -> None:
     clean.prefill_gate.clear()  # prefills wait here
     received_before = clean.loop.call(lambda: clean.decode.occupancy().kv_received)
-    cancelled_before = clean.prefill.stats.cancelled
+    cancelled_before = clean.prefill.metrics.value("baton_prefill_requests_total", outcome="cancelled")
     if how == "http":
         r = httpx.post(f"{clean.http}/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "timeout": 0.5},
                        timeout=30)
@@ -120,7 +120,8 @@ def test_a_deadline_passing_during_prefill_drops_it_everywhere(clean: Stack, how
                                                    timeout=0.5 if how == "grpc deadline" else 30)
         assert e.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     clean.wait_idle()  # the decode row is given back, the router holds nothing
-    wait_for(lambda: clean.prefill.stats.cancelled == cancelled_before + 1)  # dropped, though its compute had begun
+    wait_for(lambda: clean.prefill.metrics.value("baton_prefill_requests_total", outcome="cancelled")
+             == cancelled_before + 1)  # dropped, though its compute had begun
     clean.prefill_gate.set()
     wait_for(lambda: clean.prefill.occupancy().waiting == 0)
     time.sleep(0.2)

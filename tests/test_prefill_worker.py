@@ -22,16 +22,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import InvalidRequestError, Request, SamplingParams
+from baton.engine.request import Request, SamplingParams
 from baton.engine.runner import ModelRunner
+from baton.errors import Cancelled, InvalidRequestError, Overloaded, Unavailable
 from baton.rpc.convert import params_to_proto
 from baton.rpc.kv_transfer import payload_from_messages
 from baton.rpc.registry import RedisRegistry
 from baton.rpc.server import Service, create_server
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
-from services.prefill.server import PrefillWorkerServicer, RequestCancelled
-from services.prefill.worker import PrefillCancelled, PrefillWorker, QueueFull, WorkerClosed
+from services.prefill.server import PrefillWorkerServicer
+from services.prefill.worker import PrefillWorker
 from tests.test_registry import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,12 +83,12 @@ async def test_queue_batches_cancel_and_occupancy(gated: tuple[PrefillWorker, Ga
     await gate.wait_started()  # "a" is being computed; the thread is held
     fb, fc, fd = (worker.submit(request(x, PROMPT[: 4 + i])) for i, x in enumerate("bcd"))
     occ = worker.occupancy()
-    assert (occ.queued, occ.in_progress, occ.waiting) == (3, 1, 4)
+    assert (occ.queued, occ.running, occ.waiting) == (3, 1, 4)
     assert worker.queued_ids == ["b", "c", "d"] and worker.running_ids == ["a"]
 
     assert worker.cancel("c")  # a queued request: dropped at once
     assert not worker.cancel("c") and not worker.cancel("nope")
-    with pytest.raises(PrefillCancelled):
+    with pytest.raises(Cancelled):
         await fc
     assert worker.queued_ids == ["b", "d"]
     assert worker.occupancy().waiting == 3
@@ -102,10 +103,11 @@ async def test_queue_batches_cancel_and_occupancy(gated: tuple[PrefillWorker, Ga
         assert r.payload.first_token == want.first_token
         assert r.payload.model_fingerprint == tiny_llama.fingerprint
     assert gate.calls == ["a", "b", "d"]  # "c" never computed
-    assert worker.stats.largest_batch == 2  # b and d were taken together
+    batches = {le: worker.metrics.value("baton_prefill_batch_size_bucket", le=le) for le in ("1.0", "2.0", "+Inf")}
+    assert batches["1.0"] < batches["2.0"] == batches["+Inf"]  # b and d were taken together: the largest was 2
     occ = worker.occupancy()
     assert (occ.waiting, occ.completed) == (0, 3)
-    assert worker.stats.cancelled == 1
+    assert worker.metrics.value("baton_prefill_requests_total", outcome="cancelled") == 1
 
 
 @pytest.mark.asyncio
@@ -115,11 +117,11 @@ async def test_cancel_during_compute_drops_the_result(gated: tuple[PrefillWorker
     await gate.wait_started()
     assert worker.cancel("a")
     gate.open.set()
-    with pytest.raises(PrefillCancelled):
+    with pytest.raises(Cancelled):
         await fa
     rb = await worker.submit(request("b"))  # the id "a" is free again, the worker goes on
     assert rb.payload.request_id == "b"
-    assert worker.stats.completed == 1 and worker.occupancy().waiting == 0
+    assert worker.occupancy().completed == 1 and worker.occupancy().waiting == 0
     await worker.submit(request("a"))
 
 
@@ -152,13 +154,13 @@ async def test_submit_refuses(gated: tuple[PrefillWorker, Gate], tiny_llama: Loa
         worker.submit(request("a"))
     assert e.value.field == "request_id"
     futures += [worker.submit(request(f"q{i}")) for i in range(worker.max_queue)]
-    with pytest.raises(QueueFull):
+    with pytest.raises(Overloaded):
         worker.submit(request("one-too-many"))
     worker.close_intake()
-    with pytest.raises(WorkerClosed):
+    with pytest.raises(Unavailable):
         worker.submit(request("late"))
     gate.open.set()
-    assert await worker.drain(timeout_s=30)  # accepted work still completes
+    await asyncio.wait_for(worker.drain(), 30)  # accepted work still completes
     assert all(f.done() and not f.cancelled() for f in futures)
     assert worker.occupancy().completed == 1 + worker.max_queue
 
@@ -172,7 +174,8 @@ async def test_compute_error_reaches_the_submitter(tiny_llama: LoadedModel) -> N
     try:
         with pytest.raises(RuntimeError, match="out of memory"):
             await worker.submit(request("a"))
-        assert worker.stats.failed == 1 and worker.occupancy().waiting == 0
+        assert worker.metrics.value("baton_prefill_requests_total", outcome="failed") == 1
+        assert worker.occupancy().waiting == 0
     finally:
         worker.shutdown()
 
@@ -197,7 +200,7 @@ async def test_cancelled_rpc_drops_its_queued_prefill(gated: tuple[PrefillWorker
     call = asyncio.create_task(servicer.Prefill(msg, FakeContext()))
     while worker.queued_ids != ["r1"]:
         await asyncio.sleep(0.01)
-    assert servicer.occupancy().waiting == 2
+    assert worker.occupancy().waiting == 2
     call.cancel()  # what grpc does when the caller cancels
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -205,7 +208,7 @@ async def test_cancelled_rpc_drops_its_queued_prefill(gated: tuple[PrefillWorker
     gate.open.set()
     await first
     assert gate.calls == ["busy"]
-    await servicer.close()
+    await worker.shipper.close()
 
 
 # -- a real `baton prefill` process and a fake decode worker ----------------------------------------------
@@ -253,16 +256,16 @@ async def test_cancel_rpc_stops_a_push(tiny_llama: LoadedModel, fake_decode: tup
     try:
         call = asyncio.create_task(servicer.Prefill(prefill_request("r1", decode_address), FakeContext()))
         await asyncio.wait_for(fake.pushing.wait(), 30)
-        assert servicer.in_flight == 1
+        assert worker.in_flight == 1
         reply = await servicer.Cancel(pb.CancelRequest(request_id="r1"), FakeContext())
         assert reply.found
-        with pytest.raises(RequestCancelled):
+        with pytest.raises(Cancelled):
             await call
-        assert servicer.in_flight == 0 and servicer.stats.shipped == 0 and fake.payloads == []
+        shipped = worker.metrics.value("baton_prefill_kv_transfer_seconds_count")
+        assert worker.in_flight == 0 and shipped == 0 and fake.payloads == []
     finally:
         fake.hold.set()
-        worker.shutdown()
-        await servicer.close()
+        await worker.close()
 
 
 def start_prefill(model_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from baton.rpc.registry import RedisRegistry, WorkerInfo, heartbeat, occupancy_dict
+from baton.rpc.load import DecodeLoad
+from baton.rpc.registry import RedisRegistry, WorkerInfo, heartbeat
 from baton.v1 import baton_pb2 as pb
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -84,8 +85,11 @@ def test_worker_info_json_round_trip() -> None:
         WorkerInfo.from_json("not json")
 
 
-def test_occupancy_dict() -> None:
-    occ = occupancy_dict(pb.OccupancyResponse(active_rows=2, waiting=1, kv_received=7, model_fingerprint="x"))
+def test_a_load_in_proto_and_registry_form() -> None:
+    load = DecodeLoad.from_proto(pb.OccupancyResponse(active_rows=2, waiting=1, kv_received=7, model_fingerprint="x"))
+    assert DecodeLoad.from_registry(load.to_registry()) == load
+    assert load.to_proto("x") == pb.OccupancyResponse(active_rows=2, waiting=1, kv_received=7, model_fingerprint="x")
+    occ = load.to_registry()
     assert occ == {
         "active_rows": 2,
         "free_rows": 0,
@@ -94,6 +98,7 @@ def test_occupancy_dict() -> None:
         "waiting": 1,
         "completed": 0,
         "kv_received": 7,
+        "tokens_generated": 0,
     }
 
 
@@ -106,11 +111,11 @@ async def test_publish_list_remove_and_roles(redis_server: RedisServer) -> None:
         await reg.publish(info("decode", "d1:1"), ttl_s=30)
         prefill = await reg.workers("prefill")
         assert [w.address for w in prefill] == ["p1:1"]
-        assert prefill[0].occupancy == {"waiting": 2}
+        assert prefill[0].load == {"waiting": 2}
         assert [w.address for w in await reg.workers("decode")] == ["d1:1", "d2:2"]
         # refreshing replaces the record
         await reg.publish(info("prefill", "p1:1", waiting=5), ttl_s=30)
-        assert [w.occupancy["waiting"] for w in await reg.workers("prefill")] == [5]
+        assert [w.load["waiting"] for w in await reg.workers("prefill")] == [5]
         await reg.remove("decode", "d1:1")
         assert [w.address for w in await reg.workers("decode")] == ["d2:2"]
         # another prefix is another cluster
@@ -150,7 +155,7 @@ async def test_heartbeat_publishes_refreshes_and_removes_on_stop(redis_server: R
     # TTL of 0.5s: generous, so that a loaded machine delaying a beat does not make the record expire
     task = asyncio.create_task(heartbeat(reg, make, interval_s=0.05, stop=stop, ttl_factor=10))
     try:
-        await wait_until(reg, "prefill", lambda ws: bool(ws) and ws[0].occupancy["waiting"] >= 3)
+        await wait_until(reg, "prefill", lambda ws: bool(ws) and ws[0].load["waiting"] >= 3)
         # well past the TTL: still there because it is refreshed
         await asyncio.sleep(1.2)
         assert [w.address for w in await reg.workers("prefill")] == ["hb:1"]

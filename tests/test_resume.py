@@ -20,17 +20,21 @@ from transformers import PreTrainedTokenizerBase
 
 from baton.engine.engine import Engine
 from baton.engine.models import LoadedModel
-from baton.engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
+from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.engine.runner import ModelRunner
+from baton.errors import InvalidRequestError, KvLeaseExpired, KvPushFailed, Reason, Unavailable
+from baton.rpc.load import DecodeLoad, Role
 from baton.rpc.registry import RedisRegistry, WorkerInfo
-from baton.rpc.server import Service, Unavailable, create_server
+from baton.rpc.server import Service, create_server
+from baton.rpc.status import abort_with
 from baton.serve import free_port
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.decode.worker import DecodeWorker
-from services.router.core import Router, StreamEvent
+from services.router.core import Router
 from services.router.pool import WorkerPool
-from services.router.scheduler import Role, Scheduler, WorkerLoad
+from services.router.scheduler import Scheduler, WorkerReport
+from services.router.text import Delta
 from tests.test_decode_worker import collect, kv_for, make, prompt, run_with_worker
 
 FINGERPRINT = "f" * 64
@@ -106,6 +110,7 @@ class FakeDecode(baton_pb2_grpc.DecodeWorkerServicer):
     fail_after: int | None = None
     failure: str = "unavailable"
     stall: bool = False  # stop sending after fail_after tokens, without failing
+    lease_text: str = "no KV arrived within the lease"  # the words of its KV lease's end (they decide nothing)
     seen: list[pb.WorkerRequest] = field(default_factory=list)
     kv: dict[str, asyncio.Event] = field(default_factory=dict)
 
@@ -118,9 +123,8 @@ class FakeDecode(baton_pb2_grpc.DecodeWorkerServicer):
         yield pb.DecodeResponse()
         try:
             await asyncio.wait_for(self.kv_event(wr.request_id).wait(), request.kv_timeout_seconds)
-        except asyncio.TimeoutError:  # as the real worker words its lease's end
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {wr.request_id!r}: no KV arrived "
-                                f"within {request.kv_timeout_seconds:g}s; its reserved row was released")
+        except asyncio.TimeoutError:  # as the real worker ends its lease: by reason, in any words
+            await abort_with(context, KvLeaseExpired(self.lease_text), "Decode")
         self.kv.pop(wr.request_id, None)
         prompt_ids, start, end = list(wr.prompt_ids), len(wr.output_ids), wr.parameters.max_new_tokens
         for i in range(start, end):
@@ -145,15 +149,14 @@ class FakeDecode(baton_pb2_grpc.DecodeWorkerServicer):
 @dataclass
 class FakePrefill(baton_pb2_grpc.PrefillWorkerServicer):
     decoders: dict[str, FakeDecode]
-    fail: list[tuple[grpc.StatusCode, str]] = field(default_factory=list)  # failures to answer, in order
+    fail: list[Exception] = field(default_factory=list)  # failures to answer, in order
     lose: int = 0  # KV pushes to lose (the prefill says it succeeded)
     seen: list[pb.PrefillRequest] = field(default_factory=list)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         self.seen.append(request)
         if self.fail:
-            code, details = self.fail.pop(0)
-            await context.abort(code, details)
+            await abort_with(context, self.fail.pop(0), "Prefill")  # as the real worker: by reason
         if self.lose:
             self.lose -= 1
         else:
@@ -202,11 +205,15 @@ async def fakes(tokenizer: PreTrainedTokenizerBase) -> AsyncIterator[Fakes]:
             await s.stop(None)
 
 
-async def run(router: Router, rid: str, prompt_ids: list[int], max_new: int) -> list[StreamEvent]:
+async def run(router: Router, rid: str, prompt_ids: list[int], max_new: int) -> list[Delta]:
     return [ev async for ev in router.generate(rid, prompt_ids, SamplingParams(max_new_tokens=max_new))]
 
 
-def tokens_of(events: list[StreamEvent]) -> list[int]:
+def recovered(router: Router, kind: str) -> float:
+    return router.metrics.value("baton_router_recoveries_total", kind=kind)
+
+
+def tokens_of(events: list[Delta]) -> list[int]:
     return [t for ev in events for t in ev.token_ids]
 
 
@@ -222,7 +229,7 @@ async def test_a_request_resumes_where_its_decode_worker_failed(fakes: Fakes, fa
     # It started on worker 0, which failed 5 tokens in, and went on on worker 1 from there.
     assert [list(r.output_ids) for r in fakes.decode(0).seen] == [[]]
     assert [(list(r.prompt_ids), list(r.output_ids)) for r in fakes.decode(1).seen] == [(ids, expected(ids, 5))]
-    assert fakes.router.recovery.resumed == 1 and fakes.router.in_flight == 0
+    assert recovered(fakes.router, "resumed") == 1 and fakes.router.in_flight == 0
 
 
 @pytest.mark.asyncio
@@ -240,44 +247,58 @@ async def test_a_worker_that_leaves_the_registry_has_its_requests_resumed(fakes:
     assert got == expected([4, 5], 10)
 
 
+# Each failure worded as the real workers word it, then in words that say nothing, then in the words of another
+# failure: the router decides on the reason and the field alone, so every wording is handled alike.
+WORDINGS = {
+    "as-the-workers-say": ("gone", "KV push to decode worker x failed: no reservation", "no KV arrived in time"),
+    "reworded": ("x", "y", "z"),
+    "misleading": ("KV push to decode worker failed", "no KV arrived", "KV push to decode worker x failed"),
+}
+
+
 @pytest.mark.asyncio
-async def test_prefill_failures_are_retried_then_reported(fakes: Fakes) -> None:
-    fakes.prefill(0).fail = [(grpc.StatusCode.UNAVAILABLE, "gone")]  # the first one picked dies
+@pytest.mark.parametrize("wording", list(WORDINGS))
+async def test_prefill_failures_are_retried_then_reported(fakes: Fakes, wording: str) -> None:
+    gone, push_failed, lease = WORDINGS[wording]
+    for fake in fakes.decoders.values():
+        fake.lease_text = lease
+    fakes.prefill(0).fail = [Unavailable(gone)]  # the first one picked dies
     assert tokens_of(await run(fakes.router, "p", [7, 8], 6)) == expected([7, 8], 6)
-    assert fakes.router.recovery.prefill_retries == 1
+    assert recovered(fakes.router, "prefill_retry") == 1
     assert [len(fakes.prefill(i).seen) for i in (0, 1)] == [1, 1]
     await asyncio.sleep(0.2)  # a later report brings the worker that failed back
 
     # A failed KV push (the decode side lost the reservation): a new attempt, with a new row.
     for p in fakes.prefills.values():
-        p.fail = [(grpc.StatusCode.NOT_FOUND, "KV push to decode worker x failed: no reservation")]
+        p.fail = [KvPushFailed(push_failed, Reason.NOT_FOUND)]
     assert tokens_of(await run(fakes.router, "q", [9], 6)) == expected([9], 6)
-    assert fakes.router.recovery.restarted in (1, 2)
+    assert recovered(fakes.router, "restarted") in (1, 2)
 
     # KV that never arrives: the decode worker's lease ends the reservation, and another attempt starts.
     fakes.router.kv_timeout_s = 0.3
     fakes.prefill(0).lose = fakes.prefill(1).lose = 1
     assert tokens_of(await run(fakes.router, "l", [2, 3], 5)) == expected([2, 3], 5)
-    assert fakes.router.recovery.restarted >= 2
+    assert recovered(fakes.router, "restarted") >= 2
 
     for fake in fakes.decoders.values():  # every attempt fails: bounded, then UNAVAILABLE naming each failure
         fake.fail_after, fake.failure = 2, "cancelled"
     with pytest.raises(Unavailable, match="failed 4 times.*decode worker"):
         await run(fakes.router, "z", [3, 4], 9)
-    assert fakes.router.recovery.gave_up == 1 and fakes.router.in_flight == 0
+    assert recovered(fakes.router, "gave_up") == 1 and fakes.router.in_flight == 0
 
 
 # ---- the scheduler and the pool through failures --------------------------------------------------------------
 def test_a_failed_worker_stays_unhealthy_until_a_newer_report() -> None:
     now = [100.0]
     s = Scheduler(clock=lambda: now[0])
-    s.update(Role.DECODE, [WorkerLoad("a", free_rows=4, kv_tokens_free=1000, as_of=99.0)])
+    room = DecodeLoad(free_rows=4, kv_tokens_free=1000)
+    s.update(Role.DECODE, [WorkerReport("a", room, as_of=99.0)])
     t = s.pick_decode(10)
     assert t is not None
     s.failed(t)
-    s.update(Role.DECODE, [WorkerLoad("a", free_rows=4, kv_tokens_free=1000, as_of=99.0)])  # the same record again
+    s.update(Role.DECODE, [WorkerReport("a", room, as_of=99.0)])  # the same record again
     assert s.pick_decode(10) is None
-    s.update(Role.DECODE, [WorkerLoad("a", free_rows=4, kv_tokens_free=1000, as_of=101.0)])  # it heartbeat since
+    s.update(Role.DECODE, [WorkerReport("a", room, as_of=101.0)])  # it heartbeat since
     assert s.pick_decode(10) is not None
 
 
@@ -306,7 +327,7 @@ async def test_the_pool_keeps_workers_while_redis_is_down_or_restarted(tmp_path:
     d, p = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"  # nobody listens there
 
     def known() -> list[str]:
-        return sorted(w.address for role in Role for w in pool.scheduler.loads(role) if w.healthy)
+        return sorted(w.address for role in Role for w in pool.scheduler.reports(role) if w.healthy)
 
     try:
         occ = {"free_rows": 3, "kv_tokens_free": 900}

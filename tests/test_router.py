@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from baton.engine.models import LoadedModel
 from baton.engine.request import SamplingParams
+from baton.rpc.load import Role
 from baton.rpc.registry import RedisRegistry, WorkerInfo
 from baton.rpc.server import Service, create_server
 from baton.serve import free_port, wait_serving
@@ -30,7 +31,7 @@ from baton.v1 import baton_pb2_grpc
 from services.router.core import Router, TextStream
 from services.router.grpc_api import router_service
 from services.router.pool import WorkerPool
-from services.router.scheduler import Role, Scheduler
+from services.router.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = "f" * 64
@@ -353,14 +354,14 @@ async def test_pool_reads_the_registry_and_ignores_other_models(tmp_path: Path) 
         await pool.poll()  # the first worker heard from sets the model
         await registry.publish(WorkerInfo("decode", "d2:1", "0" * 64, occupancy), ttl_s=30)
         await pool.poll()
-        decode = {w.address: w for w in pool.scheduler.loads(Role.DECODE)}
-        assert decode["d1:1"].healthy and decode["d1:1"].free_rows == 3
+        decode = {w.address: w for w in pool.scheduler.reports(Role.DECODE)}
+        assert decode["d1:1"].healthy and decode["d1:1"].decode.free_rows == 3
         assert not decode["d2:1"].healthy  # another model: never chosen
-        assert pool.scheduler.loads(Role.PREFILL)[0].waiting == 2
+        assert pool.scheduler.reports(Role.PREFILL)[0].load.waiting == 2
         assert all(pool.scheduler.pick_decode(10).address == "d1:1" for _ in range(3))  # type: ignore[union-attr]
         await registry.remove("decode", "d1:1")
         await pool.poll()
-        assert [w.address for w in pool.scheduler.loads(Role.DECODE)] == ["d2:1"]  # gone from the registry
+        assert [w.address for w in pool.scheduler.reports(Role.DECODE)] == ["d2:1"]  # gone from the registry
     finally:
         await pool.close()
         await registry.close()
@@ -382,7 +383,7 @@ async def test_pool_marks_unreachable_workers_unhealthy() -> None:
     pool = WorkerPool(Scheduler(), [f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"], poll_s=0.05)
     try:
         await pool.poll()
-        assert not any(w.healthy for role in Role for w in pool.scheduler.loads(role))
+        assert not any(w.healthy for role in Role for w in pool.scheduler.reports(role))
     finally:
         await pool.close()
 

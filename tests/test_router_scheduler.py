@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from baton.engine.request import InvalidRequestError
-from baton.rpc.server import Overloaded, Unavailable
-from services.router.scheduler import Role, Scheduler, Ticket, WorkerLoad
+from baton.errors import InvalidRequestError, Overloaded, Unavailable
+from baton.rpc.load import DecodeLoad, PrefillLoad, Role
+from services.router.scheduler import Scheduler, Ticket, WorkerReport
 
 
 class Clock:
@@ -28,9 +28,9 @@ class Clock:
 
 def decode(
     address: str, rows: int, kv: int, as_of: float, used: int = 0, healthy: bool = True, active: int = 0
-) -> WorkerLoad:
-    return WorkerLoad(address, free_rows=rows, kv_tokens_free=kv, kv_tokens_used=used, as_of=as_of,
-                      healthy=healthy, active_rows=active)
+) -> WorkerReport:
+    load = DecodeLoad(free_rows=rows, kv_tokens_free=kv, kv_tokens_used=used, active_rows=active)
+    return WorkerReport(address, load, healthy=healthy, as_of=as_of)
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def make(clock: Clock, loads: list[WorkerLoad], max_queue: int = 4) -> Scheduler:
+def make(clock: Clock, loads: list[WorkerReport], max_queue: int = 4) -> Scheduler:
     s = Scheduler(max_queue=max_queue, clock=clock)
     s.update(Role.DECODE, loads)
     return s
@@ -109,8 +109,8 @@ def test_in_flight_requests_count_until_a_report_includes_them(clock: Clock) -> 
     # and a report taken after it finished is not credited twice
     clock.tick()
     s.update(Role.DECODE, [decode("a", 1, 300, clock(), active=3), decode("b", 0, 200, clock(), active=4)])
-    loads = {w.address: w for w in s.loads(Role.DECODE)}
-    assert loads[t.address].free_rows == 0  # t (not yet accepted) holds the one free row
+    loads = {w.address: w for w in s.reports(Role.DECODE)}
+    assert loads[t.address].decode.free_rows == 0  # t (not yet accepted) holds the one free row
 
 
 def test_refusing_worker_is_skipped_until_its_next_report(clock: Clock) -> None:
@@ -137,8 +137,9 @@ def test_unhealthy_and_unknown_workers_are_never_chosen(clock: Clock) -> None:
 # ---- prefill choice ----------------------------------------------------------------------------------------
 def test_prefill_goes_to_the_shortest_queue_with_fair_ties(clock: Clock) -> None:
     s = make(clock, [])
-    s.update(Role.PREFILL, [WorkerLoad("p1", waiting=3, as_of=clock()), WorkerLoad("p2", waiting=1, as_of=clock()),
-                            WorkerLoad("p3", waiting=1, as_of=clock())])
+    s.update(Role.PREFILL, [WorkerReport("p1", PrefillLoad(waiting=3), as_of=clock()),
+                            WorkerReport("p2", PrefillLoad(waiting=1), as_of=clock()),
+                            WorkerReport("p3", PrefillLoad(waiting=1), as_of=clock())])
     picks = [s.pick_prefill().address for _ in range(5)]
     # p2 and p3 alternate, each in-flight prefill counting, until they reach p1's queue of 3
     assert picks[:4] == ["p2", "p3", "p2", "p3"]

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from baton.client import BatonClient, BatonError
 from baton.health import is_serving
+from baton.rpc.load import Role
 from baton.rpc.server import TlsConfig
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
@@ -38,7 +39,7 @@ from services.decode import main as decode_main
 from services.prefill import main as prefill_main
 from services.router import main as router_main
 from services.router.pool import WorkerPool
-from services.router.scheduler import Role, Scheduler
+from services.router.scheduler import Scheduler
 from tests.inproc import Options, running_stack
 from tests.services import ROOT, free_port, processes, wait_serving
 
@@ -149,7 +150,7 @@ def test_mutual_tls_stack(pki: Pki, tokenizer: PreTrainedTokenizerBase) -> None:
             pool = WorkerPool(Scheduler(), [stack.decode_address], [stack.prefill_address], tls=rogue)
             try:
                 await pool.poll()
-                return [w.healthy for role in Role for w in pool.scheduler.loads(role)]
+                return [w.healthy for role in Role for w in pool.scheduler.reports(role)]
             finally:
                 await pool.close()
 

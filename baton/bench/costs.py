@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from baton.cli import add_model_arguments
+from baton.flags import add_model_arguments
 
 if TYPE_CHECKING:
     from baton.engine.models import LoadedModel

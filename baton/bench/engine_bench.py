@@ -38,7 +38,7 @@ PERCENTILES = (50, 90, 99)
 # ---- command line ----------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from baton.bench.baselines import POLICIES
-    from baton.cli import add_model_arguments
+    from baton.flags import add_model_arguments
 
     add_model_arguments(p)
     p.add_argument("--policy", default="baton",

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from baton.cli import add_model_arguments
+from baton.flags import add_model_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -38,8 +38,8 @@ from typing import Any
 from baton.bench.engine_bench import output_paths, percentiles
 from baton.bench.loadgen import Outcome, plan, poisson_arrivals, run_load, warm_up
 from baton.bench.workloads import WORKLOADS, WorkloadSpec, draw, get_workload
-from baton.cli import env_default
 from baton.client import BatonError
+from baton.flags import env_default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -21,9 +21,10 @@ import torch
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import FinishReason, InvalidRequestError, Request, RequestStatus, check_model_limits
+from baton.engine.request import FinishReason, Request, RequestStatus, check_model_limits
 from baton.engine.runner import ModelRunner
 from baton.engine.sampler import sample
+from baton.errors import InvalidRequestError
 
 POLICIES = ("baton", "orca", "static")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from baton.engine.errors import PayloadError
+from baton.errors import PayloadError
 
 MAGIC = b"BATONKV1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

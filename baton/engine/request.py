@@ -6,15 +6,9 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from baton.errors import InvalidRequestError
+
 MAX_TIMEOUT_S = 1e6  # the longest per-request timeout an API accepts (gRPC deadlines overflow far beyond it)
-
-
-class InvalidRequestError(ValueError):
-    """A request that cannot be served; `field` names the offending input."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 class RequestStatus(enum.Enum):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from baton.engine.request import FinishReason, InvalidRequestError, SamplingParams
+from baton.engine.request import FinishReason, SamplingParams
+from baton.errors import InvalidRequestError
 from baton.v1 import baton_pb2 as pb
 
 _FINISH_TO_PB = {

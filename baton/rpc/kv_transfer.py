@@ -13,7 +13,8 @@ from collections.abc import AsyncIterable, Callable, Iterator
 
 import torch
 
-from baton.engine.kv_payload import DTYPE_NAMES, DTYPES, KVPayload, PayloadError
+from baton.engine.kv_payload import DTYPE_NAMES, DTYPES, KVPayload
+from baton.errors import PayloadError
 from baton.v1 import baton_pb2 as pb
 
 CHUNK_BYTES = 2 << 20  # 2 MiB: far below gRPC's 4 MiB default message limit

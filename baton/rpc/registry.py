@@ -1,6 +1,7 @@
 """The worker registry: workers publish who they are and how loaded they are to Redis; the router reads it.
 
-Each worker owns one key, `{prefix}:worker:{role}:{address}`, holding a WorkerInfo as JSON and set with a TTL a
+Each worker owns one key, `{prefix}:worker:{role}:{address}` (the prefix, `--redis-prefix`, tells clusters that
+share one Redis apart), holding a WorkerInfo as JSON and set with a TTL a
 few heartbeats long. A worker that stops heartbeating (crashed, partitioned) simply expires; one that stops
 cleanly removes its key. Redis being down never stops a worker: heartbeat() warns once and keeps trying.
 """
@@ -19,36 +20,16 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from baton.v1 import baton_pb2 as pb
-
 log = logging.getLogger(__name__)
-
-ROLES = ("prefill", "decode")
-# The numeric fields of OccupancyResponse, as carried in WorkerInfo.occupancy.
-OCCUPANCY_FIELDS = (
-    "active_rows",
-    "free_rows",
-    "kv_tokens_used",
-    "kv_tokens_free",
-    "waiting",
-    "completed",
-    "kv_received",
-)
-
-
-def occupancy_dict(resp: pb.OccupancyResponse) -> dict[str, int]:
-    """The numeric fields of an OccupancyResponse, for WorkerInfo.occupancy."""
-    return {name: int(getattr(resp, name)) for name in OCCUPANCY_FIELDS}
-
 
 @dataclass
 class WorkerInfo:
     """What a worker publishes about itself."""
 
-    role: str  # "prefill" | "decode"
+    role: str  # Role.value: "prefill" | "decode"
     address: str  # host:port that other services dial
     model_fingerprint: str
-    occupancy: dict[str, int] = field(default_factory=dict)  # OCCUPANCY_FIELDS -> value
+    load: dict[str, int] = field(default_factory=dict)  # the worker's DecodeLoad or PrefillLoad, to_registry()
     updated_at: float = field(default_factory=time.time)  # time.time() of the publishing
 
     def to_json(self) -> str:
@@ -63,7 +44,7 @@ class WorkerInfo:
                 role=str(obj["role"]),
                 address=str(obj["address"]),
                 model_fingerprint=str(obj["model_fingerprint"]),
-                occupancy={str(k): int(v) for k, v in dict(obj.get("occupancy") or {}).items()},
+                load={str(k): int(v) for k, v in dict(obj.get("load") or {}).items()},
                 updated_at=float(obj["updated_at"]),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:

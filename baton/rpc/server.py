@@ -1,7 +1,8 @@
 """The gRPC frame every Baton service shares: an asyncio server with the standard health service, server
 reflection, message limits sized for KV chunks, and one interceptor that turns exceptions into gRPC status
-(and, on the router's public port, checks the API key). Every server is made by create_server and every client
-channel between services by channel(), both with mutual TLS when given a TlsConfig."""
+(baton/rpc/status.py; and, on the router's public port, checks the API key). Every server is made by
+create_server and every client channel between services by channel(), both with mutual TLS when given a
+TlsConfig."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from baton.engine.errors import PayloadError
-from baton.engine.request import InvalidRequestError
+from baton.errors import MalformedMessage, Unauthenticated
+from baton.rpc.status import abort_with
 
 log = logging.getLogger(__name__)
 
@@ -34,68 +35,6 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
-
-
-class ServiceError(Exception):
-    """An error with a chosen gRPC status code (and HTTP status, for the router's HTTP API)."""
-
-    code = grpc.StatusCode.INTERNAL
-    http_status = 500
-
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Overloaded(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 429
-
-
-class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
-    http_status = 503
-
-
-class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
-    http_status = 404
-
-
-class Unauthenticated(ServiceError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-    http_status = 401
-
-
-class MalformedMessage(ServiceError):
-    """Bytes that do not parse as the method's request message (wrong type, invalid UTF-8, truncated ...)."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    http_status = 400
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status an exception stands for."""
-    if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
-    if isinstance(exc, (InvalidRequestError, PayloadError, ValueError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-
-
-RETRY_AFTER_KEY = "retry-after-s"  # trailing metadata carrying ServiceError.retry_after_s
-
-
-async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
-    code, msg = status_of(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("%s failed", method)
-    retry = getattr(exc, "retry_after_s", None)
-    if retry is not None:
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, f"{retry:g}"),))
-    await context.abort(code, msg)
 
 
 OPEN_METHODS = ("/grpc.health.v1.Health/",)  # answered without an API key (probes)
@@ -308,3 +247,22 @@ def advertised_address(host: str, port: int, advertise: str | None) -> str:
         return f"{socket.gethostbyname(name)}:{port}"
     except OSError:
         return f"{name}:{port}"
+
+
+class ChannelCache:
+    """One channel per address, made on first use by channel() and kept until close(): how a router reaches its
+    workers and a prefill worker its decode workers."""
+
+    def __init__(self, tls: TlsConfig | None = None) -> None:
+        self.tls = tls
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = channel(address, self.tls)
+        return self._channels[address]
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()

@@ -145,7 +145,7 @@ class OccupancyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class OccupancyResponse(_message.Message):
-    __slots__ = ("active_rows", "free_rows", "kv_tokens_used", "kv_tokens_free", "waiting", "model_fingerprint", "completed", "kv_received")
+    __slots__ = ("active_rows", "free_rows", "kv_tokens_used", "kv_tokens_free", "waiting", "model_fingerprint", "completed", "kv_received", "running", "tokens_generated")
     ACTIVE_ROWS_FIELD_NUMBER: _ClassVar[int]
     FREE_ROWS_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,8 @@ class OccupancyResponse(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     KV_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     active_rows: int
     free_rows: int
     kv_tokens_used: int
@@ -162,7 +164,9 @@ class OccupancyResponse(_message.Message):
     model_fingerprint: str
     completed: int
     kv_received: int
-    def __init__(self, active_rows: _Optional[int] = ..., free_rows: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_free: _Optional[int] = ..., waiting: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., completed: _Optional[int] = ..., kv_received: _Optional[int] = ...) -> None: ...
+    running: int
+    tokens_generated: int
+    def __init__(self, active_rows: _Optional[int] = ..., free_rows: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_free: _Optional[int] = ..., waiting: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., completed: _Optional[int] = ..., kv_received: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
 
 class KvHeader(_message.Message):
     __slots__ = ("request_id", "model_fingerprint", "num_layers", "kv_heads", "head_dim", "num_tokens", "dtype", "prompt_ids", "first_token", "total_bytes", "crc32")

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
-from baton.engine.request import InvalidRequestError, Request
+from baton.engine.request import Request
+from baton.errors import InvalidRequestError
 from baton.rpc.convert import finish_to_proto, params_from_proto
 from baton.rpc.kv_transfer import payload_from_messages
 from baton.rpc.server import Service
@@ -83,17 +84,7 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
     async def Occupancy(  # noqa: N802
         self, request: pb.OccupancyRequest, context: grpc.aio.ServicerContext
     ) -> pb.OccupancyResponse:
-        o = self.worker.occupancy()
-        return pb.OccupancyResponse(
-            active_rows=o.active_rows,
-            free_rows=o.free_rows,
-            kv_tokens_used=o.kv_tokens_used,
-            kv_tokens_free=o.kv_tokens_free,
-            waiting=o.waiting,
-            model_fingerprint=o.model_fingerprint,
-            completed=o.completed,
-            kv_received=o.kv_received,
-        )
+        return self.worker.occupancy().to_proto(self.worker.fingerprint)
 
 
 def decode_service(worker: DecodeWorker) -> Service:

@@ -26,11 +26,20 @@ from dataclasses import dataclass, field
 import torch
 
 from baton.engine.engine import Engine, StepOutput
-from baton.engine.kv_payload import KVPayload, PayloadError
+from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import FinishReason, InvalidRequestError, Request
+from baton.engine.request import FinishReason, Request
+from baton.errors import (
+    InvalidRequestError,
+    KvLeaseExpired,
+    NotFound,
+    Overloaded,
+    PayloadError,
+    ServiceError,
+    Unavailable,
+)
 from baton.metrics import DecodeMetrics
-from baton.rpc.server import NotFound, Overloaded, ServiceError, Unavailable
+from baton.rpc.load import DecodeLoad, Role
 from baton.shared_cores import SharedCores
 
 log = logging.getLogger(__name__)
@@ -51,25 +60,6 @@ class DecodeEvent:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     stop_text: str | None = None  # the output text before the stop string, when one ended the request
-
-
-@dataclass
-class Occupancy:
-    """The worker's load. Every live request holds a row, whether its KV has arrived or not."""
-
-    active_rows: int  # live requests: reserved, queued for splicing, or running
-    free_rows: int  # rows that can still be reserved
-    kv_tokens_used: int  # tokens whose KV this worker holds now (batch and queued payloads)
-    kv_tokens_free: int  # tokens that can still be promised: the budget minus the worst case of every live request
-    waiting: int  # live requests not spliced yet (reserved or queued)
-    model_fingerprint: str
-    completed: int  # requests that finished (stop or length) since start
-    kv_received: int  # KV payloads accepted since start
-    tokens_generated: int  # tokens sampled since start
-
-    def counts(self) -> dict[str, int]:
-        """The numeric fields, e.g. for a registry entry."""
-        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
 
 
 class Reservation:
@@ -142,6 +132,11 @@ class _StepReport:
 
 
 class DecodeWorker:
+    """A decode worker's core, as the worker frame (baton/rpc/worker_frame.py) runs it."""
+
+    role = Role.DECODE
+    keeps_registered_while_draining = True  # its load shows no free row: routers keep streaming from it
+
     def __init__(
         self,
         lm: LoadedModel,
@@ -170,6 +165,13 @@ class DecodeWorker:
         # decode-loop side
         self._inbox: queue.SimpleQueue[_Add | _Cancel | _Stop] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.lm.fingerprint
+
+    def describe(self) -> str:
+        return f"policy {self.engine.policy}, {self.max_batch} rows, {self.max_kv_tokens} KV tokens"
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -298,19 +300,18 @@ class DecodeWorker:
         res = self._live.get(request_id)
         return res is not None and res.cancel()
 
-    def occupancy(self) -> Occupancy:
+    def occupancy(self) -> DecodeLoad:
         live = self._live.values()
         waiting = [r for r in live if r.state is not SlotState.RUNNING]
         promised = sum(r.kv_budget for r in live)
         queued_kv = sum(r.request.num_tokens for r in live if r.state is SlotState.QUEUED)
         rows = 0 if self.draining else max(0, self.max_batch - len(self._live))  # a draining worker takes nothing
-        return Occupancy(
+        return DecodeLoad(
             active_rows=len(self._live),
             free_rows=rows,
             kv_tokens_used=self._batch_kv_tokens + queued_kv,
             kv_tokens_free=0 if self.draining else max(0, self.max_kv_tokens - promised),
             waiting=len(waiting),
-            model_fingerprint=self.lm.fingerprint,
             completed=self._completed,
             kv_received=self._kv_received,
             tokens_generated=self._tokens_generated,
@@ -339,7 +340,7 @@ class DecodeWorker:
         if res.ended or res.state is not SlotState.RESERVED:
             return
         msg = f"request {res.id!r}: no KV arrived within {timeout:g}s; its reserved row was released"
-        self._end(res, TimeoutError(msg), "expired")
+        self._end(res, KvLeaseExpired(msg), "expired")
 
     def _on_report(self, report: _StepReport) -> None:
         """Runs on the event loop: deliver one iteration's tokens and endings."""

@@ -1,4 +1,5 @@
-"""The prefill worker's core, free of any transport: a queue of prompts and one compute thread that prefills them.
+"""The prefill worker's core: a queue of prompts, one compute thread that prefills them, and the push of each
+result's KV to its decode worker (services/prefill/shipper.py).
 
 Requests are submitted from an asyncio event loop and wait in a visible queue. The compute thread (the only
 thread that runs torch) takes every waiting request at each iteration, as one batch, and prefills it in runs
@@ -24,24 +25,16 @@ from dataclasses import dataclass, field
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import InvalidRequestError, Request, check_model_limits
+from baton.engine.request import Request, check_model_limits
 from baton.engine.runner import ModelRunner, pack_for_prefill
+from baton.errors import Cancelled, InvalidRequestError, Overloaded, Unavailable
 from baton.metrics import PrefillMetrics
+from baton.rpc.load import PrefillLoad, Role
+from baton.rpc.server import TlsConfig
 from baton.shared_cores import SharedCores
+from services.prefill.shipper import KvShipper
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """The queue holds max_queue requests already; try another worker or later."""
-
-
-class WorkerClosed(Exception):
-    """The worker is shutting down and takes no new work."""
-
-
-class PrefillCancelled(Exception):
-    """The request was cancelled before its prefill was handed out."""
 
 
 class JobState(enum.Enum):
@@ -59,26 +52,12 @@ class PrefillResult:
 
 
 @dataclass
-class PrefillOccupancy:
-    queued: int  # waiting for the compute thread
-    in_progress: int  # in the batch the compute thread is working on, not yet done
-    completed: int  # prefills computed and handed out since start
+class Shipped:
+    """A prefill whose KV the decode worker accepted."""
 
-    @property
-    def waiting(self) -> int:
-        return self.queued + self.in_progress
-
-
-@dataclass
-class PrefillStats:
-    submitted: int = 0
-    completed: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    batches: int = 0  # iterations of the compute loop that found work
-    largest_batch: int = 0
-    prompt_tokens: int = 0  # prefilled, over completed requests
-    compute_seconds: float = 0.0
+    result: PrefillResult
+    kv_bytes: int
+    transfer_seconds: float
 
 
 @dataclass
@@ -91,8 +70,12 @@ class _Job:
 
 
 class PrefillWorker:
-    """A queue of prefills and the thread that computes them. submit/cancel/occupancy are called from the
-    event loop; everything they share with the compute thread is guarded by one lock."""
+    """A queue of prefills, the thread that computes them, and the shipping of their KV; as the worker frame
+    (baton/rpc/worker_frame.py) runs it. Every method but the compute thread's is called from the event loop;
+    everything they share with the compute thread is guarded by one lock."""
+
+    role = Role.PREFILL
+    keeps_registered_while_draining = False  # leaves the registry first: routers send it nothing more
 
     def __init__(
         self,
@@ -100,6 +83,8 @@ class PrefillWorker:
         max_queue: int = 1024,
         prefill_fn: Callable[[list[Request]], list[KVPayload]] | None = None,
         shared_cores: SharedCores | None = None,
+        push_timeout_s: float = 60.0,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.lm = lm
         self.shared_cores = shared_cores  # when set, each forward pass waits for the decode layer in progress
@@ -111,13 +96,45 @@ class PrefillWorker:
         self._jobs: dict[str, _Job] = {}  # every queued or running job, by request id
         self._closing = False  # no new work
         self._stopping = False  # the compute thread exits once the queue is empty
-        self.stats = PrefillStats()
+        self._completed = 0  # prefills computed and handed out
         self.metrics = PrefillMetrics()
-        self.metrics.track(running=lambda: self.occupancy().in_progress, waiting=lambda: self.occupancy().queued)
+        self.metrics.track(running=lambda: self.occupancy().running, waiting=lambda: self.occupancy().queued)
+        self.shipper = KvShipper(self.metrics, push_timeout_s, tls)
+        self._serving: dict[str, asyncio.Task[Shipped]] = {}  # request id -> its prefill and push, by prefill()
         self._thread = threading.Thread(target=self._run, name="prefill-compute", daemon=True)
         self._thread.start()
 
+    @property
+    def fingerprint(self) -> str:
+        return self.lm.fingerprint
+
+    def describe(self) -> str:
+        return f"model {self.lm.name} ({self.lm.fingerprint[:12]}), queue of {self.max_queue}"
+
+    @property
+    def in_flight(self) -> int:
+        """Requests taken by prefill() and not done: computing, queued, or pushing their KV."""
+        return len(self._serving)
+
     # -- called from the event loop ------------------------------------------------------------------
+    async def prefill(self, req: Request, decode_address: str) -> Shipped:
+        """Prefill the request and push its KV to the decode worker at `decode_address`. Raises
+        InvalidRequestError, Overloaded, Unavailable, Cancelled, KvPushFailed, or the compute's error."""
+        if req.id in self._serving:
+            raise InvalidRequestError("request_id", f"request id {req.id!r} is already in use on this worker")
+        task = asyncio.ensure_future(self._prefill_and_ship(req, decode_address))
+        self._serving[req.id] = task
+        try:
+            return await task
+        finally:
+            if self._serving.get(req.id) is task:
+                del self._serving[req.id]
+
+    async def _prefill_and_ship(self, req: Request, decode_address: str) -> Shipped:
+        result = await self.submit(req)  # if this is cancelled, so is the future, which drops the prefill
+        kv_bytes, seconds = await self.shipper.ship(result.payload, decode_address)
+        return Shipped(result, kv_bytes, seconds)
+
 
     def validate(self, req: Request) -> None:
         """The model's own limits; Request and SamplingParams check the rest."""
@@ -130,40 +147,43 @@ class PrefillWorker:
         )
 
     def submit(self, req: Request) -> asyncio.Future[PrefillResult]:
-        """Queue a prefill; the returned future gives its result (or raises PrefillCancelled, or the compute's
-        error). Cancelling the future cancels the request. Raises InvalidRequestError, QueueFull, WorkerClosed."""
+        """Queue a prefill; the returned future gives its result (or raises Cancelled, or the compute's error).
+        Cancelling the future cancels the request. Raises InvalidRequestError, Overloaded (queue full) or
+        Unavailable (shutting down)."""
         self.validate(req)
         loop = asyncio.get_running_loop()
         job = _Job(req, loop.create_future(), loop)
         with self._lock:
             if self._closing:
-                raise WorkerClosed("prefill worker is shutting down")
+                raise Unavailable("prefill worker is shutting down")
             if req.id in self._jobs:
                 raise InvalidRequestError("request_id", f"request id {req.id!r} is already in use on this worker")
             if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"prefill queue is full ({self.max_queue} requests)")
+                raise Overloaded(f"prefill queue is full ({self.max_queue} requests)", retry_after_s=1.0)
             self._queue.append(job)
             self._jobs[req.id] = job
-            self.stats.submitted += 1
             self._lock.notify()
         job.future.add_done_callback(lambda f: self._on_future_done(job, f))
         return job.future
 
     def cancel(self, request_id: str) -> bool:
-        """Drop a queued or running prefill; True when it was found. Its future raises PrefillCancelled."""
+        """Drop a queued or running prefill, or stop its KV push; True when it was found. Its future (or
+        prefill()) raises Cancelled."""
+        if self.shipper.cancel(request_id):
+            return True
         with self._lock:
             job = self._jobs.get(request_id)
             if job is None:
                 return False
             self._cancel_locked(job)
         if not job.future.done():
-            job.future.set_exception(PrefillCancelled(f"request {request_id!r} was cancelled"))
+            job.future.set_exception(Cancelled(f"request {request_id!r} was cancelled"))
         return True
 
-    def occupancy(self) -> PrefillOccupancy:
+    def occupancy(self) -> PrefillLoad:
         with self._lock:
             running = sum(1 for j in self._batch if j.state is JobState.RUNNING)
-            return PrefillOccupancy(len(self._queue), running, self.stats.completed)
+            return PrefillLoad(waiting=len(self._queue) + running, running=running, completed=self._completed)
 
     @property
     def queued_ids(self) -> list[str]:
@@ -180,15 +200,24 @@ class PrefillWorker:
         with self._lock:
             self._closing = True
 
-    async def drain(self, timeout_s: float | None = None) -> bool:
-        """Stop taking work and wait until the queue is empty and nothing runs. False on timeout."""
+    async def drain(self) -> None:
+        """Stop taking work and wait until nothing is queued, computed or pushed."""
         self.close_intake()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.occupancy().waiting:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
+        while self.occupancy().waiting or self._serving:
             await asyncio.sleep(0.01)
-        return True
+
+    def hand_off(self) -> int:
+        """Cancel every prefill still in flight (its caller gets CANCELLED and tries another worker)."""
+        live = list(self._serving.items())
+        for rid, task in live:
+            if not self.cancel(rid):  # between its compute and its push
+                task.cancel()
+        return len(live)
+
+    async def close(self) -> None:
+        """Stop the compute thread and close the channels to decode workers."""
+        self.shutdown()
+        await self.shipper.close()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Stop the compute thread; queued requests are cancelled, a running prefill finishes first."""
@@ -199,7 +228,7 @@ class PrefillWorker:
                 self._cancel_locked(job)
             self._lock.notify_all()
         for job in dropped:
-            self._deliver(job, error=PrefillCancelled(f"request {job.request.id!r}: prefill worker shut down"))
+            self._deliver(job, error=Cancelled(f"request {job.request.id!r}: prefill worker shut down"))
         self._thread.join(timeout_s)
 
     # -- internals -----------------------------------------------------------------------------------
@@ -209,7 +238,6 @@ class PrefillWorker:
             self._queue.remove(job)
         if job.state in (JobState.QUEUED, JobState.RUNNING):
             job.state = JobState.CANCELLED
-            self.stats.cancelled += 1
             self.metrics.requests.labels(outcome="cancelled").inc()
         self._jobs.pop(job.request.id, None)
 
@@ -232,8 +260,6 @@ class PrefillWorker:
                 for job in batch:
                     job.state = JobState.RUNNING
                 self._batch = batch
-                self.stats.batches += 1
-                self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
                 self.metrics.batch_size.observe(len(batch))
             for run in pack_for_prefill([len(job.request.all_ids) for job in batch]):
                 self._compute([batch[i] for i in run])
@@ -255,22 +281,18 @@ class PrefillWorker:
                 with self._lock:
                     if job.state is JobState.RUNNING:
                         job.state = JobState.DONE
-                        self.stats.failed += 1
                         self.metrics.requests.labels(outcome="failed").inc()
                         self._jobs.pop(job.request.id, None)
                 self._deliver(job, error=e)
             return
         seconds = time.perf_counter() - start  # the run's compute time, which each of its requests waited
-        with self._lock:
-            self.stats.compute_seconds += seconds
         for job, payload in zip(jobs, payloads, strict=True):
             with self._lock:
                 if job.state is not JobState.RUNNING:  # cancelled during the compute: drop the KV
                     continue
                 job.state = JobState.DONE
                 self._jobs.pop(job.request.id, None)
-                self.stats.completed += 1
-                self.stats.prompt_tokens += job.request.prompt_len
+                self._completed += 1
                 self.metrics.computed(job.request.prompt_len, start - job.submitted_at, seconds)
             self._deliver(job, PrefillResult(payload, seconds, start - job.submitted_at))
 

@@ -1,160 +1,38 @@
-"""The router's core, free of its public transports: validate a request, place it on a decode and a prefill
-worker, and stream its tokens and text back. The gRPC API (grpc_api.py) and the HTTP API (http_api.py) are thin
-layers over Router.generate.
+"""The router's core, free of its public transports: tokenize and validate a request, then serve it through one
+attempt after another (attempt.py: reserve a decode row, prefill, stream) until one finishes it, relaying its
+tokens and text (text.py) as they come and logging it as one JSON line at the end (trace.py). The gRPC API
+(grpc_api.py) and the HTTP API (http_api.py) are thin layers over Router.generate.
 
-One request's path (see proto/baton/v1/baton.proto):
-1. The Scheduler picks a decode worker D with room for prompt + max_new_tokens KV tokens (or the request
-   waits in the router's queue). DecodeWorker.Decode on D reserves a row; its first message, with no tokens,
-   confirms the reservation. A worker that refuses (full: another router got there first) is skipped.
-2. The Scheduler picks the prefill worker P with the shortest queue; PrefillWorker.Prefill(request, D) runs
-   concurrently: P computes the prompt's KV and pushes it straight to D.
-3. D's tokens are relayed as they come, detokenized incrementally; the last message carries the finish
-   reason. Then the request is logged as one JSON line.
-A request that ends early (client gone, cancelled, an error on either worker) is stopped everywhere: the
-Decode call is cancelled (D drops the row) and a prefill still pending is cancelled on P. A request whose worker
-dies, drains or loses its KV is resumed on others from the tokens already streamed (resume.py).
+A request that ends early (client gone, cancelled, an error on either worker) is stopped everywhere as its
+attempt closes. One whose worker dies, drains or loses its KV is resumed by another attempt from the tokens
+already streamed, up to --max-retries times.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
 from typing import Any
 
-import grpc
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from baton.engine.models import resolve_model_path
-from baton.engine.request import FinishReason, InvalidRequestError, SamplingParams, check_model_limits, is_unicode
+from baton.engine.request import FinishReason, SamplingParams, check_model_limits, is_unicode
+from baton.errors import InvalidRequestError, Unavailable
 from baton.metrics import RouterMetrics
 from baton.rpc.convert import finish_from_proto, params_to_proto
-from baton.rpc.server import NotFound, Overloaded, ServiceError, Unavailable
 from baton.v1 import baton_pb2 as pb
+from services.router.attempt import Attempt, Background, Recoverable, resumed_request
 from services.router.pool import WorkerPool
-from services.router.resume import KV_PUSH_FAILED, Attempt, Recoverable, RecoveryStats, resumed_request
-from services.router.scheduler import Scheduler, Ticket
+from services.router.scheduler import Scheduler
+from services.router.text import Delta, TextStream
+from services.router.trace import Trace
 
 log = logging.getLogger(__name__)
 
-MAX_RESERVE_ATTEMPTS = 8  # decode workers tried for one request before giving up
 MAX_REQUEST_ID_CHARS = 256
-
-
-@dataclass
-class StreamEvent:
-    """New tokens of a request and their text; the last event carries the finish reason and the usage."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class TextStream:
-    """Incremental detokenization. Text is released only once it is final: an incomplete UTF-8 tail (decoded
-    as '\\ufffd') and a tail that may be the start of a stop string are held back until the next tokens."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.sent = ""  # text released so far
-
-    def decode(self) -> str:
-        return str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def add(self, token_ids: list[int]) -> str:
-        """Take new tokens; return the text they release."""
-        self.ids += token_ids
-        text = self.decode().rstrip("\ufffd")
-        for s in self.stop:  # the worker ends the request at a stop string: never release one
-            if s in text:
-                text = text[: text.index(s)]
-        text = text[: len(text) - self._stop_prefix(text)]
-        if not text.startswith(self.sent) or len(text) <= len(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
-
-    def finish(self, stop_text: str | None) -> str:
-        """The rest of the text once the request ended; `stop_text` is the whole text when a stop string ended it."""
-        final = stop_text if stop_text is not None else self.decode()
-        if not final.startswith(self.sent):
-            log.warning("streamed text %r is not a prefix of the final text %r", self.sent, final)
-            return ""
-        delta, self.sent = final[len(self.sent) :], final
-        return delta
-
-    def _stop_prefix(self, text: str) -> int:
-        """Length of the longest tail of `text` that a stop string begins with."""
-        longest = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:k]):
-                    longest = k
-                    break
-        return longest
-
-
-@dataclass
-class _Trace:
-    """What the request log line says about one request."""
-
-    id: str
-    start: float
-    prompt_tokens: int
-    decode: str | None = None
-    prefill: str | None = None
-    completion_tokens: int = 0
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    queue_s: float | None = None  # until a decode worker confirmed a row
-    finish_reason: str | None = None
-    error: str | None = None
-    recoveries: list[str] = field(default_factory=list)  # what failed, each time another attempt took over
-
-    def tokens(self, n: int, metrics: RouterMetrics) -> None:
-        """n new tokens arrived in one message."""
-        if not n:
-            return
-        now = time.perf_counter()
-        self.completion_tokens += n
-        metrics.tokens(n, None if self.last_token_at is None else now - self.last_token_at)
-        if self.first_token_at is None:
-            self.first_token_at = now
-        self.last_token_at = now
-
-    @property
-    def outcome(self) -> str:
-        if self.finish_reason is not None:
-            return self.finish_reason
-        return "cancelled" if self.error == "cancelled" else "error"
-
-    def log(self, metrics: RouterMetrics) -> None:
-        """One JSON line for the request, and its latencies in the metrics."""
-        e2e = time.perf_counter() - self.start
-        ttft = None if self.first_token_at is None else self.first_token_at - self.start
-        line: dict[str, Any] = {
-            "request_id": self.id,
-            "decode_worker": self.decode,
-            "prefill_worker": self.prefill,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "finish_reason": self.finish_reason,
-            "ttft_s": None if ttft is None else round(ttft, 4),
-            "e2e_s": round(e2e, 4),
-            "queue_s": None if self.queue_s is None else round(self.queue_s, 4),
-        }
-        if self.error is not None:
-            line["error"] = self.error
-        if self.recoveries:
-            line["recoveries"] = self.recoveries
-        log.info("%s", json.dumps(line), extra={"fields": line})
-        metrics.finished(self.outcome, self.prompt_tokens, e2e, ttft, self.queue_s)
 
 
 class Router:
@@ -177,9 +55,8 @@ class Router:
         self.pool = pool
         self.kv_timeout_s, self.queue_timeout_s = kv_timeout_s, queue_timeout_s
         self.max_retries = max_retries  # recoveries (new attempts, prefills moved) allowed per request
-        self.recovery = RecoveryStats()
         self._active: set[str] = set()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = Background()
         self.metrics = RouterMetrics()
         self.metrics.track(running=lambda: len(self._active), waiting=lambda: self.pool.scheduler.queued)
 
@@ -207,8 +84,7 @@ class Router:
         await self.pool.start()
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        self._background.cancel_all()
         await self.pool.close()
 
     # ---- prompts -----------------------------------------------------------------------------------
@@ -259,10 +135,11 @@ class Router:
     # ---- generation --------------------------------------------------------------------------------
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None
-    ) -> AsyncGenerator[StreamEvent, None]:
-        """Stream a request's tokens. Stopping the iteration early (aclose, cancellation) cancels the request on
-        its workers. `timeout`: seconds the whole request may take (the client's deadline)."""
-        trace = _Trace(request_id, time.perf_counter(), len(prompt_ids))
+    ) -> AsyncGenerator[Delta, None]:
+        """Stream a request's tokens, one attempt after another (attempt.py) until one finishes it. Stopping the
+        iteration early (aclose, cancellation) cancels the request on its workers. `timeout`: seconds the whole
+        request may take (the client's deadline)."""
+        trace = Trace(request_id, time.perf_counter(), len(prompt_ids))
         try:
             self.validate(request_id, prompt_ids, params)
         except InvalidRequestError as e:
@@ -270,209 +147,55 @@ class Router:
             trace.log(self.metrics)
             raise
         self._active.add(request_id)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         request = pb.WorkerRequest(request_id=request_id, prompt_ids=prompt_ids, parameters=params_to_proto(params))
         text = TextStream(self.tokenizer, params.stop)
-        sent: list[int] = []  # tokens relayed to the client: what another attempt resumes from (resume.py)
-        attempt: Attempt | None = None
-        finished = False
+        sent: list[int] = []  # tokens relayed to the client: what another attempt resumes from (attempt.py)
         try:
-            while True:
-                if len(sent) >= params.max_new_tokens:  # (a worker ends a request with its last token: a guard)
-                    finished = True
-                    trace.finish_reason = FinishReason.LENGTH.value
-                    yield StreamEvent([], text.finish(None), FinishReason.LENGTH, len(prompt_ids), len(sent))
-                    return
-                attempt = Attempt(self, resumed_request(request, sent) if sent else request,
-                                  len(prompt_ids) + params.max_new_tokens, deadline, trace)
+            while len(sent) < params.max_new_tokens:  # (a worker ends a request with its last token: a guard)
+                attempt = Attempt(self.pool, resumed_request(request, sent) if sent else request,
+                                  len(prompt_ids) + params.max_new_tokens, deadline, trace, self.metrics,
+                                  self._background, kv_timeout_s=self.kv_timeout_s,
+                                  queue_timeout_s=self.queue_timeout_s, max_retries=self.max_retries)
                 try:
-                    await attempt.start(first=bool(trace.recoveries))
+                    await attempt.start(resuming=bool(trace.recoveries))
                     trace.decode = attempt.address
                     if trace.queue_s is None:
                         trace.queue_s = time.perf_counter() - trace.start
-                    self.metrics.chose("decode", attempt.address)
-                    while True:
-                        msg = await attempt.next()
+                    async for msg in attempt.messages():
                         ids = list(msg.token_ids)
                         trace.tokens(len(ids), self.metrics)
                         sent += ids
                         reason = finish_from_proto(msg.finish_reason)
-                        if reason is None or reason is FinishReason.CANCELLED:
-                            if ids:
-                                yield StreamEvent(ids, text.add(ids))
-                            if reason is FinishReason.CANCELLED:  # not asked for by this router: the worker gave up
-                                raise Recoverable(f"decode worker {attempt.address} cancelled the request")
+                        if reason is None:
+                            yield Delta(ids, text.add(ids))
                             continue
-                        delta = text.add(ids) + text.finish(msg.stop_text if msg.HasField("stop_text") else None)
-                        finished = attempt.finished = True
                         trace.finish_reason = reason.value
-                        yield StreamEvent(ids, delta, reason, len(prompt_ids), trace.completion_tokens)
+                        delta = text.add(ids) + text.finish(msg.stop_text if msg.HasField("stop_text") else None)
+                        yield Delta(ids, delta, reason, len(prompt_ids), trace.completion_tokens)
                         return
                 except Recoverable as e:
                     self._recover(request_id, str(e), sent, trace)
                 finally:
                     attempt.close()
+            trace.finish_reason = FinishReason.LENGTH.value
+            yield Delta([], text.finish(None), FinishReason.LENGTH, len(prompt_ids), len(sent))
         except BaseException as e:
-            if not finished:  # (closing the stream after its last event is not an error)
+            if trace.finish_reason is None:  # (closing the stream after its last event is not an error)
                 trace.error = "cancelled" if isinstance(e, (asyncio.CancelledError, GeneratorExit)) else str(e)
             raise
         finally:
             self._active.discard(request_id)
             trace.log(self.metrics)
 
-    def _recover(self, request_id: str, failure: str, sent: list[int], trace: _Trace) -> None:
+    def _recover(self, request_id: str, failure: str, sent: list[int], trace: Trace) -> None:
         """An attempt failed in a way another can repair: count it, or give up past max_retries."""
         trace.recoveries.append(failure)
         if len(trace.recoveries) > self.max_retries:
-            self.recovery.gave_up += 1
+            self.metrics.recovered("gave_up")
             raise Unavailable(f"request {request_id} failed {len(trace.recoveries)} times: "
                               + "; ".join(trace.recoveries)) from None
-        if sent:
-            self.recovery.resumed += 1
-        else:
-            self.recovery.restarted += 1
+        self.metrics.recovered("resumed" if sent else "restarted")
         log.warning("request %s: %s; %s on another decode worker (retry %d of %d)", request_id, failure,
                     f"resuming after {len(sent)} tokens" if sent else "starting again", len(trace.recoveries),
                     self.max_retries)
-
-    async def _reserve(
-        self, request: pb.WorkerRequest, need_tokens: int, deadline: float | None, first: bool = False
-    ) -> tuple[Ticket, grpc.aio.UnaryStreamCall]:
-        """A decode worker's confirmed reservation, and the Decode call that will stream the tokens. `first`:
-        wait at the head of the queue."""
-        retry = first
-        for _ in range(MAX_RESERVE_ATTEMPTS):
-            wait = self._remaining(deadline, self.queue_timeout_s)
-            try:
-                ticket = await self.scheduler.acquire(need_tokens, wait, retry)
-            except Overloaded:
-                if deadline is not None and asyncio.get_running_loop().time() >= deadline - 0.01:
-                    raise TimeoutError("the request's deadline passed while it waited for a decode worker") from None
-                raise
-            call: grpc.aio.UnaryStreamCall | None = None
-            try:
-                call = self.pool.decode_stub(ticket.address).Decode(
-                    pb.DecodeRequest(request=request, kv_timeout_seconds=self.kv_timeout_s),
-                    timeout=self._remaining(deadline),
-                )
-                msg = await call.read()
-            except grpc.aio.AioRpcError as e:
-                if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    self.scheduler.refused(ticket)  # another router filled it since the last report
-                elif e.code() is grpc.StatusCode.UNAVAILABLE:
-                    self.scheduler.failed(ticket)
-                else:
-                    self.scheduler.release(ticket)
-                    raise _worker_error("decode", ticket.address, e) from None
-                log.info("request %s: decode worker %s refused (%s); trying again", request.request_id,
-                         ticket.address, e.code().name)
-                retry = True
-                continue
-            except BaseException:
-                if call is not None:
-                    call.cancel()
-                self.scheduler.release(ticket)
-                raise
-            if msg is grpc.aio.EOF or msg.token_ids or msg.finish_reason:
-                call.cancel()
-                self.scheduler.release(ticket)
-                raise ServiceError(f"decode worker {ticket.address} did not confirm the reservation")
-            self.scheduler.accepted(ticket)
-            return ticket, call
-        raise Overloaded("decode workers kept refusing the request; retry later", retry_after_s=1.0)
-
-    async def _prefill(
-        self, request: pb.WorkerRequest, decode_address: str, deadline: float | None, trace: _Trace
-    ) -> pb.PrefillResponse:
-        """Have a prefill worker compute the prompt's KV and push it to the decode worker. A worker that is full
-        or unreachable is skipped for the next one."""
-        tried: list[str] = []
-        while True:
-            try:
-                ticket = self.scheduler.pick_prefill(exclude=tried)
-            except Unavailable:
-                if not tried:
-                    raise
-                raise Unavailable(f"every prefill worker refused request {request.request_id}") from None
-            trace.prefill = ticket.address
-            self.metrics.chose("prefill", ticket.address)
-            try:
-                return await self.pool.prefill_stub(ticket.address).Prefill(
-                    pb.PrefillRequest(request=request, decode_address=decode_address), timeout=self._remaining(deadline)
-                )
-            except grpc.aio.AioRpcError as e:
-                if KV_PUSH_FAILED in (e.details() or ""):  # the decode side failed: another attempt, another row
-                    raise Recoverable(f"prefill worker {ticket.address}: {e.details()}") from None
-                if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    self.scheduler.refused(ticket)
-                elif e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):  # died or shut down
-                    self.scheduler.failed(ticket)
-                    self.recovery.prefill_retries += 1
-                    trace.recoveries.append(f"prefill worker {ticket.address}: {e.details() or e.code().name}")
-                    if len(trace.recoveries) > self.max_retries:
-                        raise Unavailable(f"request {request.request_id} failed {len(trace.recoveries)} times: "
-                                          + "; ".join(trace.recoveries)) from None
-                else:
-                    raise _worker_error("prefill", ticket.address, e) from None
-                log.info("request %s: prefill worker %s refused (%s); trying another", request.request_id,
-                         ticket.address, e.code().name)
-                tried.append(ticket.address)
-            finally:
-                self.scheduler.release(ticket)
-
-    def _decode_message(self, read: asyncio.Future[Any], address: str) -> pb.DecodeResponse:
-        try:
-            msg = read.result()
-        except grpc.aio.AioRpcError as e:
-            raise _worker_error("decode", address, e) from None
-        if msg is grpc.aio.EOF:
-            raise Unavailable(f"decode worker {address} ended the stream before the request finished")
-        assert isinstance(msg, pb.DecodeResponse)
-        return msg
-
-    async def _cancel_prefill(self, address: str, request_id: str) -> None:
-        try:
-            await self.pool.prefill_stub(address).Cancel(pb.CancelRequest(request_id=request_id), timeout=5.0)
-        except grpc.aio.AioRpcError as e:
-            log.debug("request %s: cancel on prefill worker %s failed: %s", request_id, address, e.code().name)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """A background task, kept referenced until done; its error, if nobody awaits it, is only logged."""
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._background.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.debug("background task failed: %s", t.exception())
-
-        task.add_done_callback(done)
-        return task
-
-    @staticmethod
-    def _remaining(deadline: float | None, cap: float | None = None) -> float | None:
-        if deadline is None:
-            return cap
-        left = deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            raise TimeoutError("the request's deadline passed")
-        return left if cap is None else min(left, cap)
-
-
-def _worker_error(role: str, address: str, e: grpc.aio.AioRpcError) -> Exception:
-    """A worker's gRPC error as the exception the router's APIs map back to a status."""
-    code, details = e.code(), e.details() or e.code().name
-    where = f"{role} worker {address}: {details}"
-    if code is grpc.StatusCode.INVALID_ARGUMENT:  # the router checked what it could, the worker the rest
-        field, sep, message = details.partition(": ")  # InvalidRequestError's text is "field: message"
-        return InvalidRequestError(field, message) if sep and field.isidentifier() else ValueError(details)
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Overloaded(where, retry_after_s=1.0)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable(where)
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return TimeoutError(where)
-    if code is grpc.StatusCode.NOT_FOUND:
-        return NotFound(where)
-    return ServiceError(where)

@@ -12,12 +12,13 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
-from baton.engine.request import MAX_TIMEOUT_S, InvalidRequestError, SamplingParams
+from baton.engine.request import MAX_TIMEOUT_S, SamplingParams
+from baton.errors import InvalidRequestError
 from baton.rpc.convert import finish_to_proto, params_from_proto
 from baton.rpc.server import Service
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
-from services.router.core import Router, StreamEvent
+from services.router.core import Delta, Router
 
 SERVICE_NAME = "baton.v1.Router"
 
@@ -41,7 +42,7 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
 
     def _events(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[str, contextlib.aclosing[AsyncGenerator[StreamEvent, None]]]:
+    ) -> tuple[str, contextlib.aclosing[AsyncGenerator[Delta, None]]]:
         """The request's id and events, closed (so cancelled everywhere) as soon as the handler stops reading them.
         The request may take the shorter of its `timeout` field and the call's deadline."""
         request_id, prompt_ids, params = self._parse(request)

@@ -17,12 +17,13 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-from baton.cli import add_model_arguments, add_tls_arguments, env_default, flag
+from baton.flags import add_model_arguments, add_registry_arguments, add_tls_arguments, env_default, flag
+from baton.rpc.load import Role
 from baton.rpc.server import TlsConfig, create_server, set_serving
 from services.router.core import Router
 from services.router.grpc_api import router_service
 from services.router.pool import WorkerPool
-from services.router.scheduler import Role, Scheduler
+from services.router.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode worker addresses")
     p.add_argument("--prefill", nargs="+", action="extend", default=_addresses("prefill"), metavar="HOST:PORT",
                    help="prefill worker addresses")
-    flag(p, "--redis", help="redis://host:port to find workers in instead")
+    add_registry_arguments(p)  # --redis: find workers there instead
     flag(p, "--poll-s", 0.2, float, help="seconds between reads of the workers' load")
     flag(p, "--max-queue", 256, int,
          help="requests that may wait for a decode worker; more are refused (RESOURCE_EXHAUSTED)")
@@ -75,7 +76,7 @@ async def _track_readiness(router: Router, health: Any, services: list[Any], pol
     that readiness probes (and `baton serve`) wait for a router that can actually serve."""
     serving: bool | None = None
     while True:
-        ready = all(any(w.healthy for w in router.scheduler.loads(role)) for role in Role)
+        ready = all(any(w.healthy for w in router.scheduler.reports(role)) for role in Role)
         if ready != serving:
             await set_serving(health, services, ready)
             if serving is not None or not ready:
@@ -86,7 +87,7 @@ async def _track_readiness(router: Router, health: Any, services: list[Any], pol
 
 async def serve(args: argparse.Namespace) -> int:
     pool = WorkerPool(Scheduler(args.max_queue), args.decode, args.prefill, args.redis, args.poll_s,
-                      tls=getattr(args, "tls", None))
+                      redis_prefix=args.redis_prefix, tls=getattr(args, "tls", None))
     router = Router.load(args.model, pool, kv_timeout_s=args.kv_timeout_s, queue_timeout_s=args.queue_timeout_s or None,
                          max_retries=args.max_retries)
     await router.start()
@@ -98,7 +99,8 @@ async def serve(args: argparse.Namespace) -> int:
     readiness = asyncio.create_task(_track_readiness(router, health, services, args.poll_s), name="readiness")
     http = _http_server(router, args) if args.http_port else None
     http_task = asyncio.create_task(http.serve(), name="http") if http is not None else None
-    source = f"registry {args.redis}" if args.redis else f"decode {args.decode}, prefill {args.prefill}"
+    source = (f"registry {args.redis} (prefix {args.redis_prefix})" if args.redis
+              else f"decode {args.decode}, prefill {args.prefill}")
     log.info("router serving gRPC on %s:%d%s, model %s, workers from %s", args.host, args.grpc_port,
              f", HTTP on {args.http_port}" if http is not None else "", args.model, source)
 

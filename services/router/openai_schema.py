@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from baton.engine.request import MAX_TIMEOUT_S, FinishReason, InvalidRequestError, SamplingParams
-from baton.rpc.server import Overloaded, ServiceError
+from baton.engine.request import MAX_TIMEOUT_S, FinishReason, SamplingParams
+from baton.errors import InvalidRequestError, Reason, ServiceError, reason_of
 
 log = logging.getLogger(__name__)
 
@@ -82,29 +81,31 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+# HTTP status of each reason a Baton error can carry (baton/errors.py).
+HTTP_STATUS = {
+    Reason.INVALID_REQUEST: 400, Reason.MALFORMED_MESSAGE: 400, Reason.INVALID_KV: 400, Reason.OVERLOADED: 429,
+    Reason.UNAVAILABLE: 503, Reason.NOT_FOUND: 404, Reason.CANCELLED: 499, Reason.DEADLINE_EXCEEDED: 504,
+    Reason.KV_LEASE_EXPIRED: 504, Reason.KV_PUSH_FAILED: 503, Reason.UNAUTHENTICATED: 401, Reason.INTERNAL: 500,
+}
+
+
 def api_error(exc: BaseException, params: dict[str, str]) -> ApiError:
-    """The API error an exception from parsing or from the core stands for; `params` renames engine fields to
-    this endpoint's (max_new_tokens -> max_tokens)."""
+    """The API error an exception from parsing or from the core stands for, by its reason and field alone;
+    `params` renames engine fields to this endpoint's (max_new_tokens -> max_tokens)."""
     if isinstance(exc, ApiError):
         return exc
+    reason = reason_of(exc)
     if isinstance(exc, InvalidRequestError):
+        if exc.field is None:
+            return ApiError(400, exc.detail)
         param = params.get(exc.field, exc.field)
-        message = str(exc).removeprefix(f"{exc.field}: ")
-        return ApiError(400, f"{param}: {message}", param)
-    if isinstance(exc, ValueError):  # a worker's INVALID_ARGUMENT, relayed by the core as "field: message"
-        m = re.match(r"([a-z_]+): ", str(exc))
-        if m is None:
-            return ApiError(400, str(exc))
-        name = params.get(m.group(1), m.group(1))
-        return ApiError(400, f"{name}: {str(exc)[m.end():]}", name)
-    if isinstance(exc, Overloaded):
-        return ApiError(429, str(exc), code="overloaded", retry_after_s=exc.retry_after_s or 1.0)
-    if isinstance(exc, ServiceError):
-        return ApiError(exc.http_status, str(exc))
-    if isinstance(exc, TimeoutError):
-        return ApiError(504, str(exc) or "timed out")
-    log.error("internal error", exc_info=exc)
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+        return ApiError(400, f"{param}: {exc.detail}", param)
+    if reason is Reason.OVERLOADED:
+        return ApiError(429, str(exc), code="overloaded", retry_after_s=getattr(exc, "retry_after_s", None) or 1.0)
+    if reason is Reason.INTERNAL and not isinstance(exc, ServiceError):
+        log.error("internal error", exc_info=exc)
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+    return ApiError(HTTP_STATUS[reason], str(exc) or reason.value)
 
 
 # ---- request bodies --------------------------------------------------------------------------------------

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 
 import grpc
 
+from baton.rpc.load import LOAD_TYPES, Role
 from baton.rpc.registry import RedisRegistry, WorkerInfo
-from baton.rpc.server import TlsConfig, channel
+from baton.rpc.server import ChannelCache, TlsConfig
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
-from services.router.scheduler import Role, Scheduler, WorkerLoad
+from services.router.scheduler import Scheduler, WorkerReport
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class WorkerPool:
         prefill: Sequence[str] = (),
         redis_url: str | None = None,
         poll_s: float = 0.2,
+        redis_prefix: str = "baton",
         fingerprint: str | None = None,
         tls: TlsConfig | None = None,
         restart_grace_s: float = 5.0,
@@ -42,13 +44,12 @@ class WorkerPool:
             raise ValueError("give worker addresses or a registry (--redis), not both")
         self.scheduler = scheduler
         self.static = {Role.DECODE: list(decode), Role.PREFILL: list(prefill)}
-        self.registry = RedisRegistry(redis_url) if redis_url else None
+        self.registry = RedisRegistry(redis_url, prefix=redis_prefix) if redis_url else None
         self.poll_s = poll_s
         self.fingerprint = fingerprint  # adopted from the first worker heard from when None
-        self.tls = tls  # mutual TLS to the workers
+        self.channels = ChannelCache(tls)  # mutual TLS to the workers when given
         self.restart_grace_s = restart_grace_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._known: dict[Role, dict[str, WorkerLoad]] = {role: {} for role in Role}  # from the last registry read
+        self._known: dict[Role, dict[str, WorkerReport]] = {role: {} for role in Role}  # from the last registry read
         self._redis_id: str | None = None
         self._keep_until = 0.0  # (monotonic) Redis restarted: until then, workers missing from it are kept
         self._gone: dict[str, asyncio.Event] = {}  # decode address -> set when that worker leaves the registry
@@ -57,16 +58,11 @@ class WorkerPool:
         self._task: asyncio.Task[None] | None = None
 
     # ---- stubs -------------------------------------------------------------------------------------
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = channel(address, self.tls)
-        return self._channels[address]
-
     def decode_stub(self, address: str) -> baton_pb2_grpc.DecodeWorkerStub:
-        return baton_pb2_grpc.DecodeWorkerStub(self._channel(address))
+        return baton_pb2_grpc.DecodeWorkerStub(self.channels.get(address))
 
     def prefill_stub(self, address: str) -> baton_pb2_grpc.PrefillWorkerStub:
-        return baton_pb2_grpc.PrefillWorkerStub(self._channel(address))
+        return baton_pb2_grpc.PrefillWorkerStub(self.channels.get(address))
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -82,9 +78,7 @@ class WorkerPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
+        await self.channels.close()
         if self.registry is not None:
             await self.registry.close()
 
@@ -131,7 +125,7 @@ class WorkerPool:
         if event is not None:
             event.set()
 
-    async def _ask(self, role: Role, address: str) -> WorkerLoad:
+    async def _ask(self, role: Role, address: str) -> WorkerReport:
         """One worker's Occupancy over gRPC; unhealthy when it cannot be reached or serves another model."""
         as_of = time.time()
         stub = self.decode_stub(address) if role is Role.DECODE else self.prefill_stub(address)
@@ -139,21 +133,12 @@ class WorkerPool:
             resp = await stub.Occupancy(pb.OccupancyRequest(), timeout=max(1.0, 5 * self.poll_s))
         except grpc.aio.AioRpcError as e:
             self._warn_once(address, "unreachable", f"{role.value} worker {address} unreachable: {e.code().name}")
-            return WorkerLoad(address, healthy=False, as_of=as_of)
+            return WorkerReport(address, LOAD_TYPES[role](), healthy=False, as_of=as_of)
         if (address, "unreachable") in self._warned:
             self._warned.discard((address, "unreachable"))
             log.info("%s worker %s reachable", role.value, address)
-        load = WorkerLoad(
-            address,
-            free_rows=resp.free_rows,
-            kv_tokens_free=resp.kv_tokens_free,
-            waiting=resp.waiting,
-            active_rows=resp.active_rows,
-            kv_tokens_used=resp.kv_tokens_used,
-            as_of=as_of,
-        )
-        load.healthy = self._same_model(role, address, resp.model_fingerprint)
-        return load
+        return WorkerReport(address, LOAD_TYPES[role].from_proto(resp),
+                            self._same_model(role, address, resp.model_fingerprint), as_of)
 
     async def _poll_registry(self) -> None:
         """The registry's workers. Redis failing never costs a worker: while it cannot be read the last known
@@ -176,7 +161,7 @@ class WorkerPool:
                         self.registry.url, self.restart_grace_s)
         self._redis_id = server_id
         for role in Role:
-            loads = {info.address: self._load_of(role, info) for info in infos[role]}
+            loads = {info.address: self._report_of(role, info) for info in infos[role]}
             if now < self._keep_until:
                 for address, load in self._known[role].items():
                     loads.setdefault(address, load)
@@ -187,18 +172,9 @@ class WorkerPool:
             self._known[role] = loads
             self.scheduler.update(role, list(loads.values()))
 
-    def _load_of(self, role: Role, info: WorkerInfo) -> WorkerLoad:
-        occ = info.occupancy
-        return WorkerLoad(
-            info.address,
-            free_rows=occ.get("free_rows", 0),
-            kv_tokens_free=occ.get("kv_tokens_free", 0),
-            waiting=occ.get("waiting", 0),
-            active_rows=occ.get("active_rows", 0),
-            kv_tokens_used=occ.get("kv_tokens_used", 0),
-            healthy=self._same_model(role, info.address, info.model_fingerprint),
-            as_of=info.updated_at,
-        )
+    def _report_of(self, role: Role, info: WorkerInfo) -> WorkerReport:
+        return WorkerReport(info.address, LOAD_TYPES[role].from_registry(info.load),
+                            self._same_model(role, info.address, info.model_fingerprint), info.updated_at)
 
     def _same_model(self, role: Role, address: str, fingerprint: str) -> bool:
         if self.fingerprint is None and fingerprint:

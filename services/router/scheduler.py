@@ -19,34 +19,29 @@ is refused with Overloaded. Waiters are served in order whenever a report arrive
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from baton.engine.request import InvalidRequestError
-from baton.rpc.server import Overloaded, Unavailable
-
-
-class Role(enum.Enum):
-    DECODE = "decode"
-    PREFILL = "prefill"
+from baton.errors import InvalidRequestError, Overloaded, Unavailable
+from baton.rpc.load import DecodeLoad, Load, Role
 
 
-@dataclass
-class WorkerLoad:
-    """One worker's load as it last reported it."""
+@dataclass(frozen=True)
+class WorkerReport:
+    """One worker's load as it last reported it (over gRPC or through the registry)."""
 
     address: str
-    free_rows: int = 0
-    kv_tokens_free: int = 0
-    waiting: int = 0
-    active_rows: int = 0
-    healthy: bool = True
-    kv_tokens_used: int = 0
+    load: Load  # DecodeLoad for a decode worker, PrefillLoad for a prefill worker
+    healthy: bool = True  # reachable and serving this router's model
     as_of: float = 0.0  # wall-clock time (time.time()) at which the worker measured this load
+
+    @property
+    def decode(self) -> DecodeLoad:
+        assert isinstance(self.load, DecodeLoad), f"{self.address} is not a decode worker"
+        return self.load
 
 
 @dataclass
@@ -63,7 +58,7 @@ class Ticket:
 
 @dataclass
 class _Worker:
-    load: WorkerLoad
+    report: WorkerReport
     tickets: dict[int, Ticket] = field(default_factory=dict)  # assigned, accepted or done, not yet reported
     refused_at: float | None = None  # it refused a request: full until a later report says otherwise
     kv_capacity: int = 0  # the most KV tokens it was ever seen to hold and have free: a lower bound of its budget
@@ -73,28 +68,39 @@ class _Worker:
     def healthy(self) -> bool:
         # A registry read repeats the same record until the worker's next heartbeat: only a report measured after
         # the failure may bring a worker back (a dead one never publishes again).
-        return self.load.healthy and (self.failed_at is None or self.load.as_of > self.failed_at)
+        return self.report.healthy and (self.failed_at is None or self.report.as_of > self.failed_at)
 
     def unreported(self, t: Ticket) -> bool:
         """The ticket is live but the last report does not include it yet."""
-        return t.done_at is None and (t.accepted_at is None or t.accepted_at >= self.load.as_of)
+        return t.done_at is None and (t.accepted_at is None or t.accepted_at >= self.report.as_of)
 
     def released(self, t: Ticket) -> bool:
         """The ticket is done but the last report still counts it."""
-        return t.done_at is not None and t.done_at >= self.load.as_of
+        return t.done_at is not None and t.done_at >= self.report.as_of
 
-    def effective(self) -> tuple[int, int, int]:
-        """(free_rows, kv_tokens_free, waiting) counting the router's own assignments since the report."""
-        rows, kv, waiting = self.load.free_rows, self.load.kv_tokens_free, self.load.waiting
+    def waiting(self) -> int:
+        """Requests waiting on the worker, counting the router's own assignments since the report."""
+        waiting = self.report.load.waiting
         for t in self.tickets.values():
             if self.unreported(t):
-                rows, kv, waiting = rows - 1, kv - t.tokens, waiting + 1
+                waiting += 1
             elif self.released(t):
-                rows, kv, waiting = rows + 1, kv + t.tokens, max(0, waiting - 1)
-        rows = min(rows, self.load.free_rows + self.load.active_rows)
-        if self.refused_at is not None and self.refused_at >= self.load.as_of:
+                waiting = max(0, waiting - 1)
+        return waiting
+
+    def room(self) -> tuple[int, int]:
+        """A decode worker's (free_rows, kv_tokens_free), counting the router's own assignments since the report."""
+        load = self.report.decode
+        rows, kv = load.free_rows, load.kv_tokens_free
+        for t in self.tickets.values():
+            if self.unreported(t):
+                rows, kv = rows - 1, kv - t.tokens
+            elif self.released(t):
+                rows, kv = rows + 1, kv + t.tokens
+        rows = min(rows, load.free_rows + load.active_rows)
+        if self.refused_at is not None and self.refused_at >= self.report.as_of:
             rows = 0
-        return max(0, rows), max(0, kv), waiting
+        return max(0, rows), max(0, kv)
 
     def prune(self) -> None:
         """Forget tickets the last report already reflects."""
@@ -123,31 +129,36 @@ class Scheduler:
         self._queue: deque[_Waiter] = deque()
 
     # ---- reports -----------------------------------------------------------------------------------
-    def update(self, role: Role, loads: Iterable[WorkerLoad]) -> None:
+    def update(self, role: Role, reports: Iterable[WorkerReport]) -> None:
         """The latest report of every worker of a role; workers not listed are forgotten."""
         workers = self._workers[role]
-        fresh = {load.address: load for load in loads}
+        fresh = {report.address: report for report in reports}
         for address in list(workers):
             if address not in fresh:
                 del workers[address]
-        for address, load in fresh.items():
+        for address, report in fresh.items():
             w = workers.get(address)
             if w is None:
-                w = workers[address] = _Worker(load)
-            elif load.as_of >= w.load.as_of or not load.healthy:
-                w.load = load
+                w = workers[address] = _Worker(report)
+            elif report.as_of >= w.report.as_of or not report.healthy:
+                w.report = report
                 w.prune()
-            w.kv_capacity = max(w.kv_capacity, load.kv_tokens_free + load.kv_tokens_used)
+            if role is Role.DECODE:
+                w.kv_capacity = max(w.kv_capacity, report.decode.kv_tokens_free + report.decode.kv_tokens_used)
         if role is Role.DECODE:
             self._wake()
 
-    def loads(self, role: Role) -> list[WorkerLoad]:
-        """Each worker's load as the scheduler counts it now (its report plus the router's own changes)."""
+    def reports(self, role: Role) -> list[WorkerReport]:
+        """Each worker's report as the scheduler counts it now (plus the router's own changes since)."""
         out = []
         for w in self._workers[role].values():
-            rows, kv, waiting = w.effective()
-            out.append(WorkerLoad(w.load.address, rows, kv, waiting, w.load.active_rows, w.healthy,
-                                  w.load.kv_tokens_used, w.load.as_of))
+            load: Load
+            if role is Role.DECODE:
+                rows, kv = w.room()
+                load = replace(w.report.decode, free_rows=rows, kv_tokens_free=kv, waiting=w.waiting())
+            else:
+                load = replace(w.report.load, waiting=w.waiting())
+            out.append(replace(w.report, load=load, healthy=w.healthy))
         return out
 
     # ---- decode ------------------------------------------------------------------------------------
@@ -158,7 +169,7 @@ class Scheduler:
         for address, w in self._workers[Role.DECODE].items():
             if not w.healthy:
                 continue
-            rows, kv, _ = w.effective()
+            rows, kv = w.room()
             capacity = min(rows, kv // max(1, need_tokens))
             if capacity > best_capacity:
                 best, best_capacity = [address], capacity
@@ -237,7 +248,7 @@ class Scheduler:
         """Assign the request's prefill to the worker with the fewest waiting. Raises Unavailable if none."""
         skip = set(exclude)
         queues = {
-            address: w.effective()[2]
+            address: w.waiting()
             for address, w in self._workers[Role.PREFILL].items()
             if w.healthy and address not in skip
         }

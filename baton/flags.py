@@ -1,0 +1,61 @@
+"""Command-line flags shared by Baton's commands, each with an environment twin (--max-batch <-> BATON_MAX_BATCH).
+
+Below every service and above nothing: the services' `add_arguments` use these, and baton/cli.py, at the top,
+wires the services together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def env_default(name: str, default: str | None = None) -> str | None:
+    """Every flag has an environment-variable twin: --max-batch <-> BATON_MAX_BATCH."""
+    return os.environ.get("BATON_" + name.upper().replace("-", "_"), default)
+
+
+def flag(p: argparse.ArgumentParser, name: str, default: Any = None, type: Callable[[str], Any] = str,
+         **kwargs: Any) -> None:
+    """Add `name` (e.g. "--max-batch") with its environment twin (BATON_MAX_BATCH) as the default when set."""
+    env = env_default(name.lstrip("-"))
+    p.add_argument(name, type=type, default=default if env in (None, "") else type(env), **kwargs)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    flag(p, "--model", "smollm2-135m",
+         help="smollm2-135m (embedded), a Hugging Face model directory, or a Hub id fetched at start (org/name)")
+    flag(p, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    flag(p, "--dtype", "auto", help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    flag(p, "--threads", 0, int, help="torch CPU threads (0: torch's default)")
+
+
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """Mutual TLS between Baton's services (all three or none; see baton.rpc.server.TlsConfig)."""
+    flag(p, "--tls-cert", help="PEM certificate of this service, signed by --tls-ca (enables mutual TLS)")
+    flag(p, "--tls-key", help="PEM private key of --tls-cert")
+    flag(p, "--tls-ca", help="PEM CA certificate: peers must present a certificate it signed")
+
+
+def add_registry_arguments(p: argparse.ArgumentParser) -> None:
+    """The registry flags every service honours alike (workers publish there, routers read it)."""
+    flag(p, "--redis", help="the worker registry's URL, e.g. redis://redis:6379/0")
+    flag(p, "--redis-prefix", "baton", help="registry key prefix: clusters sharing one Redis use different ones")
+
+
+def add_worker_arguments(p: argparse.ArgumentParser, port: int, metrics_port: int, drain_s: float,
+                         drain_help: str) -> None:
+    """The flags prefill and decode workers share: where they listen, how they register, drain, TLS, model."""
+    flag(p, "--host", "0.0.0.0", help="address to listen on")
+    flag(p, "--port", port, int, help="gRPC port")
+    flag(p, "--advertise", help="host:port other services dial (default: this machine's address and --port)")
+    add_registry_arguments(p)
+    flag(p, "--heartbeat-s", 1.0, float, help="seconds between registry heartbeats")
+    flag(p, "--drain-s", drain_s, float, help=drain_help)
+    flag(p, "--metrics-port", metrics_port, int, help="HTTP port of the Prometheus /metrics endpoint (0: none)")
+    flag(p, "--shared-cores", help="a lock file path: take turns on this machine's CPU cores with the workers given "
+                                   "the same path, prefills first (baton serve sets it on a CPU-only machine)")
+    add_tls_arguments(p)
+    add_model_arguments(p)
