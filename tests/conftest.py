@@ -17,8 +17,11 @@ from transformers import (
 
 from baton.engine.models import LoadedModel, load_model, smollm2_dir
 from baton.engine.request import Request, SamplingParams
+from baton.engine.spec import ModelSpec
 
 VOCAB = 49152  # smollm2's tokenizer, so tiny models can take text too
+# The tiny Llama's description, for routers in front of tiny or fake workers (test_engine checks it is).
+TINY_SPEC = ModelSpec(max_context=1024, vocab_size=VOCAB, num_layers=2, kv_heads=2, head_dim=16)
 
 # Service tests run worker processes beside this one on a 2-core machine: oversubscribed OpenMP threads spin and
 # slow everything down tenfold, so the test process keeps to one thread (tests assert behaviour, not speed).

@@ -30,7 +30,7 @@ from services.router.grpc_api import router_service
 from services.router.http_api import create_app
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler
-from tests.conftest import VOCAB, make_tiny_llama
+from tests.conftest import TINY_SPEC, make_tiny_llama
 from tests.services import free_port
 
 T = TypeVar("T")
@@ -133,7 +133,7 @@ def running_stack(tokenizer: PreTrainedTokenizerBase, options: Options | None = 
         stops.append(stop_prefill)
         await serve([prefill_service(prefill)], prefill_addr, tls=opts.tls)
         pool = WorkerPool(Scheduler(opts.max_queue), [decode_addr], [prefill_addr], poll_s=0.05, tls=opts.tls)
-        router = Router(tokenizer, "tiny-llama", 1024, VOCAB, pool)
+        router = Router(tokenizer, "tiny-llama", TINY_SPEC, pool)
         await router.start()
         stops.append(router.close)
         await serve([router_service(router)], router_addr, api_key=opts.api_key,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import pytest
 import torch
 
@@ -11,7 +14,9 @@ from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.engine.runner import ModelRunner
 from baton.errors import InvalidRequestError, PayloadError
-from tests.conftest import make_tiny_llama
+from baton.rpc.kv_transfer import payload_from_messages, payload_messages
+from baton.v1 import baton_pb2 as pb
+from tests.conftest import TINY_SPEC, make_tiny_llama
 
 
 def drain(engine: Engine) -> None:
@@ -22,9 +27,23 @@ def drain(engine: Engine) -> None:
     raise AssertionError("engine did not finish")
 
 
+def wire(payload: KVPayload) -> KVPayload:
+    """The payload sent and received as a KV push carries it (header, chunks)."""
+
+    async def messages() -> AsyncIterator[pb.PushKvRequest]:
+        for m in payload_messages(payload, chunk_bytes=100):
+            yield m
+
+    return asyncio.run(payload_from_messages(messages()))
+
+
+def test_the_tiny_spec_is_the_tiny_llama(tiny_llama: LoadedModel) -> None:
+    assert tiny_llama.spec == TINY_SPEC
+
+
 def test_payload_round_trip(tiny_llama: LoadedModel) -> None:
     payload = ModelRunner(tiny_llama).prefill(Request("x", [5, 6, 7, 8], SamplingParams()))
-    back = KVPayload.from_bytes(payload.to_bytes())
+    back = wire(payload)
     assert torch.equal(back.kv, payload.kv)
     assert (back.request_id, back.model_fingerprint, back.prompt_ids, back.first_token) == (
         "x",
@@ -38,21 +57,11 @@ def test_payload_round_trip(tiny_llama: LoadedModel) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_payload_round_trip_half(dtype: torch.dtype) -> None:
     p = KVPayload("h", "fp", [1, 2], 3, torch.randn(2, 2, 1, 2, 4).to(dtype))
-    assert torch.equal(KVPayload.from_bytes(p.to_bytes()).kv, p.kv)
-
-
-def test_payload_refuses_damage(tiny_llama: LoadedModel) -> None:
-    data = ModelRunner(tiny_llama).prefill(Request("x", [5, 6, 7], SamplingParams())).to_bytes()
-    with pytest.raises(PayloadError, match="magic"):
-        KVPayload.from_bytes(b"NOTBATON" + data[8:])
-    with pytest.raises(PayloadError, match="bytes"):
-        KVPayload.from_bytes(data[:-1])
-    with pytest.raises(PayloadError, match="header"):
-        KVPayload.from_bytes(data[:12] + b"[" + data[13:])
+    assert torch.equal(wire(p).kv, p.kv)
 
 
 def test_kv_prefilled_elsewhere_is_spliced_exactly(tiny_llama: LoadedModel) -> None:
-    """A second process's prefill (here: another runner, through bytes) splices into a running batch."""
+    """A second process's prefill (here: another runner, through the wire form) splices into a running batch."""
     params = SamplingParams(max_new_tokens=9, ignore_eos=True)
     alone = Engine(tiny_llama)
     ref = Request("a", [11, 12, 13, 14, 15], params)
@@ -64,8 +73,7 @@ def test_kv_prefilled_elsewhere_is_spliced_exactly(tiny_llama: LoadedModel) -> N
     engine.step()
     engine.step()
     req = Request("a", [11, 12, 13, 14, 15], params)
-    wire = ModelRunner(tiny_llama).prefill(req).to_bytes()
-    engine.add_prefilled(req, KVPayload.from_bytes(wire))
+    engine.add_prefilled(req, wire(ModelRunner(tiny_llama).prefill(req)))
     drain(engine)
     assert req.output_ids == ref.output_ids
     assert engine.stats.idle_rows == 0 and engine.stats.splices == 2

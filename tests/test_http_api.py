@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import openai
@@ -20,8 +20,10 @@ from fastapi import FastAPI
 from transformers import PreTrainedTokenizerBase
 
 from baton.engine.request import FinishReason, SamplingParams
+from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Overloaded, Unavailable
 from services.router.http_api import CHAT_DEFAULT_MAX_TOKENS, create_app
+from tests.conftest import TINY_SPEC
 
 ANSWER = " the quick brown fox jumps over the lazy dog."
 
@@ -54,7 +56,7 @@ class FakeRouter:
 
     tokenizer: PreTrainedTokenizerBase
     model_name: str = "fake-model"
-    max_context: int = 512
+    spec: ModelSpec = replace(TINY_SPEC, max_context=512)
     delay: float = 0.0
     fail: Exception | None = None
     fail_after: int | None = None
@@ -84,7 +86,7 @@ class FakeRouter:
             raise self.fail
         if not prompt_ids:
             raise InvalidRequestError("prompt", "must not be empty")
-        if len(prompt_ids) + params.max_new_tokens > self.max_context:
+        if len(prompt_ids) + params.max_new_tokens > self.spec.max_context:
             raise InvalidRequestError("max_new_tokens", "exceeds the context")
         answer, out, done = self.answer_ids(), list[int](), False
         try:
@@ -255,15 +257,15 @@ def test_chat_stream(client: openai.OpenAI, router: FakeRouter) -> None:
     assert all(c.usage is None for c in chunks)
     # no max_tokens: the rest of the context (up to CHAT_DEFAULT_MAX_TOKENS, more than the fake's context)
     (call,) = router.calls
-    assert call.params.max_new_tokens == router.max_context - len(call.prompt_ids)
+    assert call.params.max_new_tokens == router.spec.max_context - len(call.prompt_ids)
 
 
 def test_chat_default_max_tokens_is_capped(client: openai.OpenAI, router: FakeRouter) -> None:
-    router.max_context = 4096
+    router.spec = replace(router.spec, max_context=4096)
     try:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     finally:
-        router.max_context = 512
+        router.spec = replace(router.spec, max_context=512)
     assert router.calls[0].params.max_new_tokens == CHAT_DEFAULT_MAX_TOKENS
 
 

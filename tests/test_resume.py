@@ -35,6 +35,7 @@ from services.router.core import Router
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler, WorkerReport
 from services.router.text import Delta
+from tests.conftest import TINY_SPEC
 from tests.test_decode_worker import collect, kv_for, make, prompt, run_with_worker
 
 FINGERPRINT = "f" * 64
@@ -195,7 +196,7 @@ async def fakes(tokenizer: PreTrainedTokenizerBase) -> AsyncIterator[Fakes]:
     for s in servers:
         await s.start()
     pool = WorkerPool(Scheduler(), list(decoders), list(prefills), poll_s=0.05)
-    router = Router(tokenizer, "tiny", 1024, 49152, pool)
+    router = Router(tokenizer, "tiny", TINY_SPEC, pool)
     await router.start()
     try:
         yield Fakes(router, decoders, prefills)

@@ -32,6 +32,7 @@ from services.router.core import Router, TextStream
 from services.router.grpc_api import router_service
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler
+from tests.conftest import TINY_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = "f" * 64
@@ -142,7 +143,7 @@ async def cluster(tokenizer: PreTrainedTokenizerBase, request: pytest.FixtureReq
     servers.append(create_server([Service(prefill, baton_pb2_grpc.add_PrefillWorkerServicer_to_server, "p")],
                                  prefill_address)[0])
     pool = WorkerPool(Scheduler(max_queue=opts.pop("max_queue", 8)), list(decoders), [prefill_address], poll_s=0.05)
-    router = Router(tokenizer, "tiny", 1024, 49152, pool, **opts)
+    router = Router(tokenizer, "tiny", TINY_SPEC, pool, **opts)
     router_address = f"127.0.0.1:{free_port()}"
     router_server, _ = create_server([router_service(router)], router_address)
     servers.append(router_server)

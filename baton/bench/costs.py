@@ -73,8 +73,8 @@ def main(args: argparse.Namespace) -> int:
     needs = {"decode": args.context + args.steps + 2, "context": max(args.contexts) + args.steps + 2,
              "splice": args.context + args.splice_prompt + args.repeats + 2, "kv": max(args.prompts) + 2}
     longest = max(needs[part] for part in args.parts)
-    if longest > lm.max_context:
-        print(f"baton bench costs: a point needs {longest} tokens of context, the model has {lm.max_context}",
+    if longest > lm.spec.max_context:
+        print(f"baton bench costs: a point needs {longest} tokens of context, the model has {lm.spec.max_context}",
               file=sys.stderr)
         return 2
     result = measure(lm, args)

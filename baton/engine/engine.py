@@ -21,7 +21,7 @@ import torch
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import FinishReason, Request, RequestStatus, check_model_limits
+from baton.engine.request import FinishReason, Request, RequestStatus
 from baton.engine.runner import ModelRunner
 from baton.engine.sampler import sample
 from baton.errors import InvalidRequestError
@@ -97,10 +97,9 @@ class Engine:
 
     # ---- intake ----------------------------------------------------------------------------------------
     def validate(self, req: Request, prompt_field: str = "prompt") -> None:
-        vocab = int(self.lm.config.vocab_size)
-        check_model_limits(
-            req.prompt_ids, req.params.max_new_tokens, self.lm.max_context, vocab, prompt_field, req.output_ids
-        )
+        """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest."""
+        self.lm.spec.check_request(req.prompt_ids, req.params.max_new_tokens, req.output_ids,
+                                   req.params.stop_token_ids, prompt_field)
 
     def _check_new_id(self, req: Request) -> None:
         active = [r.id for r in self.waiting] + [r.id for r, _ in self.prefilled] + [r.id for r in self.batch.requests]
@@ -120,9 +119,8 @@ class Engine:
             raise ValueError(f"policy {self.policy} cannot splice prefilled KV")
         self.validate(req)
         self._check_new_id(req)
-        payload.check_compatible(self.lm.fingerprint, self.lm.num_layers, self.lm.kv_heads, self.lm.head_dim)
-        if payload.prompt_ids != req.all_ids:
-            raise ValueError("KV payload was computed for a different prompt")
+        self.lm.spec.check_kv(payload.model_fingerprint, self.lm.fingerprint, payload.dims, payload.prompt_ids,
+                              req.all_ids, payload.first_token)
         req.status = RequestStatus.PREFILLED
         self.prefilled.append((req, payload))
 

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from baton.engine import attention
+from baton.engine.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -113,35 +114,18 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase | None
     name: str
     fingerprint: str = field(init=False)
+    spec: ModelSpec = field(init=False)  # its limits and KV shape, as the router knows them too
 
     def __post_init__(self) -> None:
         self.model.eval()
         attention.install(self.model)
         self.fingerprint = fingerprint(self.model)
+        self.spec = ModelSpec.from_config(self.model.config)
 
     @property
     def config(self) -> Any:
         return self.model.config
 
-    @property
-    def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
-
-    @property
-    def kv_heads(self) -> int:
-        return int(getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads)
-
-    @property
-    def head_dim(self) -> int:
-        hd = getattr(self.config, "head_dim", None)
-        return int(hd or self.config.hidden_size // self.config.num_attention_heads)
-
-    @property
-    def max_context(self) -> int:
-        for key in ("max_position_embeddings", "n_positions"):
-            if getattr(self.config, key, None):
-                return int(getattr(self.config, key))
-        return 2048
 
     @property
     def device(self) -> torch.device:
@@ -163,7 +147,8 @@ class LoadedModel:
         return frozenset(ids)
 
     def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        s = self.spec
+        return s.num_layers * 2 * s.kv_heads * s.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:

@@ -148,32 +148,3 @@ class Request:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.finish_time = time.perf_counter()
-
-
-def check_model_limits(
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    max_context: int,
-    vocab_size: int,
-    prompt_field: str = "prompt",
-    output_ids: list[int] | None = None,
-) -> None:
-    """Raise InvalidRequestError unless the request fits the model: prompt + max_new_tokens within its context,
-    every token id inside its vocabulary (else the error names `prompt_field`, or output_ids for the tokens a
-    resumed request already has). Shared by the engine, the prefill worker and the router."""
-    if len(prompt_ids) >= max_context:
-        raise InvalidRequestError(
-            prompt_field, f"{len(prompt_ids)} tokens leave no room to generate in the model's context of {max_context}"
-        )
-    if len(prompt_ids) + max_new_tokens > max_context:
-        raise InvalidRequestError(
-            "max_new_tokens",
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model's context of {max_context} tokens",
-        )
-    bad = [t for t in prompt_ids if not _is_int(t) or not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidRequestError(prompt_field, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-    bad = [t for t in output_ids or () if not _is_int(t) or not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidRequestError("output_ids", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")

@@ -50,9 +50,7 @@ class ModelRunner:
     def new_batch(self, max_rows: int, max_segments: int = 8, segment_cost: int = 32) -> DecodeBatch:
         pad = self.lm.config.pad_token_id
         return DecodeBatch(
-            self.lm.num_layers,
-            self.lm.kv_heads,
-            self.lm.head_dim,
+            *self.lm.spec.kv_dims,
             self.lm.dtype,
             self.lm.device,
             max_rows=max_rows,

@@ -92,12 +92,8 @@ async def payload_from_messages(
         raise PayloadError(f"KV push truncated: {len(buf)} of {header.total_bytes} bytes")
     if zlib.crc32(buf) != header.crc32:
         raise PayloadError("KV push corrupted: checksum mismatch")
-    if header.dtype not in DTYPES:
-        raise PayloadError(f"KV push has unknown dtype {header.dtype!r}")
-    dtype = DTYPES[header.dtype]
+    dtype = DTYPES[header.dtype]  # _check_header made sure dtype and shape agree with total_bytes
     shape = (header.num_layers, 2, header.kv_heads, header.num_tokens, header.head_dim)
-    if torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() != len(buf):
-        raise PayloadError(f"KV push of {len(buf)} bytes does not match shape {shape} of {header.dtype}")
     kv = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
     return KVPayload(
         request_id=header.request_id,

@@ -73,7 +73,7 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
     def _expect(self, h: pb.KvHeader) -> None:
         """Refuse a push from its header alone when this worker waits for no such KV (before its bytes come)."""
         res = self.worker.expect_kv(h.request_id, h.model_fingerprint, (h.num_layers, h.kv_heads, h.head_dim),
-                                    list(h.prompt_ids))
+                                    list(h.prompt_ids), h.first_token)
         self.worker.announce_first_token(res, h.first_token)
 
     async def Cancel(  # noqa: N802

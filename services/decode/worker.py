@@ -152,7 +152,7 @@ class DecodeWorker:
         if shared_cores is not None:
             self.engine.layer_hook = shared_cores.yield_to_prefill
         self.max_batch = max_batch
-        self.max_kv_tokens = max_kv_tokens or max_batch * min(lm.max_context, 2048)
+        self.max_kv_tokens = max_kv_tokens or max_batch * min(lm.spec.max_context, 2048)
         self.default_kv_timeout_s = default_kv_timeout_s
         self.draining = False
         self.metrics = DecodeMetrics()
@@ -246,11 +246,8 @@ class DecodeWorker:
     def deliver_kv(self, payload: KVPayload) -> None:
         """Hand in a reserved request's KV; it joins the batch at the next iteration boundary.
         Raises NotFound (no reservation) or PayloadError (KV this worker cannot use); the reservation stays."""
-        res = self.expect_kv(payload.request_id, payload.model_fingerprint,
-                             (payload.num_layers, payload.kv_heads, payload.head_dim), payload.prompt_ids)
-        vocab = int(self.lm.config.vocab_size)
-        if not 0 <= payload.first_token < vocab:  # it is the next step's input: out of range, it fails the batch
-            raise PayloadError(f"KV payload's first token {payload.first_token} is outside the vocabulary [0, {vocab})")
+        res = self.expect_kv(payload.request_id, payload.model_fingerprint, payload.dims, payload.prompt_ids,
+                             payload.first_token)
         self.announce_first_token(res, payload.first_token)  # if its push's header has not already
         if res.lease is not None:
             res.lease.cancel()
@@ -267,32 +264,23 @@ class DecodeWorker:
         drops that copy. A token that could end the request waits for the engine, which decides the end. Should
         the push fail after this, the router resumes the request from this token elsewhere (resume.py)."""
         if (res.state is not SlotState.RESERVED or res.early_token is not None
-                or self.engine.policy != "baton" or not 0 <= token < int(self.lm.config.vocab_size)
-                or self.engine.may_end(res.request, token)):
+                or self.engine.policy != "baton" or self.engine.may_end(res.request, token)):
             return
         res.early_token = token
         res._push(DecodeEvent([token]))
 
     def expect_kv(
-        self, request_id: str, fingerprint: str, dims: tuple[int, int, int], token_ids: list[int]
+        self, request_id: str, fingerprint: str, dims: tuple[int, int, int], token_ids: list[int], first_token: int
     ) -> Reservation:
-        """The reservation waiting for a KV payload so described (from its header, before its bytes arrive):
-        dims are (layers, kv_heads, head_dim). Raises NotFound (no reservation) or PayloadError (KV this worker
-        cannot use for it)."""
+        """The reservation waiting for a KV payload so described (from its header, before its bytes arrive, and
+        again when they have: it may have ended meanwhile): dims are (layers, kv_heads, head_dim). Raises NotFound
+        (no reservation) or PayloadError (KV this worker cannot use for it, ModelSpec.check_kv)."""
         res = self._live.get(request_id)
         if res is None:
             raise NotFound(f"no reservation for request {request_id!r} on this worker (expired or cancelled?)")
         if res.state is not SlotState.RESERVED:
             raise PayloadError(f"KV for request {request_id!r} was already received")
-        lm = self.lm
-        if fingerprint != lm.fingerprint:
-            raise PayloadError(f"KV payload comes from model {fingerprint[:12]}, this worker serves "
-                               f"{lm.fingerprint[:12]}")
-        if dims != (lm.num_layers, lm.kv_heads, lm.head_dim):
-            raise PayloadError(f"KV payload shape (layers, kv_heads, head_dim)={dims}, expected "
-                               f"{(lm.num_layers, lm.kv_heads, lm.head_dim)}")
-        if token_ids != res.request.all_ids:  # a resumed request's KV covers its tokens so far too
-            raise PayloadError(f"KV payload for request {request_id!r} was computed for a different prompt")
+        self.lm.spec.check_kv(fingerprint, self.lm.fingerprint, dims, token_ids, res.request.all_ids, first_token)
         return res
 
     def cancel(self, request_id: str) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.request import Request, check_model_limits
+from baton.engine.request import Request
 from baton.engine.runner import ModelRunner, pack_for_prefill
 from baton.errors import Cancelled, InvalidRequestError, Overloaded, Unavailable
 from baton.metrics import PrefillMetrics
@@ -137,14 +137,9 @@ class PrefillWorker:
 
 
     def validate(self, req: Request) -> None:
-        """The model's own limits; Request and SamplingParams check the rest."""
-        check_model_limits(
-            req.prompt_ids,
-            req.params.max_new_tokens,
-            self.lm.max_context,
-            int(self.lm.config.vocab_size),
-            output_ids=req.output_ids,
-        )
+        """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest."""
+        self.lm.spec.check_request(req.prompt_ids, req.params.max_new_tokens, req.output_ids,
+                                   req.params.stop_token_ids)
 
     def submit(self, req: Request) -> asyncio.Future[PrefillResult]:
         """Queue a prefill; the returned future gives its result (or raises Cancelled, or the compute's error).

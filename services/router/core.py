@@ -19,7 +19,8 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from baton.engine.models import resolve_model_path
-from baton.engine.request import FinishReason, SamplingParams, check_model_limits, is_unicode
+from baton.engine.request import FinishReason, SamplingParams, is_unicode
+from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Unavailable
 from baton.metrics import RouterMetrics
 from baton.rpc.convert import finish_from_proto, params_to_proto
@@ -40,18 +41,17 @@ class Router:
         self,
         tokenizer: PreTrainedTokenizerBase,
         model_name: str,
-        max_context: int,
-        vocab_size: int,
+        spec: ModelSpec,
         pool: WorkerPool,
         kv_timeout_s: float = 30.0,
         queue_timeout_s: float | None = None,
         max_retries: int = 3,
     ) -> None:
         self.tokenizer, self.model_name = tokenizer, model_name
-        self.max_context, self.vocab_size = max_context, vocab_size
+        self.spec = spec  # the model's limits, from its config alone
         # No token is longer than the longest vocabulary entry: a text over this many characters cannot fit the
         # context, and is refused before the tokenizer spends time on it (which would stall every request).
-        self.max_prompt_chars = max_context * max((len(t) for t in tokenizer.get_vocab()), default=64)
+        self.max_prompt_chars = spec.max_context * max((len(t) for t in tokenizer.get_vocab()), default=64)
         self.pool = pool
         self.kv_timeout_s, self.queue_timeout_s = kv_timeout_s, queue_timeout_s
         self.max_retries = max_retries  # recoveries (new attempts, prefills moved) allowed per request
@@ -64,12 +64,8 @@ class Router:
     def load(cls, model: str, pool: WorkerPool, **kwargs: Any) -> Router:
         """A router for a model: its tokenizer and config only (the router never loads weights)."""
         path = resolve_model_path(model)
-        config = AutoConfig.from_pretrained(path)
-        max_context = next(
-            (int(getattr(config, k)) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)),
-            2048,
-        )
-        return cls(AutoTokenizer.from_pretrained(path), model, max_context, int(config.vocab_size), pool, **kwargs)
+        spec = ModelSpec.from_config(AutoConfig.from_pretrained(path))
+        return cls(AutoTokenizer.from_pretrained(path), model, spec, pool, **kwargs)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -99,7 +95,7 @@ class Router:
     def _check_chars(self, name: str, chars: int) -> None:
         if chars > self.max_prompt_chars:
             raise InvalidRequestError(name, f"{chars} characters cannot fit the model's context of "
-                                            f"{self.max_context} tokens")
+                                            f"{self.spec.max_context} tokens")
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """The chat as the model's template writes it, ending with the assistant's turn."""
@@ -126,11 +122,7 @@ class Router:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise InvalidRequestError("prompt", "must not be empty")
-        check_model_limits(prompt_ids, params.max_new_tokens, self.max_context, self.vocab_size)
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise InvalidRequestError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary "
-                                                        f"[0, {self.vocab_size})")
+        self.spec.check_request(prompt_ids, params.max_new_tokens, stop_token_ids=params.stop_token_ids)
 
     # ---- generation --------------------------------------------------------------------------------
     async def generate(

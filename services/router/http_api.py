@@ -343,7 +343,7 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
             refuse_unsupported(body)
             prompt_ids = completion_prompt(router, body.prompt)
             max_new = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-            _check_context(router, len(prompt_ids), max_new, "max_tokens")
+            router.spec.check_request(prompt_ids, max_new)
             return Job(f"cmpl-{uuid.uuid4().hex}", "completion", router.model_name, prompt_ids,
                        sampling_params(body, max_new), bool(body.stream), _include_usage(body), names,
                        request_timeout(body))
@@ -360,11 +360,11 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
             prompt_ids = router.encode_chat(chat_messages(body.messages))
             max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             if max_new is None:
-                max_new = min(CHAT_DEFAULT_MAX_TOKENS, router.max_context - len(prompt_ids))
+                max_new = min(CHAT_DEFAULT_MAX_TOKENS, router.spec.max_context - len(prompt_ids))
                 if max_new < 1:
                     raise ApiError.invalid("messages", f"the conversation ({len(prompt_ids)} tokens) fills the "
-                                                       f"model's context of {router.max_context} tokens")
-            _check_context(router, len(prompt_ids), max_new, max_field, "messages")
+                                                       f"model's context of {router.spec.max_context} tokens")
+            router.spec.check_request(prompt_ids, max_new)
             return Job(f"chatcmpl-{uuid.uuid4().hex}", "chat", router.model_name, prompt_ids,
                        sampling_params(body, max_new), bool(body.stream), _include_usage(body), names,
                        request_timeout(body))
@@ -374,7 +374,7 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         model = {"id": router.model_name, "object": "model", "created": 0, "owned_by": "baton",
-                 "max_model_len": router.max_context}
+                 "max_model_len": router.spec.max_context}
         return {"object": "list", "data": [model]}
 
     @app.get("/health")
@@ -394,12 +394,3 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
 
 def _include_usage(body: OpenAIBody) -> bool:
     return bool(body.stream and body.stream_options is not None and body.stream_options.include_usage)
-
-
-def _check_context(router: Backend, prompt_len: int, max_new: int, name: str, prompt_name: str = "prompt") -> None:
-    if prompt_len >= router.max_context:
-        raise ApiError.invalid(prompt_name, f"{prompt_len} tokens leave no room to generate in the model's "
-                                            f"context of {router.max_context} tokens")
-    if max_new >= 1 and prompt_len + max_new > router.max_context:
-        raise ApiError.invalid(name, f"the prompt ({prompt_len} tokens) + {name} ({max_new}) exceeds the model's "
-                                     f"context of {router.max_context} tokens")

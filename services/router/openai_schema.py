@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from baton.engine.request import MAX_TIMEOUT_S, FinishReason, SamplingParams
+from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Reason, ServiceError, reason_of
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Backend(Protocol):
     """The router core (services.router.core.Router) as this API uses it."""
 
     model_name: str
-    max_context: int
+    spec: ModelSpec  # the model's limits
 
     def encode_prompt(self, text: str) -> list[int]: ...
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...

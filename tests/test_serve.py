@@ -1,0 +1,62 @@
+"""`baton serve` as users run it, with a Redis registry under a non-default --redis-prefix: every service (router,
+prefill and decode workers) honours the prefix, so the stack serves, and nothing is registered under the default
+prefix that another cluster sharing the Redis would read."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+import torch
+
+from baton.client import BatonClient
+from baton.engine.models import LoadedModel
+from baton.serve import free_port
+from tests.services import ROOT, processes
+
+PREFIX = "team-a"
+
+
+def reference(lm: LoadedModel, ids: list[int], max_new: int) -> list[int]:
+    out = lm.model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=2)
+    return list(out[0, len(ids) :].tolist())
+
+
+def test_baton_serve_under_a_redis_prefix(tiny_llama_dir: Path, tiny_llama: LoadedModel, tmp_path: Path) -> None:
+    with processes(tmp_path) as ps:
+        url = ps.redis()
+        http_port, grpc_port = free_port(), free_port()
+        log = (tmp_path / "serve.log").open("wb")
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "baton.cli", "serve", "--model", str(tiny_llama_dir), "--threads", "1",
+             "--redis", url, "--redis-prefix", PREFIX, "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while b"Baton is ready" not in (tmp_path / "serve.log").read_bytes():
+                assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "baton serve did not become ready"
+                time.sleep(0.2)
+            keys = sorted(k.decode() for k in redis.Redis.from_url(url).keys("*"))
+            assert {k.split(":")[0] for k in keys} == {PREFIX}, keys
+            assert sum(":worker:decode:" in k for k in keys) == 1 and sum(":worker:prefill:" in k for k in keys) == 1
+
+            prompts = [[5 + i, 17, 300 + i, 42] for i in range(4)]
+            with BatonClient(f"127.0.0.1:{grpc_port}") as client:
+                for ids in prompts:
+                    out = client.generate(ids, max_new_tokens=6, ignore_eos=True)
+                    assert out.token_ids == reference(tiny_llama, ids, 6)
+            r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", timeout=60,
+                           json={"model": "tiny", "prompt": prompts[0], "max_tokens": 6, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(timeout=60) == 0
+            log.close()
