@@ -24,8 +24,9 @@ from typing import Any
 import grpc
 
 from baton.engine.request import SamplingParams
-from baton.errors import InvalidRequestError
+from baton.errors import InvalidRequestError, Reason
 from baton.rpc.convert import finish_from_proto, params_to_proto
+from baton.rpc.status import error_from_rpc
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 
@@ -36,16 +37,23 @@ Prompt = str | Sequence[int]
 
 
 class BatonError(Exception):
-    """A request that failed: `code` is the gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE ...)."""
+    """A request that failed: `code` is the gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE ...),
+    `reason` Baton's own name for what happened (baton.errors.Reason: "invalid_request", "overloaded", ...),
+    `field` the request field at fault of an invalid request, `retry_after_s` when a retry may succeed; decide on
+    these, not on the message."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: Reason | None = None, field: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code, self.message = code, message
+        self.reason, self.field, self.retry_after_s = reason, field, retry_after_s
 
     @classmethod
     def of(cls, e: grpc.RpcError) -> BatonError:
         call: Any = e  # a failed call: has code() and details()
-        return cls(call.code(), call.details() or call.code().name)
+        err = error_from_rpc(e)
+        return cls(call.code(), call.details() or call.code().name, err.reason,
+                   err.field if isinstance(err, InvalidRequestError) else None, err.retry_after_s)
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.G
     try:
         params = SamplingParams(**sampling)
     except InvalidRequestError as e:
-        raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.reason, e.field) from None
     request = pb.GenerateRequest(request_id=request_id, parameters=params_to_proto(params))
     if isinstance(prompt, str):
         request.text = prompt

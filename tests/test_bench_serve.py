@@ -15,7 +15,7 @@ import pytest
 from baton.bench import costs, plot, serve_bench
 from baton.bench.loadgen import plan, poisson_arrivals
 from baton.bench.workloads import draw, get_workload
-from tests.services import free_port, processes
+from tests.support.processes import free_port, processes
 
 PCT = ("p50", "p90", "p99")
 

@@ -28,8 +28,9 @@ from baton.engine.models import LoadedModel
 from baton.rpc.registry import RedisRegistry
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
-from tests.cluster import Cluster, Outcome, prompts, reference, request, run_all
-from tests.services import wait_idle
+from tests.support.cluster import Cluster, Outcome, prompts, request, run_all
+from tests.support.oracle import reference
+from tests.support.processes import wait_idle
 
 DRAIN_S = 0.5
 

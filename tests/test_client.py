@@ -17,19 +17,19 @@ from urllib.parse import urlsplit
 import grpc
 import openai
 import pytest
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from baton.client import AsyncBatonClient, BatonClient, BatonError, Chunk, Completion
 from baton.engine.models import LoadedModel
 from baton.engine.request import SamplingParams
-from baton.errors import Overloaded
+from baton.errors import Overloaded, Reason
 from baton.generate import add_arguments
 from baton.generate import main as generate_main
 from baton.rpc.server import create_server
 from services.router.grpc_api import router_service
 from services.router.http_api import create_app
-from tests.inproc import Loop, Stack, running_stack
+from tests.support.inproc import Loop, Stack, running_stack
+from tests.support.oracle import reference
 from tests.test_http_api import ANSWER, FakeRouter, Served, answer_text, free_port, serve, wait_for
 
 
@@ -127,10 +127,12 @@ def test_server_errors(client: BatonClient, router: FakeRouter) -> None:
     with pytest.raises(BatonError, match="max_new_tokens") as e:
         client.generate("x", max_new_tokens=10_000)  # over the fake's context
     assert e.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert (e.value.reason, e.value.field) == (Reason.INVALID_REQUEST, "max_new_tokens")
     router.fail = Overloaded("the queue is full", retry_after_s=1)
     with pytest.raises(BatonError, match="the queue is full") as e:
         list(client.stream("x"))
     assert e.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (e.value.reason, e.value.retry_after_s) == (Reason.OVERLOADED, 1.0)
     router.fail, router.fail_after = None, 2
     texts = []
     with pytest.raises(BatonError, match="worker exploded") as e:
@@ -213,16 +215,10 @@ def test_cli_chat(http_api: Served, router: FakeRouter, capsys: pytest.CaptureFi
 @pytest.fixture(scope="module")
 def stack(tokenizer: PreTrainedTokenizerBase) -> Iterator[Stack]:
     """Decode and prefill workers on the tiny Llama, the real router core, its gRPC and HTTP APIs, on one event
-    loop (tests/inproc.py)."""
+    loop (tests/support/inproc.py)."""
     with running_stack(tokenizer) as s:
         yield s
 
-
-def reference(lm: LoadedModel, prompt: list[int], max_new: int) -> list[int]:
-    """Greedy tokens from transformers' own generate()."""
-    out = lm.model.generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                            pad_token_id=0)
-    return list(out[0, len(prompt):].tolist())
 
 
 def test_real_stack(stack: Stack, tiny_llama: LoadedModel, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,19 +25,15 @@ from baton.engine.runner import ModelRunner
 from baton.errors import InvalidRequestError, NotFound, Overloaded, PayloadError, Unavailable
 from baton.rpc.convert import params_to_proto
 from baton.rpc.kv_transfer import payload_messages
+from baton.serve import free_port
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.decode.worker import DecodeWorker, Reservation
 from tests.conftest import make_tiny_llama
+from tests.support.oracle import reference, until
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def reference(lm: LoadedModel, prompt: list[int], max_new: int) -> list[int]:
-    out = lm.model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0
-    )
-    return list(out[0, len(prompt) :].tolist())
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -62,12 +57,6 @@ async def collect(res: Reservation) -> tuple[list[int], FinishReason | None]:
             return tokens, ev.finish_reason
     return tokens, None
 
-
-async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def run_with_worker(lm: LoadedModel, body: Callable[[DecodeWorker], Awaitable[None]], **kw: object) -> None:
@@ -252,10 +241,6 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(tiny_llama: Loaded
 # ---- the `baton decode` process over gRPC ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_decode(model_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from baton.engine.models import LoadedModel
-from tests.services import ROOT, free_port, processes
+from tests.support.processes import ROOT, free_port, processes
 
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"

@@ -14,12 +14,12 @@ import grpc
 import httpx
 import openai
 import pytest
-import torch
 
 from baton.engine.models import LoadedModel
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
-from tests.services import free_port, occupancy, processes, wait_idle
+from tests.support.oracle import reference
+from tests.support.processes import free_port, occupancy, processes, wait_idle
 
 MAX_BATCH = 4
 
@@ -99,10 +99,6 @@ def stack(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield Stack(f"127.0.0.1:{grpc_port}", http, decode, prefill)
 
 
-def reference(lm: LoadedModel, ids: list[int], max_new: int) -> list[int]:
-    out = lm.model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=2)
-    return list(out[0, len(ids) :].tolist())
-
 
 WORDS = [
     "the",
@@ -169,10 +165,11 @@ def test_64_concurrent_requests_equal_generate_and_kv_crosses_grpc(stack: Stack,
 
     texts, token_ids = asyncio.run(both())
     for i, text in enumerate(texts):
-        ref = reference(tiny_llama, tok(text_prompt(i))["input_ids"], 6 + i % 9)
+        ref = reference(tiny_llama, tok(text_prompt(i))["input_ids"], 6 + i % 9, ignore_eos=False)
         assert text == tok.decode(ref, skip_special_tokens=True), f"openai request {i} diverged"
     for i, got in enumerate(token_ids):
-        assert got == reference(tiny_llama, tok(text_prompt(100 + i))["input_ids"], 5 + i % 7), f"grpc {i} diverged"
+        want = reference(tiny_llama, tok(text_prompt(100 + i))["input_ids"], 5 + i % 7, ignore_eos=False)
+        assert got == want, f"grpc {i} diverged"
 
     after = [occupancy(a) for a in stack.decode]
     received = [a.kv_received - b.kv_received for a, b in zip(after, before)]
@@ -224,7 +221,7 @@ def test_occupancy_routing_full_worker_avoided_then_queue(stack: Stack, tiny_lla
                     pb.GenerateRequest(text=text_prompt(i), parameters=pb.SamplingParameters(max_new_tokens=4)),
                     timeout=60,
                 )
-                assert list(r.token_ids) == reference(tiny_llama, tok(text_prompt(i))["input_ids"], 4)
+                assert list(r.token_ids) == reference(tiny_llama, tok(text_prompt(i))["input_ids"], 4, ignore_eos=False)
             assert [occupancy(a).completed for a in (d1, d2)] == [base[0], base[1] + 3]
 
             fill2 = LongRequests(stack, d2, MAX_BATCH)  # now both are full: requests wait in the router's queue
@@ -247,7 +244,7 @@ def test_occupancy_routing_full_worker_avoided_then_queue(stack: Stack, tiny_lla
             for t in waiters:
                 t.join(timeout=60)
             for i in (20, 21):
-                assert results[i] == reference(tiny_llama, tok(text_prompt(i))["input_ids"], 4)
+                assert results[i] == reference(tiny_llama, tok(text_prompt(i))["input_ids"], 4, ignore_eos=False)
     finally:
         fill1.cancel()
         if fill2:

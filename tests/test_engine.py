@@ -60,6 +60,38 @@ def test_payload_round_trip_half(dtype: torch.dtype) -> None:
     assert torch.equal(wire(p).kv, p.kv)
 
 
+def test_the_wire_form_refuses_damage(tiny_llama: LoadedModel) -> None:
+    """What the removed binary form's damage test covered, on the one wire form left (kv_transfer)."""
+    msgs = list(payload_messages(ModelRunner(tiny_llama).prefill(Request("x", [5, 6, 7], SamplingParams())),
+                                 chunk_bytes=1000))
+
+    def received(messages: list[pb.PushKvRequest]) -> KVPayload:
+        async def gen() -> AsyncIterator[pb.PushKvRequest]:
+            for m in messages:
+                yield m
+
+        return asyncio.run(payload_from_messages(gen()))
+
+    def header(**changes: object) -> pb.PushKvRequest:
+        h = pb.KvHeader()
+        h.CopyFrom(msgs[0].header)
+        for k, v in changes.items():
+            setattr(h, k, v)
+        return pb.PushKvRequest(header=h)
+
+    with pytest.raises(PayloadError, match="dtype"):
+        received([header(dtype="int8"), *msgs[1:]])
+    with pytest.raises(PayloadError, match="total_bytes"):
+        received([header(total_bytes=msgs[0].header.total_bytes - 1), *msgs[1:]])
+    with pytest.raises(PayloadError, match="num_tokens"):
+        received([header(num_tokens=4), *msgs[1:]])
+    with pytest.raises(PayloadError, match="before the header"):
+        received(msgs[1:])
+    with pytest.raises(PayloadError, match="truncated"):
+        received(msgs[:-1])
+    assert torch.equal(received(msgs).kv, wire(received(msgs)).kv)
+
+
 def test_kv_prefilled_elsewhere_is_spliced_exactly(tiny_llama: LoadedModel) -> None:
     """A second process's prefill (here: another runner, through the wire form) splices into a running batch."""
     params = SamplingParams(max_new_tokens=9, ignore_eos=True)

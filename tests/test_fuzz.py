@@ -1,5 +1,5 @@
 """Bad input never crashes anything and never affects other requests: generated junk (hypothesis, bounded and
-derandomized) at every entry point of a whole stack running in this process (tests/inproc.py): the router's
+derandomized) at every entry point of a whole stack running in this process (tests/support/inproc.py): the router's
 HTTP API (JSON of every shape, raw bytes), its gRPC API (junk messages, raw bytes, other message types), and a
 decode worker's PushKv and Decode. Every answer is a success or a refusal with the right status and shape; after
 each run the stack holds nothing and still serves a normal request correctly."""
@@ -25,7 +25,7 @@ from baton.engine.runner import ModelRunner
 from baton.rpc.kv_transfer import payload_messages
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
-from tests.inproc import Stack, running_stack
+from tests.support.inproc import Stack, running_stack
 
 FUZZ = settings(max_examples=40, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

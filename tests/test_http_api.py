@@ -22,21 +22,13 @@ from transformers import PreTrainedTokenizerBase
 from baton.engine.request import FinishReason, SamplingParams
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Overloaded, Unavailable
+from baton.serve import free_port
 from services.router.http_api import CHAT_DEFAULT_MAX_TOKENS, create_app
+from services.router.text import Delta
 from tests.conftest import TINY_SPEC
+from tests.support.oracle import wait_for
 
 ANSWER = " the quick brown fox jumps over the lazy dog."
-
-
-@dataclass
-class FakeEvent:
-    """Mirrors services.router.core.StreamEvent."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass
@@ -80,7 +72,7 @@ class FakeRouter:
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None
-    ) -> AsyncIterator[FakeEvent]:
+    ) -> AsyncIterator[Delta]:
         self.calls.append(Call(request_id, prompt_ids, params))
         if self.fail is not None:
             raise self.fail
@@ -107,20 +99,16 @@ class FakeRouter:
                 if len(out) == len(answer) and not params.ignore_eos:
                     reason = FinishReason.STOP
                 if reason is None:
-                    yield FakeEvent([tok], text[len(before):])
+                    yield Delta([tok], text[len(before):])
                 else:
                     done = True
-                    yield FakeEvent([tok], text[len(before):], reason, len(prompt_ids), len(out))
+                    yield Delta([tok], text[len(before):], reason, len(prompt_ids), len(out))
                     return
         finally:
             if not done:
                 self.cancelled.append(request_id)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -196,12 +184,6 @@ def answer_text(router: FakeRouter, n: int) -> str:
     ids = (router.answer_ids() * 3)[:n]
     return str(router.tokenizer.decode(ids))
 
-
-def wait_for(cond: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 # ---- the openai client, unchanged ----------------------------------------------------------------------

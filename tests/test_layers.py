@@ -1,5 +1,6 @@
 """The import graph of baton/ and services/, read from the source: no cycle, the layers in order, and every module
-that says it is free of transports imports none (gRPC), directly or through others.
+that says it is free of transports imports none (gRPC), directly or through others. And every file opens with
+what it is for.
 
 The layers, bottom up: baton.errors and baton.flags; the engine (baton.engine); what the services share
 (baton.rpc, baton.metrics, ...); the services (services.*); the command layer at the top (baton.cli, baton.bench,
@@ -126,3 +127,10 @@ def test_modules_free_of_transports_import_none() -> None:
                                              for s in FREE_OF_TRANSPORT)]
     assert "services.decode.worker" in free and "baton.errors" in free
     assert {m: "grpc" for m in free if "grpc" in reachable(g, m)} == {}
+
+
+def test_every_file_opens_with_what_it_is_for() -> None:
+    files = [*sources().values(), *ROOT.glob("tests/**/*.py")]
+    bare = [str(p.relative_to(ROOT)) for p in files
+            if p.read_text().strip() and ast.get_docstring(ast.parse(p.read_text())) is None]
+    assert bare == []

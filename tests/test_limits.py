@@ -1,4 +1,4 @@
-"""Overload and deadlines, through a whole stack in this process (tests/inproc.py) with one decode row and room
+"""Overload and deadlines, through a whole stack in this process (tests/support/inproc.py) with one decode row and room
 for one waiting request: past the queue bound a request is refused with RESOURCE_EXHAUSTED / HTTP 429 and a
 retry hint; a request's deadline (its `timeout` field, or the client's gRPC deadline) ends it cleanly wherever
 it is (waiting for a row, prefilling, decoding): the row is freed, the prefill dropped, the client told."""
@@ -10,7 +10,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -22,7 +22,8 @@ from baton.rpc.load import Role
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.router.main import add_arguments
-from tests.inproc import Options, Stack, running_stack
+from tests.support.inproc import Options, Stack, running_stack
+from tests.support.oracle import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +40,6 @@ def clean(stack: Stack) -> Iterator[Stack]:
     stack.prefill_gate.set()
     stack.wait_idle()
 
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 def request(rid: str, max_new: int = 4, timeout: float = 0.0) -> pb.GenerateRequest:

@@ -22,7 +22,7 @@ from baton.logs import JsonFormatter
 from baton.metrics import DecodeMetrics, PrefillMetrics, RouterMetrics, serve_metrics
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
-from tests.services import ROOT, free_port, processes
+from tests.support.processes import ROOT, free_port, processes
 
 MAX_BATCH = 4
 NEW_TOKENS = 6

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import baton.cli
 from baton.engine.engine import Engine
 from baton.engine.models import LoadedModel
 from baton.engine.request import Request
+from tests.support.oracle import reference
 
 OUTPUT_KEYS = {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_s",
                "e2e_s"}
@@ -28,12 +28,6 @@ def run(tmp_path: Path, model: Path, lines: list[Any], *flags: str) -> list[dict
     assert baton.cli.main([*argv, *flags]) == 0
     return [json.loads(line) for line in dst.read_text().splitlines()]
 
-
-def reference(lm: LoadedModel, prompt: list[int], max_new: int) -> list[int]:
-    generate: Any = lm.model.generate  # typed as a Tensor attribute by torch's Module stubs
-    out = generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                   pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("policy", ["baton", "orca", "static"])

@@ -14,15 +14,12 @@ import pytest
 
 from baton.rpc.load import DecodeLoad
 from baton.rpc.registry import RedisRegistry, WorkerInfo, heartbeat
+from baton.serve import free_port
 from baton.v1 import baton_pb2 as pb
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

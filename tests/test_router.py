@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from baton.engine.models import LoadedModel
@@ -33,6 +32,7 @@ from services.router.grpc_api import router_service
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler
 from tests.conftest import TINY_SPEC
+from tests.support.oracle import reference, until
 
 ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = "f" * 64
@@ -120,12 +120,6 @@ class Cluster:
     decoders: dict[str, FakeDecode]
     prefill: FakePrefill
 
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 @pytest_asyncio.fixture
@@ -326,7 +320,7 @@ async def test_the_client_deadline_is_honoured(cluster: Cluster) -> None:
 
 @pytest.mark.asyncio
 async def test_router_core_generate_directly(cluster: Cluster) -> None:
-    """The API the HTTP layer uses: Router.generate yields StreamEvents; closing it early cancels the request."""
+    """The API the HTTP layer uses: Router.generate yields Deltas; closing it early cancels the request."""
     for fake in cluster.decoders.values():
         fake.script = lambda r: Script([[7]] * 100, delay_s=0.02)
     gen = cluster.router.generate("direct", [1, 2, 3], SamplingParams(max_new_tokens=100))
@@ -438,12 +432,6 @@ def stack(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 proc.kill()
                 proc.wait()
 
-
-def reference(lm: LoadedModel, prompt: list[int], max_new: int) -> list[int]:
-    out = lm.model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0
-    )
-    return list(out[0, len(prompt) :].tolist())
 
 
 def test_real_stack_greedy_output_equals_generate(stack: Stack, tiny_llama: LoadedModel) -> None:

@@ -40,8 +40,8 @@ from services.prefill import main as prefill_main
 from services.router import main as router_main
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler
-from tests.inproc import Options, running_stack
-from tests.services import ROOT, free_port, processes, wait_serving
+from tests.support.inproc import Options, running_stack
+from tests.support.processes import ROOT, free_port, processes, wait_serving
 
 
 # ---- certificates --------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_rows_keep_their_own_kv(
                         expected[r.id].append(v)
         elif op == "evict" and len(batch):
             victim = batch.requests[arg % len(batch)].id
-            batch.filter({victim})
+            batch.evict({victim})
             del expected[victim]
         elif op == "compact":
             batch.compact(0.0)
@@ -95,7 +95,7 @@ def test_splice_writes_only_the_newcomer() -> None:
     batch = DecodeBatch(LAYERS, HEADS, DIM, torch.float32, torch.device("cpu"), max_rows=4, max_segments=1)
     batch.concatenate([(Request("a", [1] * 50, SamplingParams()), token_kv([1.0] * 50))])
     batch.concatenate([(Request("c", [1] * 5, SamplingParams()), token_kv([3.0] * 5))])  # grows the slab's rows
-    batch.filter({"c"})
+    batch.evict({"c"})
     seg = batch.segments[0]
     slab, copied = seg.kv, seg.copied_bytes
     batch.concatenate([(Request("b", [1] * 20, SamplingParams()), token_kv([2.0] * 20))])

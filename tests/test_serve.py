@@ -13,19 +13,15 @@ from pathlib import Path
 
 import httpx
 import redis
-import torch
 
 from baton.client import BatonClient
 from baton.engine.models import LoadedModel
 from baton.serve import free_port
-from tests.services import ROOT, processes
+from tests.support.oracle import reference
+from tests.support.processes import ROOT, processes
 
 PREFIX = "team-a"
 
-
-def reference(lm: LoadedModel, ids: list[int], max_new: int) -> list[int]:
-    out = lm.model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=2)
-    return list(out[0, len(ids) :].tolist())
 
 
 def test_baton_serve_under_a_redis_prefix(tiny_llama_dir: Path, tiny_llama: LoadedModel, tmp_path: Path) -> None:
@@ -44,7 +40,7 @@ def test_baton_serve_under_a_redis_prefix(tiny_llama_dir: Path, tiny_llama: Load
                 assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "baton serve did not become ready"
                 time.sleep(0.2)
-            keys = sorted(k.decode() for k in redis.Redis.from_url(url).keys("*"))
+            keys = sorted(str(k) for k in redis.Redis.from_url(url, decode_responses=True).keys("*"))
             assert {k.split(":")[0] for k in keys} == {PREFIX}, keys
             assert sum(":worker:decode:" in k for k in keys) == 1 and sum(":worker:prefill:" in k for k in keys) == 1
 

@@ -15,22 +15,13 @@ from baton.engine.models import LoadedModel
 from baton.engine.request import Request, SamplingParams
 from baton.engine.runner import ModelRunner, pack_for_prefill
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
+from tests.support.oracle import reference
 
 # A schedule: (prompt length, max_new_tokens, arrival iteration) per request.
 schedules = st.lists(
     st.tuples(st.integers(1, 40), st.integers(1, 10), st.integers(0, 12)), min_size=1, max_size=7
 )
 
-
-def reference(lm: LoadedModel, prompt: tuple[int, ...], max_new: int) -> list[int]:
-    out = lm.model.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=max_new,
-        min_new_tokens=max_new,
-        do_sample=False,
-        pad_token_id=0,
-    )
-    return list(out[0, len(prompt) :].tolist())
 
 
 def run_schedule(engine: Engine, reqs: list[Request], arrivals: list[int]) -> None:

@@ -117,7 +117,7 @@ def time_splice(lm: Any, batch: int, context: int, prompt: int, repeats: int) ->
     splice, step = [], []
     for i in range(repeats):
         victim = engine.batch.requests[i % batch]
-        engine.batch.filter({victim.id})
+        engine.batch.evict({victim.id})
         req = Request(f"new{i}", [5] * prompt, SamplingParams(max_new_tokens=10**6, ignore_eos=True))
         req.output_ids.append(7)
         req.status = RequestStatus.RUNNING

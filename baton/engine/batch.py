@@ -4,8 +4,8 @@ The batch is a list of KVSegments (see segment.py). Rows are the concatenation o
 order; the model runs on all of them at once, and attention runs per segment. Segments keep rows of similar
 length together, so the padding each row attends over stays small even when prompt lengths differ widely.
 
-Contract (as TGI's batches): `concatenate` splices prefilled requests in, `filter` evicts finished ones,
-`len()` is the number of rows computed by the next step.
+Contract (as TGI's batches): `concatenate` splices prefilled requests in, `evict` removes finished ones (TGI's
+`filter` names the rows to keep instead), `len()` is the number of rows computed by the next step.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ class DecodeBatch:
             assert self.free_rows > 0, "add to a full batch"
             seg.insert(req, None)
 
-    def filter(self, done: set[str]) -> None:
-        """Evict the requests whose ids are in `done`, and drop emptied segments."""
+    def evict(self, done: set[str]) -> None:
+        """Evict the requests whose ids are in `done` (the ids given leave, unlike TGI's `filter`, which keeps
+        them), and drop emptied segments."""
         for seg in self.segments:
             seg.remove({i for i, r in enumerate(seg.requests) if r.id in done})
         self.segments = [s for s in self.segments if len(s)]

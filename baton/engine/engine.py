@@ -12,6 +12,7 @@ The engine is transport-free: services drive it with add_request / add_prefilled
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,32 @@ from baton.engine.runner import ModelRunner
 from baton.engine.sampler import sample
 from baton.errors import InvalidRequestError
 
-POLICIES = ("baton", "orca", "static")
+
+class Policy(enum.Enum):
+    """The scheduling policy, above; what each one does is decided here, and only here."""
+
+    BATON = "baton"
+    ORCA = "orca"
+    STATIC = "static"
+
+    @property
+    def splices_prefilled_kv(self) -> bool:
+        """Newcomers are prefilled apart from the batch and their KV spliced in (so KV prefilled elsewhere, a
+        decode worker's, can be taken); the others run a newcomer's prompt inside the batch."""
+        return self is Policy.BATON
+
+    @property
+    def joins_running_batch(self) -> bool:
+        """Newcomers join at any iteration boundary; static waits for the batch to empty."""
+        return self is not Policy.STATIC
+
+    @property
+    def evicts_at_once(self) -> bool:
+        """A finished row leaves the batch at once; static computes it until the whole batch is done."""
+        return self is not Policy.STATIC
+
+
+POLICIES = tuple(p.value for p in Policy)
 
 
 @dataclass
@@ -74,17 +100,18 @@ class Engine:
     def __init__(
         self,
         lm: LoadedModel,
-        policy: str = "baton",
+        policy: str | Policy = "baton",
         max_batch: int = 32,
         max_segments: int = 8,
         segment_cost: int = 32,
         compact_threshold: float = 0.1,
     ) -> None:
-        if policy not in POLICIES:
+        if not isinstance(policy, Policy) and policy not in POLICIES:
             raise ValueError(f"policy: {policy!r} is not one of {POLICIES}")
-        self.lm, self.policy = lm, policy
+        self.lm, self.policy = lm, Policy(policy)
         self.runner = ModelRunner(lm)
-        segments = max_segments if policy == "baton" else 1  # orca and static: the plain padded batch
+        # orca and static: the plain padded batch
+        segments = max_segments if self.policy.splices_prefilled_kv else 1
         self.batch = self.runner.new_batch(max_batch, segments, segment_cost)
         self.compact_threshold = compact_threshold
         self.waiting: deque[Request] = deque()  # not prefilled yet, in arrival order
@@ -115,8 +142,8 @@ class Engine:
     def add_prefilled(self, req: Request, payload: KVPayload) -> None:
         """Queue a request prefilled elsewhere; it is spliced in at the next iteration boundary (baton only).
         A resumed request (output_ids already set) comes with the KV of its prompt and those tokens."""
-        if self.policy != "baton":
-            raise ValueError(f"policy {self.policy} cannot splice prefilled KV")
+        if not self.policy.splices_prefilled_kv:
+            raise ValueError(f"policy {self.policy.value} cannot splice prefilled KV")
         self.validate(req)
         self._check_new_id(req)
         self.lm.spec.check_kv(payload.model_fingerprint, self.lm.fingerprint, payload.dims, payload.prompt_ids,
@@ -141,7 +168,7 @@ class Engine:
             if req.id == request_id:
                 if not req.finished:
                     req.finish(FinishReason.CANCELLED)
-                self.batch.filter({request_id})
+                self.batch.evict({request_id})
                 return True
         return False
 
@@ -160,9 +187,9 @@ class Engine:
     def step(self) -> StepOutput:
         out = StepOutput([], [])
         now = time.perf_counter()
-        if self.policy == "baton":
+        if self.policy.splices_prefilled_kv:
             self._admit_baton(now, out)
-        elif self.policy == "orca" or not len(self.batch):
+        elif self.policy.joins_running_batch or not len(self.batch):
             self._admit_unprefilled(self._arrived(now)[: self.batch.free_rows])
         if len(self.batch):
             self._decode(out)
@@ -221,11 +248,11 @@ class Engine:
                 self._emit(req, tok, out)
                 if req.finished:
                     out.finished.append(req)
-        if self.policy == "static" and not all(r.finished for r in reqs):
+        if not self.policy.evicts_at_once and not all(r.finished for r in reqs):
             return  # run to completion: finished rows stay in the batch
         done = {r.id for r in reqs if r.finished}
         if done:
-            self.batch.filter(done)
+            self.batch.evict(done)
             self.batch.compact(self.compact_threshold)
 
     def _emit(self, req: Request, token: int, out: StepOutput) -> None:

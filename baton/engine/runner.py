@@ -35,7 +35,7 @@ def pack_for_prefill(lengths: Sequence[int], token_budget: int = PREFILL_TOKEN_B
 
 
 @dataclass
-class StepResult:
+class ForwardPass:
     logits: torch.Tensor  # [rows, vocab], the last position of each row
     inputs: StepInputs
     useful_kv: int  # query-key pairs that count
@@ -105,7 +105,7 @@ class ModelRunner:
         return payloads
 
     @torch.inference_mode()
-    def decode(self, batch: DecodeBatch, layer_hook: Callable[[], None] | None = None) -> StepResult:
+    def decode(self, batch: DecodeBatch, layer_hook: Callable[[], None] | None = None) -> ForwardPass:
         """One forward step of every row of the batch; layer_hook, if given, runs before each layer's attention."""
         inputs = batch.step_inputs()
         q = inputs.input_ids.shape[1]
@@ -127,4 +127,4 @@ class ModelRunner:
         for seg in batch.segments:
             seg.end_step(inputs.added[a : a + len(seg)])
             a += len(seg)
-        return StepResult(out.logits[:, -1], inputs, useful, attended)
+        return ForwardPass(out.logits[:, -1], inputs, useful, attended)

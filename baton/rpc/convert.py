@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from baton.engine.request import FinishReason, SamplingParams
+from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.errors import InvalidRequestError
 from baton.v1 import baton_pb2 as pb
 
@@ -53,3 +53,10 @@ def params_from_proto(m: pb.SamplingParameters) -> SamplingParams:
     return SamplingParams(
         stop=tuple(m.stop), stop_token_ids=tuple(m.stop_token_ids), ignore_eos=m.ignore_eos, **kwargs  # type: ignore[arg-type]
     )
+
+
+def request_from_proto(m: pb.WorkerRequest) -> Request:
+    """A WorkerRequest as an engine Request. Raises InvalidRequestError naming the field at fault."""
+    if not m.request_id:
+        raise InvalidRequestError("request_id", "required")
+    return Request(m.request_id, list(m.prompt_ids), params_from_proto(m.parameters), output_ids=list(m.output_ids))

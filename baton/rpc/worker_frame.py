@@ -23,6 +23,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from baton.engine.models import LoadedModel, load_model
@@ -30,6 +31,7 @@ from baton.metrics import MetricsRegistry, serve_metrics
 from baton.rpc.load import Load, Role
 from baton.rpc.registry import RedisRegistry, WorkerInfo, heartbeat
 from baton.rpc.server import Service, TlsConfig, advertised_address, create_server, set_serving
+from baton.shared_cores import SharedCores
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,17 @@ class WorkerCore(Protocol):
     async def close(self) -> None: ...
 
 
-def load_worker_model(args: argparse.Namespace) -> tuple[LoadedModel, TlsConfig | None] | int:
-    """The worker's model (--model, --device, --dtype) and its TLS files, or exit code 2 naming the problem."""
+@dataclass
+class WorkerSetup:
+    """What every worker is made of, from the flags both take (baton/flags.py: add_worker_arguments)."""
+
+    lm: LoadedModel  # --model, --device, --dtype
+    tls: TlsConfig | None  # --tls-cert, --tls-key, --tls-ca
+    shared_cores: SharedCores | None  # --shared-cores
+
+
+def load_worker_model(args: argparse.Namespace) -> WorkerSetup | int:
+    """The worker's model, TLS files and shared cores, or exit code 2 naming the problem."""
     try:
         tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_ca)
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -60,7 +71,7 @@ def load_worker_model(args: argparse.Namespace) -> tuple[LoadedModel, TlsConfig 
         log.error("%s", e)
         return 2
     log.info("model %s loaded on %s (%s), fingerprint %s", args.model, lm.device, lm.dtype, lm.fingerprint[:12])
-    return lm, tls
+    return WorkerSetup(lm, tls, SharedCores(args.shared_cores) if args.shared_cores else None)
 
 
 async def _stop_heartbeat(beat: asyncio.Task[None] | None, stop: asyncio.Event) -> None:

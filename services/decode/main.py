@@ -17,7 +17,6 @@ from baton.flags import add_worker_arguments, flag
 from baton.metrics import DECODE_METRICS_PORT
 from baton.rpc.server import TlsConfig
 from baton.rpc.worker_frame import load_worker_model, run_worker
-from baton.shared_cores import SharedCores
 from services.decode.server import decode_service
 from services.decode.worker import DEFAULT_KV_TIMEOUT_S, DecodeWorker
 
@@ -35,13 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    loaded = load_worker_model(args)
-    if isinstance(loaded, int):
-        return loaded
-    lm, tls = loaded
-    cores = SharedCores(args.shared_cores) if args.shared_cores else None
-    worker = DecodeWorker(lm, args.policy, args.max_batch, args.max_kv_tokens or None, args.kv_timeout_s, cores)
-    return asyncio.run(serve(worker, args, tls))
+    setup = load_worker_model(args)
+    if isinstance(setup, int):
+        return setup
+    worker = DecodeWorker(setup.lm, args.policy, args.max_batch, args.max_kv_tokens or None, args.kv_timeout_s,
+                          setup.shared_cores)
+    return asyncio.run(serve(worker, args, setup.tls))
 
 
 async def serve(worker: DecodeWorker, args: argparse.Namespace, tls: TlsConfig | None) -> int:

@@ -9,9 +9,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
-from baton.engine.request import Request
-from baton.errors import InvalidRequestError
-from baton.rpc.convert import finish_to_proto, params_from_proto
+from baton.rpc.convert import finish_to_proto, request_from_proto
 from baton.rpc.kv_transfer import payload_from_messages
 from baton.rpc.server import Service
 from baton.v1 import baton_pb2 as pb
@@ -21,13 +19,6 @@ from services.decode.worker import DecodeWorker
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "baton.v1.DecodeWorker"
-
-
-def request_from_proto(m: pb.WorkerRequest) -> Request:
-    """A WorkerRequest as an engine Request. Raises InvalidRequestError naming the field at fault."""
-    if not m.request_id:
-        raise InvalidRequestError("request_id", "required")
-    return Request(m.request_id, list(m.prompt_ids), params_from_proto(m.parameters), output_ids=list(m.output_ids))
 
 
 class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):

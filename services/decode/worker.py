@@ -122,7 +122,7 @@ class _Stop:
 
 
 @dataclass
-class _StepReport:
+class _Iteration:
     """What one iteration of the decode loop hands back to the event loop."""
 
     events: list[tuple[Request, DecodeEvent]] = field(default_factory=list)
@@ -171,7 +171,7 @@ class DecodeWorker:
         return self.lm.fingerprint
 
     def describe(self) -> str:
-        return f"policy {self.engine.policy}, {self.max_batch} rows, {self.max_kv_tokens} KV tokens"
+        return f"policy {self.engine.policy.value}, {self.max_batch} rows, {self.max_kv_tokens} KV tokens"
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -262,9 +262,10 @@ class DecodeWorker:
         under baton the prefill sampled it already, so the client need not wait for the KV bytes, the next
         iteration boundary and a step (time to first token). The engine emits it again at the splice; _on_report
         drops that copy. A token that could end the request waits for the engine, which decides the end. Should
-        the push fail after this, the router resumes the request from this token elsewhere (resume.py)."""
+        the push fail after this, the router resumes the request from this token elsewhere
+        (services/router/attempt.py)."""
         if (res.state is not SlotState.RESERVED or res.early_token is not None
-                or self.engine.policy != "baton" or self.engine.may_end(res.request, token)):
+                or not self.engine.policy.splices_prefilled_kv or self.engine.may_end(res.request, token)):
             return
         res.early_token = token
         res._push(DecodeEvent([token]))
@@ -330,7 +331,7 @@ class DecodeWorker:
         msg = f"request {res.id!r}: no KV arrived within {timeout:g}s; its reserved row was released"
         self._end(res, KvLeaseExpired(msg), "expired")
 
-    def _on_report(self, report: _StepReport) -> None:
+    def _on_report(self, report: _Iteration) -> None:
         """Runs on the event loop: deliver one iteration's tokens and endings."""
         self._batch_kv_tokens, self._tokens_generated = report.kv_tokens, report.tokens_generated
         for req, ev in report.events:
@@ -386,7 +387,7 @@ class DecodeWorker:
                     commands.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            report = _StepReport()
+            report = _Iteration()
             if any(isinstance(c, _Stop) for c in commands):
                 return
             for cmd in commands:
@@ -399,7 +400,7 @@ class DecodeWorker:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._on_report, report)
 
-    def _apply(self, cmd: _Add | _Cancel | _Stop, report: _StepReport) -> None:
+    def _apply(self, cmd: _Add | _Cancel | _Stop, report: _Iteration) -> None:
         engine = self.engine
         if isinstance(cmd, _Cancel):
             try:
@@ -408,7 +409,7 @@ class DecodeWorker:
                 log.exception("cancelling request %s failed", cmd.request_id)
         elif isinstance(cmd, _Add):
             try:
-                if engine.policy == "baton":
+                if engine.policy.splices_prefilled_kv:
                     engine.add_prefilled(cmd.request, cmd.payload)
                 else:  # orca and static cannot splice KV: prefill locally
                     cmd.request.arrival_time = time.perf_counter()
@@ -417,7 +418,7 @@ class DecodeWorker:
                 log.exception("request %s could not be queued", cmd.request.id)
                 report.failed.append((cmd.request, e))
 
-    def _step(self, report: _StepReport) -> None:
+    def _step(self, report: _Iteration) -> None:
         engine = self.engine
         try:
             with self.shared_cores.decode_step() if self.shared_cores else contextlib.nullcontext():

@@ -13,7 +13,6 @@ import asyncio
 from baton.flags import add_worker_arguments, flag
 from baton.metrics import PREFILL_METRICS_PORT
 from baton.rpc.worker_frame import load_worker_model, run_worker
-from baton.shared_cores import SharedCores
 from services.prefill.server import prefill_service
 from services.prefill.worker import PrefillWorker
 
@@ -26,11 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    loaded = load_worker_model(args)
-    if isinstance(loaded, int):
-        return loaded
-    lm, tls = loaded
-    cores = SharedCores(args.shared_cores) if args.shared_cores else None
-    worker = PrefillWorker(lm, max_queue=args.max_queue, shared_cores=cores, push_timeout_s=args.push_timeout_s,
-                           tls=tls)
-    return asyncio.run(run_worker(worker, [prefill_service(worker)], args, tls))
+    setup = load_worker_model(args)
+    if isinstance(setup, int):
+        return setup
+    worker = PrefillWorker(setup.lm, max_queue=args.max_queue, shared_cores=setup.shared_cores,
+                           push_timeout_s=args.push_timeout_s, tls=setup.tls)
+    return asyncio.run(run_worker(worker, [prefill_service(worker)], args, setup.tls))

@@ -10,9 +10,8 @@ import time
 
 import grpc
 
-from baton.engine.request import Request
 from baton.errors import InvalidRequestError
-from baton.rpc.convert import params_from_proto
+from baton.rpc.convert import request_from_proto
 from baton.rpc.server import Service
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
@@ -32,11 +31,9 @@ class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
         rid = wr.request_id
         start = time.perf_counter()
         try:
-            if not rid:
-                raise InvalidRequestError("request_id", "required")
+            req = request_from_proto(wr)
             if not request.decode_address:
                 raise InvalidRequestError("decode_address", "required, the host:port of the decode worker")
-            req = Request(rid, list(wr.prompt_ids), params_from_proto(wr.parameters), output_ids=list(wr.output_ids))
             shipped = await self.worker.prefill(req, request.decode_address)
         except asyncio.CancelledError:
             log.info("prefill %s: cancelled by the caller after %.3fs", rid, time.perf_counter() - start,

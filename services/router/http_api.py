@@ -2,8 +2,8 @@
 its Prometheus metrics at /metrics.
 
 A thin transport over the router core (anything with the `Backend` shape below): this file turns JSON into
-prompt token ids and SamplingParams, and the core's StreamEvents back into OpenAI's response objects, either
-whole or as server-sent events (`data: {json}` chunks ending in `data: [DONE]`).
+prompt token ids and SamplingParams, and the core's Deltas (services/router/text.py) back into OpenAI's response
+objects, either whole or as server-sent events (`data: {json}` chunks ending in `data: [DONE]`).
 
 Compatibility choices:
 - Fields OpenAI clients send that change nothing here (`user`, `metadata`, `n: 1`, `logprobs: null`, ...) are
@@ -51,7 +51,6 @@ from services.router.openai_schema import (
     Backend,
     ChatCompletionRequest,
     CompletionRequest,
-    Event,
     OpenAIBody,
     api_error,
     chat_messages,
@@ -60,6 +59,7 @@ from services.router.openai_schema import (
     request_timeout,
     sampling_params,
 )
+from services.router.text import Delta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,16 +85,16 @@ class Job:
                 "system_fingerprint": None}
 
 
-def _usage(event: Event) -> dict[str, int]:
+def _usage(event: Delta) -> dict[str, int]:
     return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
             "total_tokens": event.prompt_tokens + event.completion_tokens}
 
 
-def _finish(event: Event) -> str | None:
+def _finish(event: Delta) -> str | None:
     return None if event.finish_reason is None else str(event.finish_reason.value)
 
 
-def whole_response(job: Job, text: str, last: Event) -> dict[str, Any]:
+def whole_response(job: Job, text: str, last: Delta) -> dict[str, Any]:
     if job.kind == "completion":
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(last)}
         return {**job.head("text_completion"), "choices": [choice], "usage": _usage(last)}
@@ -103,7 +103,7 @@ def whole_response(job: Job, text: str, last: Event) -> dict[str, Any]:
     return {**job.head("chat.completion"), "choices": [choice], "usage": _usage(last)}
 
 
-def stream_chunks(job: Job, event: Event, first: bool) -> list[dict[str, Any]]:
+def stream_chunks(job: Job, event: Delta, first: bool) -> list[dict[str, Any]]:
     """The SSE chunks for one core event, as OpenAI sends them: (chat only) a first chunk with the role, a
     chunk per text delta, a last chunk with the finish reason and no text; then, if asked, one with the usage."""
     chat = job.kind == "chat"
@@ -157,7 +157,7 @@ async def _unless_gone(request: Request, awaitable: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _close(events: AsyncIterator[Event]) -> None:
+async def _close(events: AsyncIterator[Delta]) -> None:
     aclose = getattr(events, "aclose", None)  # an async generator: run its cleanup (cancels the request)
     if aclose is not None:
         await aclose()
@@ -186,7 +186,7 @@ async def run(router: Backend, job: Job, request: Request) -> Response:
     return JSONResponse(whole_response(job, text, last))
 
 
-async def _collect(first: Event, events: AsyncIterator[Event]) -> tuple[str, Event]:
+async def _collect(first: Delta, events: AsyncIterator[Delta]) -> tuple[str, Delta]:
     parts, last = [first.text], first
     while last.finish_reason is None:
         try:
@@ -198,7 +198,7 @@ async def _collect(first: Event, events: AsyncIterator[Event]) -> tuple[str, Eve
     return "".join(parts), last
 
 
-async def _stream(job: Job, first: Event, events: AsyncIterator[Event], t0: float) -> AsyncIterator[str]:
+async def _stream(job: Job, first: Delta, events: AsyncIterator[Delta], t0: float) -> AsyncIterator[str]:
     """The SSE body. When the client goes away Starlette cancels the response task; the cancellation runs
     through the core's generator, and _close ends it in every case."""
     try:
@@ -222,7 +222,7 @@ async def _stream(job: Job, first: Event, events: AsyncIterator[Event], t0: floa
     yield "data: [DONE]\n\n"
 
 
-def _log_done(job: Job, last: Event, t0: float) -> None:
+def _log_done(job: Job, last: Delta, t0: float) -> None:
     """Debug only: the core logs one line per request already (with this id)."""
     log.debug("%s: %s%s prompt=%d completion=%d finish=%s %.3fs", job.id, job.kind, " stream" if job.stream else "",
              last.prompt_tokens, last.completion_tokens, _finish(last), time.perf_counter() - t0)

@@ -13,9 +13,10 @@ from typing import Any, Protocol
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from baton.engine.request import MAX_TIMEOUT_S, FinishReason, SamplingParams
+from baton.engine.request import MAX_TIMEOUT_S, SamplingParams
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Reason, ServiceError, reason_of
+from services.router.text import Delta
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +29,6 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 # ---- what the API needs from the router core -------------------------------------------------------------
-class Event(Protocol):
-    """One step of a generation (services.router.core.StreamEvent)."""
-
-    @property
-    def text(self) -> str: ...  # text delta
-    @property
-    def finish_reason(self) -> FinishReason | None: ...  # set on the last event, with the usage
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def completion_tokens(self) -> int: ...
-
-
 class Backend(Protocol):
     """The router core (services.router.core.Router) as this API uses it."""
 
@@ -51,7 +39,7 @@ class Backend(Protocol):
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
     def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None
-    ) -> AsyncIterator[Event]: ...
+    ) -> AsyncIterator[Delta]: ...
 
 
 # ---- errors ----------------------------------------------------------------------------------------------

@@ -15,16 +15,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from baton.serve import free_port
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:

@@ -19,10 +19,9 @@ from typing import Any
 import grpc
 import torch
 
-from baton.engine.models import LoadedModel
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
-from tests.services import ROOT, free_port, wait_serving
+from tests.support.processes import ROOT, free_port, wait_serving
 
 
 @dataclass
@@ -169,12 +168,6 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 2000, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
             for _ in range(n)]
 
-
-def reference(lm: LoadedModel, prompt_ids: list[int], max_new: int) -> list[int]:
-    """generate() alone: greedy, exactly max_new tokens."""
-    out = lm.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, min_new_tokens=max_new,
-                            do_sample=False, pad_token_id=0)
-    return list(out[0, len(prompt_ids):].tolist())
 
 
 async def run_all(

@@ -31,7 +31,7 @@ from services.router.http_api import create_app
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler
 from tests.conftest import TINY_SPEC, make_tiny_llama
-from tests.services import free_port
+from tests.support.processes import free_port
 
 T = TypeVar("T")
 
