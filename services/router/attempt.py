@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from typing import Any
 
 import grpc
@@ -253,7 +253,7 @@ class Attempt:
                 self.scheduler.release(ticket)
 
     # ---- the stream ------------------------------------------------------------------------------------
-    async def messages(self) -> AsyncIterator[pb.DecodeResponse]:
+    async def messages(self) -> AsyncGenerator[pb.DecodeResponse, None]:
         """The decode worker's messages that carry tokens, ending with the one that carries the finish reason.
         Raises Recoverable when the attempt failed in a way another can repair, or the error that ends the
         request."""

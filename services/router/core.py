@@ -11,6 +11,7 @@ already streamed, up to --max-retries times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -154,18 +155,20 @@ class Router:
                     trace.decode = attempt.address
                     if trace.queue_s is None:
                         trace.queue_s = time.perf_counter() - trace.start
-                    async for msg in attempt.messages():
-                        ids = list(msg.token_ids)
-                        trace.tokens(len(ids), self.metrics)
-                        sent += ids
-                        reason = finish_from_proto(msg.finish_reason)
-                        if reason is None:
-                            yield Delta(ids, text.add(ids))
-                            continue
-                        trace.finish_reason = reason.value
-                        delta = text.add(ids) + text.finish(msg.stop_text if msg.HasField("stop_text") else None)
-                        yield Delta(ids, delta, reason, len(prompt_ids), trace.completion_tokens)
-                        return
+                    async with contextlib.aclosing(attempt.messages()) as messages:
+                        async for msg in messages:
+                            ids = list(msg.token_ids)
+                            trace.tokens(len(ids), self.metrics)
+                            sent += ids
+                            reason = finish_from_proto(msg.finish_reason)
+                            if reason is None:
+                                yield Delta(ids, text.add(ids))
+                                continue
+                            trace.finish_reason = reason.value
+                            stop_text = msg.stop_text if msg.HasField("stop_text") else None
+                            yield Delta(ids, text.add(ids) + text.finish(stop_text), reason, len(prompt_ids),
+                                        trace.completion_tokens)
+                            return
                 except Recoverable as e:
                     self._recover(request_id, str(e), sent, trace)
                 finally:

@@ -19,7 +19,7 @@ from baton.serve import free_port
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 
