@@ -15,9 +15,12 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from baton.flags import add_model_arguments
+
+if TYPE_CHECKING:  # torch is imported only when a benchmark runs
+    from baton.engine.models import LoadedModel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,14 +44,14 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize()
 
 
-def _random_kv(lm: Any, tokens: int, gen: Any) -> Any:
+def _random_kv(lm: LoadedModel, tokens: int, gen: Any) -> Any:
     import torch
 
-    shape = (lm.num_layers, 2, lm.kv_heads, tokens, lm.head_dim)
+    shape = (lm.spec.num_layers, 2, lm.spec.kv_heads, tokens, lm.spec.head_dim)
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(lm.device, lm.dtype)
 
 
-def _full_batch(lm: Any, batch: int, context: int, gen: Any) -> Any:
+def _full_batch(lm: LoadedModel, batch: int, context: int, gen: Any) -> Any:
     """A baton engine whose batch holds `batch` rows of `context` tokens (random KV: timing only)."""
     from baton.engine.engine import Engine
     from baton.engine.request import Request, RequestStatus, SamplingParams
@@ -64,7 +67,7 @@ def _full_batch(lm: Any, batch: int, context: int, gen: Any) -> Any:
     return engine
 
 
-def time_baton_steps(lm: Any, batch: int, context: int, steps: int) -> float:
+def time_baton_steps(lm: LoadedModel, batch: int, context: int, steps: int) -> float:
     """Median seconds per decode step of a baton batch (sampling included)."""
     import torch
 
@@ -79,16 +82,16 @@ def time_baton_steps(lm: Any, batch: int, context: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def time_bare_steps(lm: Any, batch: int, context: int, steps: int) -> float:
+def time_bare_steps(lm: LoadedModel, batch: int, context: int, steps: int) -> float:
     """Median seconds per step of the bare dense loop: model forward + argmax, DynamicCache, no mask."""
     import torch
     from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(0)
-    shape = (batch, lm.kv_heads, context, lm.head_dim)
+    shape = (batch, lm.spec.kv_heads, context, lm.spec.head_dim)
     layers = [
         tuple(torch.randn(shape, generator=gen).to(lm.device, lm.dtype) for _ in range(2))
-        for _ in range(lm.num_layers)
+        for _ in range(lm.spec.num_layers)
     ]
     cache = DynamicCache(ddp_cache_data=layers, config=lm.config)
     ids = torch.full((batch, 1), 7, dtype=torch.long, device=lm.device)
@@ -105,7 +108,7 @@ def time_bare_steps(lm: Any, batch: int, context: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def time_splice(lm: Any, batch: int, context: int, prompt: int, repeats: int) -> dict[str, float]:
+def time_splice(lm: LoadedModel, batch: int, context: int, prompt: int, repeats: int) -> dict[str, float]:
     """Evict a row, splice a `prompt`-token newcomer, decode one step; `repeats` times."""
     import torch
 
