@@ -190,6 +190,15 @@ def answer_text(router: FakeRouter, n: int) -> str:
 def test_models_and_health(server: Served, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == ["fake-model"]
     assert request(server, "GET", "/health")[:3:2] == (200, {"status": "ok"})
+    assert request(server, "HEAD", "/health")[0] == 200  # some health checkers send HEAD
+
+
+def test_a_refusal_never_echoes_a_whole_input_back(server: Served, router: FakeRouter) -> None:
+    bias = {str(t): 5 for t in range(2000)}
+    err = error_of(server, "/v1/completions", {"model": "m", "prompt": "a", "logit_bias": bias})
+    assert err["param"] == "logit_bias" and len(err["message"]) < 200
+    err = error_of(server, "/v1/completions", {"model": "m", "prompt": "a", "x" * 5000: 1})
+    assert len(err["message"]) < 200 and len(err["param"]) <= 60
 
 
 def test_completion(client: openai.OpenAI, router: FakeRouter) -> None:

@@ -259,6 +259,17 @@ async def test_invalid_requests_name_the_field(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("rid", ["a\nb", "nul\x00", "tab\there", "bell\x07"])
+async def test_a_request_id_with_control_characters_is_refused(cluster: Cluster, rid: str) -> None:
+    """Ids reach the logs: a newline or NUL in one would forge or cut log lines (issue 17, probe finding 4)."""
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cluster.stub.Generate(generate_request([5, 6], rid))
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (e.value.details() or "").startswith("request_id:")
+    assert not any(f.requests for f in cluster.decoders.values())
+
+
+@pytest.mark.asyncio
 async def test_cancelled_stream_cancels_the_decode_call(cluster: Cluster) -> None:
     for fake in cluster.decoders.values():
         fake.script = lambda r: Script([[7]] * 500, delay_s=0.02)

@@ -119,6 +119,8 @@ class Router:
         """Raises InvalidRequestError naming the field when the request cannot be served by this model."""
         if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequestError("request_id", f"must be 1 to {MAX_REQUEST_ID_CHARS} characters")
+        if not request_id.isprintable():  # it reaches the logs: no newline, NUL or other control character
+            raise InvalidRequestError("request_id", "must be printable characters (no newline or control character)")
         if request_id in self._active:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         if not prompt_ids:

@@ -377,7 +377,7 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
                  "max_model_len": router.spec.max_context}
         return {"object": "list", "data": [model]}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # some health checkers send HEAD
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 

@@ -165,13 +165,19 @@ IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool
                      "safety_identifier"})
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, cut short (an error never echoes a whole input back)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def refuse_unsupported(body: OpenAIBody) -> None:
     unknown = sorted(set(body.model_extra or {}) - IGNORED)
     if unknown:
-        raise ApiError.invalid(unknown[0], f"unknown field {unknown[0]!r}")
+        raise ApiError.invalid(unknown[0][:60], f"unknown field {_shown(unknown[0])}")
     for name, ok in NEUTRAL.items():
         if name in type(body).model_fields and getattr(body, name) not in ok:
-            raise ApiError.invalid(name, f"{getattr(body, name)!r} is not supported by Baton")
+            raise ApiError.invalid(name, f"{_shown(getattr(body, name))} is not supported by Baton")
     fmt = getattr(body, "response_format", None)
     if fmt is not None and fmt != {"type": "text"}:
         raise ApiError.invalid("response_format", "only {\"type\": \"text\"} is supported by Baton")
