@@ -190,7 +190,7 @@ class Attempt:
                 err = worker_error("decode", ticket.address, e)
                 if err.reason is Reason.OVERLOADED:
                     self.scheduler.refused(ticket)  # another router filled it since the last report
-                elif err.reason is Reason.UNAVAILABLE:
+                elif err.reason in WORKER_GONE:  # it died or shut down: as the old router, try another
                     self.scheduler.failed(ticket)
                 else:
                     self.scheduler.release(ticket)
@@ -272,8 +272,8 @@ class Attempt:
                     streamed = streamed or bool(msg.token_ids)
                     reason = finish_from_proto(msg.finish_reason)
                     if reason is FinishReason.CANCELLED:  # not asked for by this router: the worker gave up
-                        if msg.token_ids:
-                            yield msg
+                        if msg.token_ids:  # relayed as tokens only: the request is not finished
+                            yield pb.DecodeResponse(token_ids=msg.token_ids)
                         raise Recoverable(f"decode worker {self.address} cancelled the request")
                     if reason is not None:
                         self.finished = True
