@@ -103,7 +103,7 @@ class LineError:
 
     @classmethod
     def of(cls, e: InvalidRequestError) -> LineError:
-        return cls(e.field, str(e).removeprefix(f"{e.field}: "))
+        return cls(e.field, e.detail)  # the message without the field, which travels apart
 
 
 @dataclass
