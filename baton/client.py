@@ -10,7 +10,8 @@
 AsyncBatonClient has the same methods, as a coroutine (generate) and an async iterator (stream). The prompt is
 a string (tokenized by the router) or a list of token ids; keyword arguments are the fields of
 baton.engine.request.SamplingParams (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-stop, stop_token_ids, ignore_eos), checked before anything is sent. Every failure, local validation included,
+stop, stop_token_ids, ignore_eos), checked before anything is sent; `model` names one of the router's served model
+names (empty: its model; another name fails with NOT_FOUND). Every failure, local validation included,
 is raised as BatonError(code, message) with the gRPC status code. Leaving a stream early cancels the request.
 """
 
@@ -79,7 +80,7 @@ class Chunk:
     completion_tokens: int = 0
 
 
-def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.GenerateRequest:
+def build_request(prompt: Prompt, request_id: str = "", model: str = "", **sampling: Any) -> pb.GenerateRequest:
     """The GenerateRequest for a prompt; raises BatonError(INVALID_ARGUMENT) naming a bad field, TypeError for
     a keyword that is not a sampling parameter."""
     if isinstance(sampling.get("stop"), str):
@@ -91,7 +92,7 @@ def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.G
         params = SamplingParams(**sampling)
     except InvalidRequestError as e:
         raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.reason, e.field) from None
-    request = pb.GenerateRequest(request_id=request_id, parameters=params_to_proto(params))
+    request = pb.GenerateRequest(request_id=request_id, parameters=params_to_proto(params), model=model)
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, Sequence) and all(isinstance(t, int) and 0 <= t < 2**32 for t in prompt):
@@ -131,20 +132,20 @@ class BatonClient:
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = baton_pb2_grpc.RouterStub(self._channel)
 
-    def generate(self, prompt: Prompt, *, request_id: str = "", timeout: float | None = None,
-                 **sampling: Any) -> Completion:
-        request = build_request(prompt, request_id, **sampling)
+    def generate(self, prompt: Prompt, *, request_id: str = "", model: str = "",
+                 timeout: float | None = None, **sampling: Any) -> Completion:
+        request = build_request(prompt, request_id, model, **sampling)
         try:
             return _completion(self._stub.Generate(request, timeout=self._timeout(timeout),
                                                    metadata=self._metadata))
         except grpc.RpcError as e:
             raise BatonError.of(e) from None
 
-    def stream(self, prompt: Prompt, *, request_id: str = "", timeout: float | None = None,
+    def stream(self, prompt: Prompt, *, request_id: str = "", model: str = "", timeout: float | None = None,
                **sampling: Any) -> Generator[Chunk, None, None]:
         """Chunks as tokens are sampled. The arguments are checked at once; stopping the iteration early (break,
         close) cancels the request."""
-        request = build_request(prompt, request_id, **sampling)
+        request = build_request(prompt, request_id, model, **sampling)
         return self._chunks(self._stub.GenerateStream(request, timeout=self._timeout(timeout),
                                                       metadata=self._metadata))
 
@@ -185,20 +186,20 @@ class AsyncBatonClient:
             self._channel = grpc.aio.insecure_channel(self.address, options=_OPTIONS)
         return baton_pb2_grpc.RouterStub(self._channel)
 
-    async def generate(self, prompt: Prompt, *, request_id: str = "", timeout: float | None = None,
-                       **sampling: Any) -> Completion:
-        request = build_request(prompt, request_id, **sampling)
+    async def generate(self, prompt: Prompt, *, request_id: str = "", model: str = "",
+                       timeout: float | None = None, **sampling: Any) -> Completion:
+        request = build_request(prompt, request_id, model, **sampling)
         try:
             return _completion(await self._stub().Generate(request, timeout=self._timeout(timeout),
                                                            metadata=self._metadata))
         except grpc.RpcError as e:
             raise BatonError.of(e) from None
 
-    def stream(self, prompt: Prompt, *, request_id: str = "", timeout: float | None = None,
+    def stream(self, prompt: Prompt, *, request_id: str = "", model: str = "", timeout: float | None = None,
                **sampling: Any) -> AsyncGenerator[Chunk, None]:
         """Chunks as tokens are sampled. The arguments are checked at once; leaving the iteration early (break,
         aclose, cancellation) cancels the request."""
-        request = build_request(prompt, request_id, **sampling)
+        request = build_request(prompt, request_id, model, **sampling)
         return self._chunks(self._stub().GenerateStream(request, timeout=self._timeout(timeout),
                                                         metadata=self._metadata))
 

@@ -23,6 +23,7 @@ class Reason(enum.Enum):
     OVERLOADED = "overloaded"  # full now: try later or elsewhere (a retry hint may come along)
     UNAVAILABLE = "unavailable"  # not serving: shutting down, draining, no worker known, handed off
     NOT_FOUND = "not_found"  # no such request (or reservation) here
+    MODEL_NOT_FOUND = "model_not_found"  # the request names a model the router does not serve
     CANCELLED = "cancelled"  # the request was cancelled on the worker
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline passed
     KV_LEASE_EXPIRED = "kv_lease_expired"  # a decode worker's reserved row got no KV in time and was released
@@ -78,6 +79,12 @@ class NotFound(ServiceError):
     reason = Reason.NOT_FOUND
 
 
+class ModelNotFound(NotFound):
+    """A request for a model the router does not serve (OpenAI's and vLLM's `model_not_found`)."""
+
+    reason = Reason.MODEL_NOT_FOUND
+
+
 class Cancelled(ServiceError):
     reason = Reason.CANCELLED
 
@@ -120,8 +127,8 @@ def reason_of(exc: BaseException) -> Reason:
 
 _CLASSES: dict[Reason, type[ServiceError]] = {
     cls.reason: cls
-    for cls in (MalformedMessage, PayloadError, Overloaded, Unavailable, NotFound, Cancelled, DeadlineExceeded,
-                KvLeaseExpired, Unauthenticated, ServiceError)
+    for cls in (MalformedMessage, PayloadError, Overloaded, Unavailable, NotFound, ModelNotFound, Cancelled,
+                DeadlineExceeded, KvLeaseExpired, Unauthenticated, ServiceError)
 }
 
 

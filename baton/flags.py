@@ -24,6 +24,11 @@ def flag(p: argparse.ArgumentParser, name: str, default: Any = None, type: Calla
     p.add_argument(name, type=type, default=default if env in (None, "") else type(env), **kwargs)
 
 
+def addresses_from_env(name: str) -> list[str]:
+    """Default addresses from the environment: BATON_DECODE="host:port,host:port"."""
+    return [a for a in (env_default(name, "") or "").replace(" ", ",").split(",") if a]
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--model", "smollm2-135m",
          help="smollm2-135m (embedded), a Hugging Face model directory, or a Hub id fetched at start (org/name)")
@@ -37,6 +42,15 @@ def add_tls_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--tls-cert", help="PEM certificate of this service, signed by --tls-ca (enables mutual TLS)")
     flag(p, "--tls-key", help="PEM private key of --tls-cert")
     flag(p, "--tls-ca", help="PEM CA certificate: peers must present a certificate it signed")
+
+
+def add_internal_token_arguments(p: argparse.ArgumentParser) -> None:
+    """The secret calls between Baton's services carry (baton/rpc/internal_token.py)."""
+    flag(p, "--internal-token", help="secret every call between Baton's services carries; workers refuse calls "
+                                     "without it (prefer BATON_INTERNAL_TOKEN: a command line is visible to all)")
+    flag(p, "--internal-token-file",
+         help="file holding the internal token when --internal-token is not given, created with a random one when "
+              "missing (default: internal-token in Baton's cache directory, so processes of one user agree)")
 
 
 def add_registry_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,4 +72,5 @@ def add_worker_arguments(p: argparse.ArgumentParser, port: int, metrics_port: in
     flag(p, "--shared-cores", help="a lock file path: take turns on this machine's CPU cores with the workers given "
                                    "the same path, prefills first (baton serve sets it on a CPU-only machine)")
     add_tls_arguments(p)
+    add_internal_token_arguments(p)
     add_model_arguments(p)

@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds the request may take (default: no limit)")
     p.add_argument("--api-key", default=env_default("api_key"),
                    help="the router's API key, when it requires one (sent as a bearer token)")
+    p.add_argument("--model-name", default=env_default("model_name"),
+                   help="one of the router's served model names (default: its model; see its /v1/models)")
 
 
 def _optional_int(text: str | None) -> int | None:
@@ -96,12 +98,13 @@ def _generate(args: argparse.Namespace, prompt: str, sampling: dict[str, Any]) -
 
     try:
         with BatonClient(args.url, timeout=args.timeout, api_key=args.api_key) as client:
+            model = args.model_name or ""
             if not args.stream:
-                c = client.generate(prompt, **sampling)
+                c = client.generate(prompt, model=model, **sampling)
                 _write(c.text)
                 return c.finish_reason, (c.prompt_tokens, c.completion_tokens)
             finish, usage = "", (0, 0)
-            for chunk in client.stream(prompt, **sampling):
+            for chunk in client.stream(prompt, model=model, **sampling):
                 _write(chunk.text)
                 if chunk.finish_reason is not None:
                     finish, usage = chunk.finish_reason, (chunk.prompt_tokens, chunk.completion_tokens)
@@ -116,7 +119,8 @@ def _generate(args: argparse.Namespace, prompt: str, sampling: dict[str, Any]) -
 def _describe(code: str, message: str) -> str:
     what = {"INVALID_ARGUMENT": "invalid request", "RESOURCE_EXHAUSTED": "Baton is busy, try again later",
             "UNAVAILABLE": "Baton cannot serve the request now", "DEADLINE_EXCEEDED": "timed out",
-            "UNAUTHENTICATED": "refused (give the router's API key with --api-key)"}
+            "UNAUTHENTICATED": "refused (give the router's API key with --api-key)",
+            "NOT_FOUND": "unknown model (the router's /v1/models lists its names)"}
     return f"{what.get(code, code.lower())}: {message}"
 
 
@@ -144,9 +148,11 @@ def _chat(args: argparse.Namespace, prompt: str, sampling: dict[str, Any]) -> tu
         address = _host_port(args.url)
         base = f"http://{address[0] if address else '127.0.0.1'}:{DEFAULT_HTTP_PORT}"
     base = base.rstrip("/").removesuffix("/v1")
-    body: dict[str, Any] = {"model": "baton", "messages": [{"role": "user", "content": prompt}],
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}],
                             "max_tokens": sampling["max_new_tokens"], "temperature": sampling["temperature"],
                             "top_p": sampling["top_p"], "stream": args.stream}
+    if args.model_name:  # else the router's model
+        body["model"] = args.model_name
     if args.stream:
         body["stream_options"] = {"include_usage": True}
     if sampling["seed"] is not None:
@@ -199,6 +205,6 @@ def _http_error(e: urllib.error.HTTPError) -> str:
         message = json.loads(e.read())["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = e.reason
-    code = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
-            504: "DEADLINE_EXCEEDED"}
+    code = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED",
+            503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
     return _describe(code.get(e.code, f"HTTP {e.code}"), str(message))

@@ -192,6 +192,9 @@ class DecodeMetrics(MetricsRegistry):
         self.rows_free = g("baton_decode_batch_rows_free", "rows of the decode batch that can still be reserved")
         self.kv_used = g("baton_decode_kv_tokens_used", "tokens whose KV the worker holds")
         self.kv_free = g("baton_decode_kv_tokens_free", "KV tokens the worker can still promise")
+        self.reserved = g("baton_decode_requests_reserved", "rows reserved for requests whose KV has not arrived")
+        self.kv_reserved = g("baton_decode_kv_tokens_reserved",
+                             "KV tokens promised to live requests beyond those held (used + reserved + free = budget)")
         self.idle_ratio = g("baton_decode_idle_token_rows_ratio", "token rows computed for nothing, since start")
         self.masked_ratio = g("baton_decode_masked_kv_ratio", "attended KV positions that were padding, since start")
         c = self._counter
@@ -215,12 +218,16 @@ class DecodeMetrics(MetricsRegistry):
         self._splices_seen = 0
         self._lock = threading.Lock()
 
-    def occupancy(self, running: int, waiting: int, rows_free: int, kv_used: int, kv_free: int) -> None:
+    def occupancy(self, running: int, waiting: int, reserved: int, rows_free: int, kv_used: int, kv_reserved: int,
+                  kv_free: int) -> None:
+        """`waiting` counts the `reserved` rows (no KV yet) and those whose KV waits for the next splice."""
         self.running.set(running)
         self.waiting.set(waiting)
+        self.reserved.set(reserved)
         self.rows_used.set(running + waiting)
         self.rows_free.set(rows_free)
         self.kv_used.set(kv_used)
+        self.kv_reserved.set(kv_reserved)
         self.kv_free.set(kv_free)
 
     def engine(self, stats: EngineCounts) -> None:

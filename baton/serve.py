@@ -1,14 +1,22 @@
-"""`baton serve`: the whole stack on one machine, as separate processes.
+"""`baton serve`: the whole stack on one machine, as separate processes, supervised.
 
 Starts the decode and prefill workers (each on its own port), waits until each reports SERVING on the gRPC
-health service, then starts the router, prints where to send requests, and stops everything on Ctrl-C or
-SIGTERM (or when any process dies). When the model runs on the CPU the workers take turns on every core, prefills
-first (baton/shared_cores.py); otherwise each gets a share of the cores for its host-side work.
+health service, then starts the router and prints where to send requests. When the model runs on the CPU the
+workers take turns on every core, prefills first (baton/shared_cores.py); otherwise each gets a share of the cores
+for its host-side work. Every call between the services carries an internal token generated for this run
+(baton/rpc/internal_token.py) and handed to them in the environment; their ports refuse callers without it.
+
+Supervision: a service that exits while the stack runs is started again under the same address (its restarts back
+off from 0.5 s to 10 s; at most --max-restarts in any minute, past which everything stops, saying so), and the rest
+keeps serving meanwhile: the router resumes a dead decode worker's requests on the others and re-prefills a dead
+prefill worker's, and a restarted router takes new calls while its clients retry the streams it held. Only Ctrl-C
+or SIGTERM (or restarts exhausted) stops the stack: router first, then the workers, which drain.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import signal
 import socket
@@ -18,7 +26,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from baton.flags import add_model_arguments, add_registry_arguments, env_default, flag
+from baton.flags import (
+    add_internal_token_arguments,
+    add_model_arguments,
+    add_registry_arguments,
+    env_default,
+    flag,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               "(auto: on when the model runs on the CPU)")
     flag(p, "--policy", "baton", choices=["baton", "orca", "static"], help="decode workers' engine policy")
     add_registry_arguments(p)  # without --redis, the router is given the workers' addresses
+    add_internal_token_arguments(p)  # default: a new token for this run
     flag(p, "--startup-timeout", 180.0, float, help="seconds every service has to become healthy")
+    flag(p, "--max-restarts", 5, int, help="restarts of one service allowed within a minute; past them everything "
+                                           "stops (0: a service that exits stops everything)")
 
 
 def free_port(taken: set[int] | None = None) -> int:
@@ -66,31 +83,88 @@ def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) ->
     raise TimeoutError(f"{address} did not become healthy within {timeout:.0f} s")
 
 
+RESTART_WINDOW_S = 60.0
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 10.0
+
+
+def exit_status(code: int) -> str:
+    """A process's exit status as people read it: "code 1", "signal SIGKILL"."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+@dataclass
+class Child:
+    """One service of the stack: how to start it, its process now, and its recent restarts."""
+
+    name: str  # decode-0, prefill-1, router
+    argv: list[str]  # after `baton`
+    address: str  # the gRPC address it serves
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: collections.deque[float] = field(default_factory=collections.deque)  # monotonic, last minute
+    due: float | None = None  # (monotonic) when it starts again, while it is dead
+
+
 @dataclass
 class Stack:
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    env: dict[str, str]  # every service's environment
+    max_restarts: int = 5
+    children: list[Child] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "baton.cli", *argv])
-        self.procs.append((name, proc))
-        return proc
+    def start(self, name: str, argv: list[str], address: str) -> Child:
+        child = Child(name, argv, address)
+        self.children.append(child)
+        self._spawn(child)
+        return child
 
-    def dead(self) -> str | None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                return f"{name} exited with code {proc.returncode}"
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen([sys.executable, "-m", "baton.cli", *child.argv], env=self.env)
+        child.due = None
+
+    def supervise(self, now: float) -> str | None:
+        """Restart what died (when due): the reason to stop everything when a service ran out of restarts,
+        else None. Called every half second."""
+        for child in self.children:
+            assert child.proc is not None
+            if child.due is not None:
+                if now >= child.due:
+                    self._spawn(child)
+                    say(f"{child.name} started again (pid {child.proc.pid})")
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            while child.restarts and now - child.restarts[0] > RESTART_WINDOW_S:
+                child.restarts.popleft()
+            if len(child.restarts) >= self.max_restarts:
+                return (f"{child.name} exited with {exit_status(code)}, and it was restarted {len(child.restarts)} "
+                        f"times within a minute already (--max-restarts {self.max_restarts}); stopping")
+            child.restarts.append(now)
+            delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (len(child.restarts) - 1))
+            child.due = now + delay
+            say(f"{child.name} (pid {child.proc.pid}) exited with {exit_status(code)}; starting it again in "
+                f"{delay:g} s (restart {len(child.restarts)} of at most {self.max_restarts} a minute)")
         return None
 
     def stop(self, grace_s: float = 30.0) -> None:
-        for _, proc in reversed(self.procs):  # router first, so no new work reaches the workers
+        procs = [c.proc for c in reversed(self.children) if c.proc is not None]  # router first: no new work
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for _, proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def say(message: str) -> None:
+    print(f"baton serve: {message}", file=sys.stderr, flush=True)
 
 
 def model_flags(args: argparse.Namespace, threads: int) -> list[str]:
@@ -112,6 +186,7 @@ def runs_on_cpu(device: str | None) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     from baton.engine.models import resolve_model_path
+    from baton.rpc.internal_token import new_token, resolve_internal_token
 
     resolve_model_path(args.model)  # convert the embedded model once, before several processes want it
     workers = args.prefill_workers + args.decode_workers
@@ -125,7 +200,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         threads = args.threads or max(1, cores // workers)  # side by side: workers must not fight over cores
     registry = ["--redis", args.redis, "--redis-prefix", args.redis_prefix] if args.redis else []
-    stack = Stack()
+    env = dict(os.environ)
+    env["BATON_INTERNAL_TOKEN"] = (resolve_internal_token(args.internal_token, args.internal_token_file)
+                                   if args.internal_token or args.internal_token_file else new_token())
+    stack = Stack(env, args.max_restarts)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -135,49 +213,52 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        decode, prefill = [], []
-        metrics: list[str] = []  # each worker's /metrics URL
         taken = {args.http_port, args.grpc_port}
-        for i in range(args.decode_workers):
-            addr, metrics_port = f"127.0.0.1:{free_port(taken)}", free_port(taken)
-            proc = stack.start(f"decode-{i}", ["decode", "--host", "127.0.0.1", "--port", addr.split(":")[1],
-                                               "--metrics-port", str(metrics_port),
-                                               "--max-batch", str(args.max_batch), "--policy", args.policy,
-                                               *model_flags(args, threads), *registry, *shared])
-            decode.append((addr, proc))
-            metrics.append(f"decode-{i} http://127.0.0.1:{metrics_port}/metrics")
-        for i in range(args.prefill_workers):
-            addr, metrics_port = f"127.0.0.1:{free_port(taken)}", free_port(taken)
-            proc = stack.start(f"prefill-{i}", ["prefill", "--host", "127.0.0.1", "--port", addr.split(":")[1],
-                                                "--metrics-port", str(metrics_port),
-                                                *model_flags(args, threads), *registry, *shared])
-            prefill.append((addr, proc))
-            metrics.append(f"prefill-{i} http://127.0.0.1:{metrics_port}/metrics")
-        for addr, proc in decode + prefill:
-            wait_serving(addr, proc, args.startup_timeout)
+        decode = [f"127.0.0.1:{free_port(taken)}" for _ in range(args.decode_workers)]
+        started: list[Child] = []
+        metrics: list[str] = []  # each worker's /metrics URL
+        for role, count in (("decode", args.decode_workers), ("prefill", args.prefill_workers)):
+            for i in range(count):
+                addr = decode[i] if role == "decode" else f"127.0.0.1:{free_port(taken)}"
+                metrics_port = free_port(taken)
+                argv = [role, "--host", "127.0.0.1", "--port", addr.split(":")[1], "--metrics-port",
+                        str(metrics_port), *model_flags(args, threads), *registry, *shared]
+                if role == "decode":
+                    argv += ["--max-batch", str(args.max_batch), "--policy", args.policy]
+                elif not args.redis:
+                    argv += ["--decode", *decode]  # the only decode workers it may push KV to
+                started.append(stack.start(f"{role}-{i}", argv, addr))
+                metrics.append(f"{role}-{i} http://127.0.0.1:{metrics_port}/metrics")
+        for w in started:
+            assert w.proc is not None
+            wait_serving(w.address, w.proc, args.startup_timeout)
         router_argv = ["router", "--host", args.host, "--grpc-port", str(args.grpc_port),
                        "--http-port", str(args.http_port), "--model", args.model, *registry]
         if not args.redis:
-            router_argv += ["--decode", *(a for a, _ in decode), "--prefill", *(a for a, _ in prefill)]
-        router = stack.start("router", router_argv)
-        wait_serving(f"127.0.0.1:{args.grpc_port}", router, args.startup_timeout)
+            prefill = [w.address for w in started if w.name.startswith("prefill")]
+            router_argv += ["--decode", *decode, "--prefill", *prefill]
+        router = stack.start("router", router_argv, f"127.0.0.1:{args.grpc_port}")
+        assert router.proc is not None
+        wait_serving(router.address, router.proc, args.startup_timeout)
         host = "localhost" if args.host in ("0.0.0.0", "127.0.0.1") else args.host
         print(f"Baton is ready ({args.decode_workers} decode, {args.prefill_workers} prefill workers, "
               f"{threads} threads each{', taking turns on the cores' if shared else ''}).\n"
               f"  OpenAI API: http://{host}:{args.http_port}/v1   (e.g. curl http://{host}:{args.http_port}/v1/models)\n"
               f"  gRPC:       {host}:{args.grpc_port}   (baton generate --url {host}:{args.grpc_port} \"Hello\")\n"
               f"  Metrics:    router http://{host}:{args.http_port}/metrics\n"
-              + "".join(f"              {m}\n" for m in metrics) +
+              + "".join(f"              {m}\n" for m in metrics)
+              + "  Services:   " + ", ".join(f"{c.name} {c.address} (pid {c.proc.pid if c.proc else '-'})"
+                                            for c in stack.children) + "\n"
               "Ctrl-C stops everything.", flush=True)
         while not stopping:
-            problem = stack.dead()
+            problem = stack.supervise(time.monotonic())
             if problem:
-                print(f"baton serve: {problem}; stopping", file=sys.stderr)
+                say(problem)
                 return 1
             time.sleep(0.5)
         return 0
-    except (RuntimeError, TimeoutError) as e:
-        print(f"baton serve: {e}", file=sys.stderr)
+    except (RuntimeError, TimeoutError, ValueError) as e:
+        say(str(e))
         return 1
     finally:
         stack.stop()

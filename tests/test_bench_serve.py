@@ -83,8 +83,8 @@ def router(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         decode, prefill = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         ps.baton("decode", "decode", "--host", "127.0.0.1", "--port", decode.split(":")[1], "--max-batch", "4",
                  *model, wait_address=decode)
-        ps.baton("prefill", "prefill", "--host", "127.0.0.1", "--port", prefill.split(":")[1], *model,
-                 wait_address=prefill)
+        ps.baton("prefill", "prefill", "--host", "127.0.0.1", "--port", prefill.split(":")[1], "--decode", decode,
+                 *model, wait_address=prefill)
         grpc_port = free_port()
         ps.baton("router", "router", "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port",
                  str(free_port()), "--decode", decode, "--prefill", prefill, "--model", str(tiny_llama_dir),

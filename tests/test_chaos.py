@@ -102,7 +102,7 @@ def test_cancellations_under_load_leave_nothing_behind(cluster: Cluster) -> None
         call.cancel()
 
     async def http_one(client: httpx.AsyncClient, i: int) -> None:
-        body = {"model": "baton", "prompt": f"request {i} of many", "max_tokens": 400, "stream": True,
+        body = {"prompt": f"request {i} of many", "max_tokens": 400, "stream": True,
                 "ignore_eos": True}
 
         async def read() -> None:

@@ -26,6 +26,8 @@ from baton.errors import Overloaded, Reason
 from baton.generate import add_arguments
 from baton.generate import main as generate_main
 from baton.rpc.server import create_server
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc
 from services.router.grpc_api import router_service
 from services.router.http_api import create_app
 from tests.support.inproc import Loop, Stack, running_stack
@@ -141,6 +143,19 @@ def test_server_errors(client: BatonClient, router: FakeRouter) -> None:
     assert e.value.code is grpc.StatusCode.INTERNAL and "".join(texts) == answer_text(router, 2)
 
 
+def test_model_names(client: BatonClient, router: FakeRouter) -> None:
+    assert client.generate("x", model="m", max_new_tokens=2).completion_tokens == 2  # a served alias
+    assert client.generate("x", model="fake-model", max_new_tokens=2).completion_tokens == 2
+    assert len(router.calls) == 2
+    with pytest.raises(BatonError, match="The model `nope` does not exist") as e:
+        client.generate("x", model="nope")
+    assert (e.value.code, e.value.reason) == (grpc.StatusCode.NOT_FOUND, Reason.MODEL_NOT_FOUND)
+    with pytest.raises(BatonError) as e:
+        list(client.stream("x", model="nope"))
+    assert (e.value.code, e.value.reason) == (grpc.StatusCode.NOT_FOUND, Reason.MODEL_NOT_FOUND)
+    assert len(router.calls) == 2
+
+
 def test_unreachable() -> None:
     with BatonClient(f"127.0.0.1:{free_port()}", timeout=10) as c, pytest.raises(BatonError) as e:
         c.generate("x")
@@ -186,6 +201,9 @@ def test_cli(address: str, router: FakeRouter, capsys: pytest.CaptureFixture[str
 def test_cli_errors(address: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["Hello", "--url", address, "--temperature", "-2"]) == 1
     assert "invalid request: temperature" in capsys.readouterr().err
+    assert run_cli(["Hello", "--url", address, "--model-name", "nope"]) == 1
+    assert "unknown model" in capsys.readouterr().err
+    assert run_cli(["Hello", "--url", address, "--model-name", "m", "--max-new-tokens", "2"]) == 0
     port = free_port()
     assert run_cli(["Hello", "--url", f"127.0.0.1:{port}"]) == 1
     err = capsys.readouterr().err
@@ -207,6 +225,8 @@ def test_cli_chat(http_api: Served, router: FakeRouter, capsys: pytest.CaptureFi
     router.reset()
     assert run_cli(["Hi!", "--chat", "--http-url", url, "--max-new-tokens", "0", *stream]) == 1
     assert "invalid request: max_tokens" in capsys.readouterr().err
+    assert run_cli(["Hi!", "--chat", "--http-url", url, "--model-name", "nope", *stream]) == 1
+    assert "unknown model" in capsys.readouterr().err and not router.calls
     assert run_cli(["Hi!", "--chat", "--http-url", f"http://127.0.0.1:{free_port()}"]) == 1
     assert "cannot reach Baton's HTTP API" in capsys.readouterr().err
 
@@ -245,6 +265,14 @@ def test_real_stack(stack: Stack, tiny_llama: LoadedModel, tokenizer: PreTrained
         assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == want_chat
         with pytest.raises(openai.BadRequestError, match="max_tokens"):
             oa.completions.create(model="tiny-llama", prompt=prompt, max_tokens=5000)
+        with pytest.raises(openai.NotFoundError) as e:  # the router serves "tiny-llama" alone
+            oa.completions.create(model="nope", prompt=prompt, max_tokens=5)
+        assert e.value.code == "model_not_found"
+    with grpc.insecure_channel(stack.grpc) as ch, pytest.raises(grpc.RpcError) as rpc:
+        baton_pb2_grpc.RouterStub(ch).Generate(pb.GenerateRequest(text=prompt, model="nope"), timeout=60)
+    assert rpc.value.code() is grpc.StatusCode.NOT_FOUND and "`nope`" in (rpc.value.details() or "")
+    with BatonClient(stack.grpc, timeout=60) as c:
+        assert c.generate(prompt, model="tiny-llama", max_new_tokens=8, ignore_eos=True).token_ids == want
 
     # an HTTP client that goes away frees its decode row
     url = urlsplit(stack.http)

@@ -31,6 +31,7 @@ from baton.v1 import baton_pb2_grpc
 from services.decode.worker import DecodeWorker, Reservation
 from tests.conftest import make_tiny_llama
 from tests.support.oracle import reference, until
+from tests.support.processes import worker_channel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -281,7 +282,7 @@ def decode_address(tiny_llama_dir: Path) -> Iterator[str]:
 
 @pytest.fixture
 def stub(decode_address: str) -> Iterator[baton_pb2_grpc.DecodeWorkerStub]:
-    with grpc.insecure_channel(decode_address) as ch:
+    with worker_channel(decode_address) as ch:
         yield baton_pb2_grpc.DecodeWorkerStub(ch)
 
 
@@ -351,7 +352,7 @@ def test_grpc_stop_string_ends_the_stream_with_its_text(
 
 
 def test_grpc_health_and_reflection(decode_address: str) -> None:
-    with grpc.insecure_channel(decode_address) as ch:
+    with worker_channel(decode_address) as ch:
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
@@ -446,7 +447,7 @@ def test_sigterm_drains_and_deregisters(tiny_llama_dir: Path, tiny_llama: Loaded
             assert time.monotonic() < deadline, "worker never registered"
             time.sleep(0.1)
         req = make("long", prompt(15, 6), 60)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with worker_channel(f"127.0.0.1:{port}") as ch:
             stub = baton_pb2_grpc.DecodeWorkerStub(ch)
             call = stub.Decode(decode_request(req))
             next(call)

@@ -19,7 +19,7 @@ from baton.engine.models import LoadedModel
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from tests.support.oracle import reference
-from tests.support.processes import free_port, occupancy, processes, wait_idle
+from tests.support.processes import free_port, occupancy, processes, wait_idle, worker_channel
 
 MAX_BATCH = 4
 
@@ -86,6 +86,8 @@ def stack(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             redis,
             "--model",
             str(tiny_llama_dir),
+            "--served-model-name",  # the name the requests below give
+            "baton",
             wait_address=f"127.0.0.1:{grpc_port}",
         )
         http = f"http://127.0.0.1:{http_port}"
@@ -183,7 +185,7 @@ class LongRequests:
     """Requests started directly on one decode worker (bypassing the router) to fill its batch."""
 
     def __init__(self, stack: Stack, decode: str, n: int) -> None:
-        self.channels = [grpc.insecure_channel(decode), grpc.insecure_channel(stack.prefill[0])]
+        self.channels = [worker_channel(decode), worker_channel(stack.prefill[0])]
         dstub = baton_pb2_grpc.DecodeWorkerStub(self.channels[0])
         pstub = baton_pb2_grpc.PrefillWorkerStub(self.channels[1])
         self.calls = []

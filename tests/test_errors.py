@@ -18,6 +18,7 @@ from baton.errors import (
     KvLeaseExpired,
     KvPushFailed,
     MalformedMessage,
+    ModelNotFound,
     NotFound,
     Overloaded,
     PayloadError,
@@ -41,8 +42,8 @@ TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), ma
 def make_errors(message: str, field: str) -> list[ServiceError]:
     return [
         InvalidRequestError(field, message), MalformedMessage(message), PayloadError(message),
-        Overloaded(message, retry_after_s=0.25), Unavailable(message), NotFound(message), Cancelled(message),
-        DeadlineExceeded(message), KvLeaseExpired(message), KvPushFailed(message, Reason.NOT_FOUND),
+        Overloaded(message, retry_after_s=0.25), Unavailable(message), NotFound(message), ModelNotFound(message),
+        Cancelled(message), DeadlineExceeded(message), KvLeaseExpired(message), KvPushFailed(message, Reason.NOT_FOUND),
         Unauthenticated(message), ServiceError(message),
     ]
 

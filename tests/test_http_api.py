@@ -16,7 +16,6 @@ from typing import Any
 import openai
 import pytest
 import uvicorn
-from fastapi import FastAPI
 from transformers import PreTrainedTokenizerBase
 
 from baton.engine.request import FinishReason, SamplingParams
@@ -24,6 +23,7 @@ from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Overloaded, Unavailable
 from baton.serve import free_port
 from services.router.http_api import CHAT_DEFAULT_MAX_TOKENS, create_app
+from services.router.served import ServedModels
 from services.router.text import Delta
 from tests.conftest import TINY_SPEC
 from tests.support.oracle import wait_for
@@ -47,7 +47,7 @@ class FakeRouter:
     the ids whose generator was closed before it finished (the client went away)."""
 
     tokenizer: PreTrainedTokenizerBase
-    model_name: str = "fake-model"
+    served: ServedModels = ServedModels(("fake-model", "m"))  # "m": an alias, the name most tests here give
     spec: ModelSpec = replace(TINY_SPEC, max_context=512)
     delay: float = 0.0
     fail: Exception | None = None
@@ -121,10 +121,12 @@ class Served:
         return f"http://{self.host}:{self.port}/v1"
 
 
-def serve(app: FastAPI) -> Iterator[Served]:
-    """Run `app` with uvicorn in a background thread until the generator is closed."""
+def serve(app: Any, **config: Any) -> Iterator[Served]:
+    """Run `app` with uvicorn in a background thread until the generator is closed (`config`: more of
+    uvicorn.Config's settings)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                           **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -188,7 +190,7 @@ def answer_text(router: FakeRouter, n: int) -> str:
 
 # ---- the openai client, unchanged ----------------------------------------------------------------------
 def test_models_and_health(server: Served, client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list().data] == ["fake-model"]
+    assert [m.id for m in client.models.list().data] == ["fake-model", "m"]
     assert request(server, "GET", "/health")[:3:2] == (200, {"status": "ok"})
     assert request(server, "HEAD", "/health")[0] == 200  # some health checkers send HEAD
 
@@ -202,7 +204,7 @@ def test_a_refusal_never_echoes_a_whole_input_back(server: Served, router: FakeR
 
 
 def test_completion(client: openai.OpenAI, router: FakeRouter) -> None:
-    r = client.completions.create(model="anything", prompt="Hello there", max_tokens=5, temperature=0)
+    r = client.completions.create(model="fake-model", prompt="Hello there", max_tokens=5, temperature=0)
     assert r.object == "text_completion" and r.model == "fake-model" and r.id.startswith("cmpl-")
     assert r.choices[0].text == answer_text(router, 5)
     assert r.choices[0].finish_reason == "length"
@@ -377,6 +379,46 @@ def test_body_limit(server: Served, router: FakeRouter) -> None:
     finally:
         conn.close()
     assert not router.calls
+
+
+# ---- served model names -------------------------------------------------------------------------------
+def test_models_lists_every_served_name(server: Served) -> None:
+    status, _, parsed = request(server, "GET", "/v1/models")
+    assert status == 200 and parsed["object"] == "list"
+    entry = {"object": "model", "created": 0, "owned_by": "baton", "max_model_len": 512}
+    assert parsed["data"] == [{"id": "fake-model", **entry}, {"id": "m", **entry}]
+
+
+def test_an_unknown_model_is_404_model_not_found(server: Served, client: openai.OpenAI, router: FakeRouter) -> None:
+    messages: Any = [{"role": "user", "content": "x"}]
+    for call in (lambda: client.completions.create(model="nope", prompt="a", max_tokens=2),
+                 lambda: list(client.completions.create(model="nope", prompt="a", max_tokens=2, stream=True)),
+                 lambda: client.chat.completions.create(model="nope", messages=messages, max_tokens=2),
+                 lambda: list(client.chat.completions.create(model="nope", messages=messages, stream=True))):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert (e.value.status_code, e.value.code, e.value.param) == (404, "model_not_found", "model")
+        assert isinstance(e.value.body, dict) and e.value.body["message"] == "The model `nope` does not exist."
+    want = {"message": "The model `nope` does not exist.", "type": "invalid_request_error", "param": "model",
+            "code": "model_not_found"}  # OpenAI's shape and code (vLLM's message)
+    for path, body in (("/v1/completions", {"prompt": "a"}), ("/v1/chat/completions", {"messages": messages})):
+        assert error_of(server, path, {"model": "nope", **body}, status=404) == want
+        assert error_of(server, path, {"model": "Fake-Model", **body}, status=404)["code"] == "model_not_found"
+    err = error_of(server, "/v1/completions", {"model": "x" * 5000 + "\n", "prompt": "a"}, status=404)
+    assert len(err["message"]) < 100 and "\n" not in err["message"]  # a name is quoted cut short, on one line
+    assert not router.calls
+
+
+def test_every_served_name_and_none_are_served(server: Served, client: openai.OpenAI, router: FakeRouter) -> None:
+    assert client.completions.create(model="m", prompt="a", max_tokens=2).model == "m"  # the name asked for
+    chat = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert chat.model == "fake-model"
+    chunks = list(client.completions.create(model="m", prompt="a", max_tokens=2, stream=True))
+    assert chunks and {c.model for c in chunks} == {"m"}
+    for body in ({"prompt": "a", "max_tokens": 2}, {"model": "", "prompt": "a", "max_tokens": 2}):
+        status, _, parsed = request(server, "POST", "/v1/completions", body)  # no model: the model, first name
+        assert status == 200 and parsed["model"] == "fake-model", parsed
+    assert len(router.calls) == 5
 
 
 # ---- errors from the core --------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_decode_metrics_fold_in_engine_stats_as_deltas() -> None:
     assert s.value("baton_decode_step_seconds_sum") == pytest.approx(0.05)
     assert s.value("baton_decode_idle_token_rows_ratio") == pytest.approx(1 / 8)
     assert s.value("baton_decode_masked_kv_ratio") == pytest.approx(0.25)
-    m.occupancy(running=2, waiting=1, rows_free=1, kv_used=30, kv_free=100)
+    m.occupancy(running=2, waiting=1, reserved=1, rows_free=1, kv_used=30, kv_reserved=20, kv_free=100)
     s = Scrape(m.exposition()[0].decode())
     assert s.value("baton_decode_batch_rows_used") == 3 and s.value("baton_decode_batch_rows_free") == 1
 
@@ -163,7 +163,7 @@ def stack(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         ps.baton("decode", "--log-json", "decode", "--host", "127.0.0.1", "--port", decode.split(":")[1],
                  "--metrics-port", str(decode_metrics), "--max-batch", str(MAX_BATCH), *model, wait_address=decode)
         ps.baton("prefill", "--log-json", "prefill", "--host", "127.0.0.1", "--port", prefill.split(":")[1],
-                 "--metrics-port", str(prefill_metrics), *model, wait_address=prefill)
+                 "--metrics-port", str(prefill_metrics), "--decode", decode, *model, wait_address=prefill)
         grpc_port, http_port = free_port(), free_port()
         ps.baton("router", "--log-json", "router", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
                  "--http-port", str(http_port), "--decode", decode, "--prefill", prefill, *model,
@@ -221,7 +221,7 @@ def test_every_service_exports_metrics_that_move_with_requests(stack: Stack) -> 
             stub.Generate(pb.GenerateRequest(request_id=ids[-1], token_ids=pb.TokenIds(ids=prompt), parameters=params),
                           timeout=60)
     for i, prompt in enumerate(prompts[2:]):
-        body = {"model": "m", "prompt": prompt, "max_tokens": NEW_TOKENS, "ignore_eos": True, "stream": i == 1}
+        body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "ignore_eos": True, "stream": i == 1}
         resp = httpx.post(f"{stack.http}/v1/completions", json=body, timeout=60)
         assert resp.status_code == 200
         ids.append(json.loads(resp.text)["id"] if i == 0 else json.loads(resp.text.split("data: ")[1])["id"])
@@ -275,7 +275,7 @@ def test_every_service_exports_metrics_that_move_with_requests(stack: Stack) -> 
     assert 0 <= d.value("baton_decode_idle_token_rows_ratio") <= 1 and 0 <= d.value("baton_decode_masked_kv_ratio") <= 1
     assert r.value("baton_router_requests_running") == r.value("baton_router_requests_waiting") == 0
 
-    # one JSON line per request at the router; each worker logs the same request id on its own lines
+    # one JSON line per request at the router; each worker logs the id the router gave it (never the client's)
     def logged(service: str, rid: str) -> list[dict[str, Any]]:
         return [line for line in json_lines(stack.logs / f"{service}.log") if line.get("request_id") == rid]
 
@@ -285,5 +285,8 @@ def test_every_service_exports_metrics_that_move_with_requests(stack: Stack) -> 
         assert line["completion_tokens"] == NEW_TOKENS and line["finish_reason"] == "length"
         assert line["prompt_tokens"] == len(prompts[ids.index(rid)])
         assert 0 <= line["queue_s"] <= line["ttft_s"] <= line["e2e_s"]
-        eventually(lambda rid=rid: logged("decode", rid), f"the decode worker logged {rid}")  # type: ignore[misc]
-        eventually(lambda rid=rid: logged("prefill", rid), f"the prefill worker logged {rid}")  # type: ignore[misc]
+        wid = line["worker_request_id"]
+        assert wid and wid != rid
+        eventually(lambda wid=wid: logged("decode", wid), f"the decode worker logged {wid}")  # type: ignore[misc]
+        eventually(lambda wid=wid: logged("prefill", wid), f"the prefill worker logged {wid}")  # type: ignore[misc]
+        assert not logged("decode", rid) and not logged("prefill", rid)

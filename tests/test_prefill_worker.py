@@ -26,14 +26,17 @@ from baton.engine.request import Request, SamplingParams
 from baton.engine.runner import ModelRunner
 from baton.errors import Cancelled, InvalidRequestError, Overloaded, Unavailable
 from baton.rpc.convert import params_to_proto
+from baton.rpc.internal_token import resolve_internal_token
 from baton.rpc.kv_transfer import payload_from_messages
 from baton.rpc.registry import RedisRegistry
-from baton.rpc.server import Service, create_server
+from baton.rpc.server import Service, channel, create_server
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.prefill.server import PrefillWorkerServicer
 from services.prefill.worker import PrefillWorker
 from tests.test_registry import RedisServer, free_port
+
+TOKEN = resolve_internal_token(None, None)  # the prefill processes here use the default token file
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = [1, 415, 2936, 9060, 285, 1048, 690, 260, 21614, 3593, 30, 1073, 4, 88, 901, 12]
@@ -236,10 +239,14 @@ class FakeDecode(baton_pb2_grpc.DecodeWorkerServicer):
         return pb.PushKvResponse(received_bytes=payload.nbytes)
 
 
+FAKE_DECODE = f"127.0.0.1:{free_port()}"  # where each test's fake decode worker listens, in turn
+NOBODY = f"127.0.0.1:{free_port()}"  # a decode worker the prefill process knows, where nothing listens
+
+
 @pytest_asyncio.fixture
 async def fake_decode() -> AsyncIterator[tuple[FakeDecode, str]]:
     fake = FakeDecode()
-    address = f"127.0.0.1:{free_port()}"
+    address = FAKE_DECODE
     service = Service(fake, baton_pb2_grpc.add_DecodeWorkerServicer_to_server, "baton.v1.DecodeWorker")
     server, _ = create_server([service], address)
     await server.start()
@@ -316,7 +323,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def prefill_address(tiny_llama_dir: Path) -> Iterator[str]:
     port = free_port()
-    proc = start_prefill(tiny_llama_dir, port)
+    proc = start_prefill(tiny_llama_dir, port, "--decode", FAKE_DECODE, NOBODY)
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -339,7 +346,7 @@ async def test_prefill_ships_kv_to_the_decode_worker(
     prefill_address: str, fake_decode: tuple[FakeDecode, str], tiny_llama: LoadedModel
 ) -> None:
     fake, decode_address = fake_decode
-    async with grpc.aio.insecure_channel(prefill_address) as ch:
+    async with channel(prefill_address, internal_token=TOKEN) as ch:
         stub = baton_pb2_grpc.PrefillWorkerStub(ch)
         resp = await stub.Prefill(prefill_request("p1", decode_address, max_new_tokens=8), timeout=60)
         sampled = await stub.Prefill(
@@ -383,7 +390,7 @@ async def test_invalid_requests_name_the_field(
     msg = pb.PrefillRequest(
         request=pb.WorkerRequest(request_id="bad", prompt_ids=PROMPT, parameters=params), decode_address=decode_address
     )
-    async with grpc.aio.insecure_channel(prefill_address) as ch:
+    async with channel(prefill_address, internal_token=TOKEN) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await baton_pb2_grpc.PrefillWorkerStub(ch).Prefill(msg, timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -399,7 +406,7 @@ async def test_missing_fields_are_invalid(prefill_address: str, fake_decode: tup
         (prefill_request("x", ""), "decode_address"),
         (prefill_request("x", decode_address, []), "prompt"),
     ]
-    async with grpc.aio.insecure_channel(prefill_address) as ch:
+    async with channel(prefill_address, internal_token=TOKEN) as ch:
         stub = baton_pb2_grpc.PrefillWorkerStub(ch)
         for msg, field in cases:
             with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -410,10 +417,10 @@ async def test_missing_fields_are_invalid(prefill_address: str, fake_decode: tup
 @pytest.mark.asyncio
 async def test_push_errors_pass_through(prefill_address: str, fake_decode: tuple[FakeDecode, str]) -> None:
     fake, decode_address = fake_decode
-    async with grpc.aio.insecure_channel(prefill_address) as ch:
+    async with channel(prefill_address, internal_token=TOKEN) as ch:
         stub = baton_pb2_grpc.PrefillWorkerStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await stub.Prefill(prefill_request("lost", f"127.0.0.1:{free_port()}"), timeout=30)
+            await stub.Prefill(prefill_request("lost", NOBODY), timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
         fake.refuse = "KV payload comes from model 0123, this worker serves 4567"
@@ -431,13 +438,14 @@ def test_registers_and_on_sigterm_finishes_in_flight_prefill_then_exits_0(tiny_l
     redis.start()
     port = free_port()
     advertised = f"prefill-under-test:{port}"
-    proc = start_prefill(tiny_llama_dir, port, "--redis", redis.url, "--heartbeat-s", "0.1", "--advertise", advertised)
+    decode_address = f"127.0.0.1:{free_port()}"
+    proc = start_prefill(tiny_llama_dir, port, "--redis", redis.url, "--heartbeat-s", "0.1", "--advertise", advertised,
+                         "--decode", decode_address)
 
     async def scenario() -> pb.PrefillResponse:
         registry = RedisRegistry(redis.url)
         fake = FakeDecode()
         fake.hold = asyncio.Event()
-        decode_address = f"127.0.0.1:{free_port()}"
         server, _ = create_server(
             [Service(fake, baton_pb2_grpc.add_DecodeWorkerServicer_to_server, "baton.v1.DecodeWorker")],
             decode_address,
@@ -448,7 +456,7 @@ def test_registers_and_on_sigterm_finishes_in_flight_prefill_then_exits_0(tiny_l
                 await asyncio.sleep(0.05)
             assert [(w.address, w.role) for w in workers] == [(advertised, "prefill")]
             assert await registry.workers("decode") == []
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            async with channel(f"127.0.0.1:{port}", internal_token=TOKEN) as ch:
                 call = asyncio.ensure_future(
                     baton_pb2_grpc.PrefillWorkerStub(ch).Prefill(
                         prefill_request("inflight", decode_address), timeout=60

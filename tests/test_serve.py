@@ -49,9 +49,15 @@ def test_baton_serve_under_a_redis_prefix(tiny_llama_dir: Path, tiny_llama: Load
                 for ids in prompts:
                     out = client.generate(ids, max_new_tokens=6, ignore_eos=True)
                     assert out.token_ids == reference(tiny_llama, ids, 6)
-            r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", timeout=60,
-                           json={"model": "tiny", "prompt": prompts[0], "max_tokens": 6, "ignore_eos": True})
+            http = f"http://127.0.0.1:{http_port}"
+            names = [m["id"] for m in httpx.get(f"{http}/v1/models", timeout=10).json()["data"]]
+            assert names == [str(tiny_llama_dir), tiny_llama_dir.name]  # --model as given, and its directory's name
+            body = {"model": tiny_llama_dir.name, "prompt": prompts[0], "max_tokens": 6, "ignore_eos": True}
+            r = httpx.post(f"{http}/v1/completions", timeout=60, json=body)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+            assert r.json()["model"] == tiny_llama_dir.name
+            r = httpx.post(f"{http}/v1/completions", timeout=60, json={**body, "model": "nope"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
         finally:
             serve.send_signal(signal.SIGTERM)
             assert serve.wait(timeout=60) == 0

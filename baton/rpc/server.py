@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from baton.errors import MalformedMessage, Unauthenticated
+from baton.rpc.internal_token import token_interceptors
 from baton.rpc.status import abort_with
 
 log = logging.getLogger(__name__)
@@ -79,18 +80,22 @@ async def _parsed_stream(requests: AsyncIterator[Any], method: str) -> AsyncIter
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions raised by handlers into gRPC status codes, in one place; request bytes that do not parse
-    become INVALID_ARGUMENT. With `api_key`, every method but health needs `authorization: Bearer <api_key>`
-    metadata (else UNAUTHENTICATED)."""
+    become INVALID_ARGUMENT. With `api_key` (the router's public port) or `internal_token` (a worker's port,
+    baton/rpc/internal_token.py), every method but health needs `authorization: Bearer <it>` metadata (else
+    UNAUTHENTICATED)."""
 
-    def __init__(self, api_key: str | None = None) -> None:
-        self.api_key = api_key or None
+    def __init__(self, api_key: str | None = None, internal_token: str | None = None) -> None:
+        if api_key and internal_token:
+            raise ValueError("a port takes an API key (public) or the internal token (workers), not both")
+        self.secret = api_key or internal_token or None
+        self.what = "a valid API key" if api_key else "the cluster's internal token"
 
     def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        if self.api_key is None or method.startswith(OPEN_METHODS):
+        if self.secret is None or method.startswith(OPEN_METHODS):
             return
         metadata = dict(context.invocation_metadata() or ())
-        if not bearer_ok(metadata.get("authorization"), self.api_key):
-            raise Unauthenticated("a valid API key is required: send `authorization: Bearer <key>` metadata")
+        if not bearer_ok(metadata.get("authorization"), self.secret):
+            raise Unauthenticated(f"{self.what} is required: send `authorization: Bearer <it>` metadata")
 
     async def intercept_service(
         self,
@@ -196,14 +201,16 @@ def create_server(
     *,
     tls: TlsConfig | None = None,
     api_key: str | None = None,
+    internal_token: str | None = None,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server listening on `address` (host:port) with health, reflection and the error interceptor: with `tls`,
-    mutual TLS (clients must present a certificate signed by its CA); with `api_key`, calls other than health
-    need it as a bearer token; messages over `max_message_bytes` are refused (RESOURCE_EXHAUSTED).
+    mutual TLS (clients must present a certificate signed by its CA); with `api_key` or `internal_token`, calls
+    other than health need it as a bearer token; messages over `max_message_bytes` are refused
+    (RESOURCE_EXHAUSTED).
     Health reports SERVING for every service; set NOT_SERVING on the returned health servicer to drain."""
     options = [(k, max_message_bytes if k == "grpc.max_receive_message_length" else v) for k, v in CHANNEL_OPTIONS]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(api_key)], options=options)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(api_key, internal_token)], options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for s in services:
@@ -226,12 +233,15 @@ async def set_serving(health_servicer: health.aio.HealthServicer, services: Sequ
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
 
 
-def channel(address: str, tls: TlsConfig | None = None) -> grpc.aio.Channel:
+def channel(address: str, tls: TlsConfig | None = None, internal_token: str | None = None) -> grpc.aio.Channel:
     """A client channel to another Baton service: every channel between services is made here, with mutual TLS
-    when `tls` is given (the same TlsConfig the calling service serves with)."""
+    when `tls` is given (the same TlsConfig the calling service serves with), and every call carrying the
+    internal token when given (baton/rpc/internal_token.py)."""
+    interceptors = token_interceptors(internal_token) if internal_token else None
     if tls is not None:
-        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS,
+                                       interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 def advertised_address(host: str, port: int, advertise: str | None) -> str:
@@ -253,13 +263,13 @@ class ChannelCache:
     """One channel per address, made on first use by channel() and kept until close(): how a router reaches its
     workers and a prefill worker its decode workers."""
 
-    def __init__(self, tls: TlsConfig | None = None) -> None:
-        self.tls = tls
+    def __init__(self, tls: TlsConfig | None = None, internal_token: str | None = None) -> None:
+        self.tls, self.internal_token = tls, internal_token
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = channel(address, self.tls)
+            self._channels[address] = channel(address, self.tls, self.internal_token)
         return self._channels[address]
 
     async def close(self) -> None:

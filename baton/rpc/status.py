@@ -31,6 +31,7 @@ CODES: dict[Reason, grpc.StatusCode] = {
     Reason.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Reason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Reason.CANCELLED: grpc.StatusCode.CANCELLED,
     Reason.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Reason.KV_LEASE_EXPIRED: grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -2,8 +2,8 @@
 `baton decode` differ only in the core they put in it (services/{prefill,decode}/worker.py) and its servicer.
 
 A worker's life in the frame:
-1. Listen on --host:--port with its services, health and reflection (baton/rpc/server.py); serve /metrics on
-   --metrics-port; report SERVING.
+1. Listen on --host:--port with its services, health and reflection (baton/rpc/server.py), answering only callers
+   with the internal token (baton/rpc/internal_token.py); serve /metrics on --metrics-port; report SERVING.
 2. With --redis, publish a WorkerInfo under --redis-prefix every --heartbeat-s (baton/rpc/registry.py): its
    advertised address, model fingerprint and load (`core.occupancy()`, baton/rpc/load.py).
 3. On SIGTERM or SIGINT: report NOT_SERVING and drain (`core.drain()`: take no new work, finish what was
@@ -28,6 +28,7 @@ from typing import Protocol
 
 from baton.engine.models import LoadedModel, load_model
 from baton.metrics import MetricsRegistry, serve_metrics
+from baton.rpc.internal_token import resolve_internal_token
 from baton.rpc.load import Load, Role
 from baton.rpc.registry import RedisRegistry, WorkerInfo, heartbeat
 from baton.rpc.server import Service, TlsConfig, advertised_address, create_server, set_serving
@@ -59,19 +60,21 @@ class WorkerSetup:
 
     lm: LoadedModel  # --model, --device, --dtype
     tls: TlsConfig | None  # --tls-cert, --tls-key, --tls-ca
+    internal_token: str  # --internal-token, --internal-token-file: callers must present it
     shared_cores: SharedCores | None  # --shared-cores
 
 
 def load_worker_model(args: argparse.Namespace) -> WorkerSetup | int:
-    """The worker's model, TLS files and shared cores, or exit code 2 naming the problem."""
+    """The worker's model, TLS files, internal token and shared cores, or exit code 2 naming the problem."""
     try:
         tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+        token = resolve_internal_token(args.internal_token, args.internal_token_file)
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
     log.info("model %s loaded on %s (%s), fingerprint %s", args.model, lm.device, lm.dtype, lm.fingerprint[:12])
-    return WorkerSetup(lm, tls, SharedCores(args.shared_cores) if args.shared_cores else None)
+    return WorkerSetup(lm, tls, token, SharedCores(args.shared_cores) if args.shared_cores else None)
 
 
 async def _stop_heartbeat(beat: asyncio.Task[None] | None, stop: asyncio.Event) -> None:
@@ -83,12 +86,13 @@ async def _stop_heartbeat(beat: asyncio.Task[None] | None, stop: asyncio.Event) 
 
 
 async def run_worker(core: WorkerCore, services: Sequence[Service], args: argparse.Namespace,
-                     tls: TlsConfig | None) -> int:
-    """Serve `core` through `services` until SIGTERM or SIGINT, then drain; returns the exit code."""
+                     setup: WorkerSetup) -> int:
+    """Serve `core` through `services` until SIGTERM or SIGINT, then drain; returns the exit code. Callers
+    must present the internal token (and a certificate, with TLS)."""
     role = core.role.value
     listen = f"{args.host}:{args.port}"
     try:
-        server, health = create_server(services, listen, tls=tls)
+        server, health = create_server(services, listen, tls=setup.tls, internal_token=setup.internal_token)
     except RuntimeError as e:
         log.error("cannot listen on %s: %s", listen, e)
         await core.close()

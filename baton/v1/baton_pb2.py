@@ -24,57 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\"\xb8\x02\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xab\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12\x30\n\nparameters\x18\x04 \x01(\x0b\x32\x1c.baton.v1.SamplingParameters\x12\x0f\n\x07timeout\x18\x05 \x01(\x01\x42\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x96\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.baton.v1.Usage\"\x9c\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.baton.v1.Usage\"}\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x30\n\nparameters\x18\x03 \x01(\x0b\x32\x1c.baton.v1.SamplingParameters\x12\x12\n\noutput_ids\x18\x04 \x03(\r\"R\n\x0ePrefillRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.baton.v1.WorkerRequest\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x02 \x01(\t\"j\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10OccupancyRequest\"\xea\x01\n\x11OccupancyResponse\x12\x13\n\x0b\x61\x63tive_rows\x18\x01 \x01(\r\x12\x11\n\tfree_rows\x18\x02 \x01(\r\x12\x16\n\x0ekv_tokens_used\x18\x03 \x01(\x04\x12\x16\n\x0ekv_tokens_free\x18\x04 \x01(\x04\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x11\n\tcompleted\x18\x07 \x01(\x04\x12\x13\n\x0bkv_received\x18\x08 \x01(\x04\x12\x0f\n\x07running\x18\t \x01(\r\x12\x18\n\x10tokens_generated\x18\n \x01(\x04\"\xe1\x01\n\x08KvHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x10\n\x08kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nprompt_ids\x18\x08 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\t \x01(\r\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\r\n\x05\x63rc32\x18\x0b \x01(\r\"6\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"a\n\rPushKvRequest\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.baton.v1.KvHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.baton.v1.KvChunkH\x00\x42\x06\n\x04part\"(\n\x0ePushKvResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"U\n\rDecodeRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.baton.v1.WorkerRequest\x12\x1a\n\x12kv_timeout_seconds\x18\x02 \x01(\x01\"x\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x16\n\tstop_text\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0c\n\n_stop_text*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x9c\x01\n\x06Router\x12\x41\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.baton.v1.GenerateRequest\x1a .baton.v1.GenerateStreamResponse0\x01\x32\xd2\x01\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12;\n\x06\x43\x61ncel\x12\x17.baton.v1.CancelRequest\x1a\x18.baton.v1.CancelResponse\x12\x44\n\tOccupancy\x12\x1a.baton.v1.OccupancyRequest\x1a\x1b.baton.v1.OccupancyResponse2\x8f\x02\n\x0c\x44\x65\x63odeWorker\x12=\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12=\n\x06PushKv\x12\x17.baton.v1.PushKvRequest\x1a\x18.baton.v1.PushKvResponse(\x01\x12;\n\x06\x43\x61ncel\x12\x17.baton.v1.CancelRequest\x1a\x18.baton.v1.CancelResponse\x12\x44\n\tOccupancy\x12\x1a.baton.v1.OccupancyRequest\x1a\x1b.baton.v1.OccupancyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\"\xb8\x02\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xba\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12\x30\n\nparameters\x18\x04 \x01(\x0b\x32\x1c.baton.v1.SamplingParameters\x12\x0f\n\x07timeout\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x96\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.baton.v1.Usage\"\x9c\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.baton.v1.Usage\"}\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x30\n\nparameters\x18\x03 \x01(\x0b\x32\x1c.baton.v1.SamplingParameters\x12\x12\n\noutput_ids\x18\x04 \x03(\r\"R\n\x0ePrefillRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.baton.v1.WorkerRequest\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x02 \x01(\t\"j\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10OccupancyRequest\"\xea\x01\n\x11OccupancyResponse\x12\x13\n\x0b\x61\x63tive_rows\x18\x01 \x01(\r\x12\x11\n\tfree_rows\x18\x02 \x01(\r\x12\x16\n\x0ekv_tokens_used\x18\x03 \x01(\x04\x12\x16\n\x0ekv_tokens_free\x18\x04 \x01(\x04\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x11\n\tcompleted\x18\x07 \x01(\x04\x12\x13\n\x0bkv_received\x18\x08 \x01(\x04\x12\x0f\n\x07running\x18\t \x01(\r\x12\x18\n\x10tokens_generated\x18\n \x01(\x04\"\xe1\x01\n\x08KvHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x10\n\x08kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nprompt_ids\x18\x08 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\t \x01(\r\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\r\n\x05\x63rc32\x18\x0b \x01(\r\"6\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"a\n\rPushKvRequest\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.baton.v1.KvHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.baton.v1.KvChunkH\x00\x42\x06\n\x04part\"(\n\x0ePushKvResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"U\n\rDecodeRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.baton.v1.WorkerRequest\x12\x1a\n\x12kv_timeout_seconds\x18\x02 \x01(\x01\"x\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x16\n\tstop_text\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0c\n\n_stop_text*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x9c\x01\n\x06Router\x12\x41\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.baton.v1.GenerateRequest\x1a .baton.v1.GenerateStreamResponse0\x01\x32\xd2\x01\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12;\n\x06\x43\x61ncel\x12\x17.baton.v1.CancelRequest\x1a\x18.baton.v1.CancelResponse\x12\x44\n\tOccupancy\x12\x1a.baton.v1.OccupancyRequest\x1a\x1b.baton.v1.OccupancyResponse2\x8f\x02\n\x0c\x44\x65\x63odeWorker\x12=\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12=\n\x06PushKv\x12\x17.baton.v1.PushKvRequest\x1a\x18.baton.v1.PushKvResponse(\x01\x12;\n\x06\x43\x61ncel\x12\x17.baton.v1.CancelRequest\x1a\x18.baton.v1.CancelResponse\x12\x44\n\tOccupancy\x12\x1a.baton.v1.OccupancyRequest\x1a\x1b.baton.v1.OccupancyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.baton_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2199
-  _globals['_FINISHREASON']._serialized_end=2323
+  _globals['_FINISHREASON']._serialized_start=2214
+  _globals['_FINISHREASON']._serialized_end=2338
   _globals['_SAMPLINGPARAMETERS']._serialized_start=35
   _globals['_SAMPLINGPARAMETERS']._serialized_end=347
   _globals['_USAGE']._serialized_start=349
   _globals['_USAGE']._serialized_end=406
   _globals['_GENERATEREQUEST']._serialized_start=409
-  _globals['_GENERATEREQUEST']._serialized_end=580
-  _globals['_TOKENIDS']._serialized_start=582
-  _globals['_TOKENIDS']._serialized_end=605
-  _globals['_GENERATERESPONSE']._serialized_start=608
-  _globals['_GENERATERESPONSE']._serialized_end=758
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=761
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=917
-  _globals['_WORKERREQUEST']._serialized_start=919
-  _globals['_WORKERREQUEST']._serialized_end=1044
-  _globals['_PREFILLREQUEST']._serialized_start=1046
-  _globals['_PREFILLREQUEST']._serialized_end=1128
-  _globals['_PREFILLRESPONSE']._serialized_start=1130
-  _globals['_PREFILLRESPONSE']._serialized_end=1236
-  _globals['_CANCELREQUEST']._serialized_start=1238
-  _globals['_CANCELREQUEST']._serialized_end=1273
-  _globals['_CANCELRESPONSE']._serialized_start=1275
-  _globals['_CANCELRESPONSE']._serialized_end=1306
-  _globals['_OCCUPANCYREQUEST']._serialized_start=1308
-  _globals['_OCCUPANCYREQUEST']._serialized_end=1326
-  _globals['_OCCUPANCYRESPONSE']._serialized_start=1329
-  _globals['_OCCUPANCYRESPONSE']._serialized_end=1563
-  _globals['_KVHEADER']._serialized_start=1566
-  _globals['_KVHEADER']._serialized_end=1791
-  _globals['_KVCHUNK']._serialized_start=1793
-  _globals['_KVCHUNK']._serialized_end=1847
-  _globals['_PUSHKVREQUEST']._serialized_start=1849
-  _globals['_PUSHKVREQUEST']._serialized_end=1946
-  _globals['_PUSHKVRESPONSE']._serialized_start=1948
-  _globals['_PUSHKVRESPONSE']._serialized_end=1988
-  _globals['_DECODEREQUEST']._serialized_start=1990
-  _globals['_DECODEREQUEST']._serialized_end=2075
-  _globals['_DECODERESPONSE']._serialized_start=2077
-  _globals['_DECODERESPONSE']._serialized_end=2197
-  _globals['_ROUTER']._serialized_start=2326
-  _globals['_ROUTER']._serialized_end=2482
-  _globals['_PREFILLWORKER']._serialized_start=2485
-  _globals['_PREFILLWORKER']._serialized_end=2695
-  _globals['_DECODEWORKER']._serialized_start=2698
-  _globals['_DECODEWORKER']._serialized_end=2969
+  _globals['_GENERATEREQUEST']._serialized_end=595
+  _globals['_TOKENIDS']._serialized_start=597
+  _globals['_TOKENIDS']._serialized_end=620
+  _globals['_GENERATERESPONSE']._serialized_start=623
+  _globals['_GENERATERESPONSE']._serialized_end=773
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=776
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=932
+  _globals['_WORKERREQUEST']._serialized_start=934
+  _globals['_WORKERREQUEST']._serialized_end=1059
+  _globals['_PREFILLREQUEST']._serialized_start=1061
+  _globals['_PREFILLREQUEST']._serialized_end=1143
+  _globals['_PREFILLRESPONSE']._serialized_start=1145
+  _globals['_PREFILLRESPONSE']._serialized_end=1251
+  _globals['_CANCELREQUEST']._serialized_start=1253
+  _globals['_CANCELREQUEST']._serialized_end=1288
+  _globals['_CANCELRESPONSE']._serialized_start=1290
+  _globals['_CANCELRESPONSE']._serialized_end=1321
+  _globals['_OCCUPANCYREQUEST']._serialized_start=1323
+  _globals['_OCCUPANCYREQUEST']._serialized_end=1341
+  _globals['_OCCUPANCYRESPONSE']._serialized_start=1344
+  _globals['_OCCUPANCYRESPONSE']._serialized_end=1578
+  _globals['_KVHEADER']._serialized_start=1581
+  _globals['_KVHEADER']._serialized_end=1806
+  _globals['_KVCHUNK']._serialized_start=1808
+  _globals['_KVCHUNK']._serialized_end=1862
+  _globals['_PUSHKVREQUEST']._serialized_start=1864
+  _globals['_PUSHKVREQUEST']._serialized_end=1961
+  _globals['_PUSHKVRESPONSE']._serialized_start=1963
+  _globals['_PUSHKVRESPONSE']._serialized_end=2003
+  _globals['_DECODEREQUEST']._serialized_start=2005
+  _globals['_DECODEREQUEST']._serialized_end=2090
+  _globals['_DECODERESPONSE']._serialized_start=2092
+  _globals['_DECODERESPONSE']._serialized_end=2212
+  _globals['_ROUTER']._serialized_start=2341
+  _globals['_ROUTER']._serialized_end=2497
+  _globals['_PREFILLWORKER']._serialized_start=2500
+  _globals['_PREFILLWORKER']._serialized_end=2710
+  _globals['_DECODEWORKER']._serialized_start=2713
+  _globals['_DECODEWORKER']._serialized_end=2984
 # @@protoc_insertion_point(module_scope)

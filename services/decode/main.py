@@ -15,10 +15,9 @@ import asyncio
 from baton.engine.engine import POLICIES
 from baton.flags import add_worker_arguments, flag
 from baton.metrics import DECODE_METRICS_PORT
-from baton.rpc.server import TlsConfig
-from baton.rpc.worker_frame import load_worker_model, run_worker
+from baton.rpc.worker_frame import WorkerSetup, load_worker_model, run_worker
 from services.decode.server import decode_service
-from services.decode.worker import DEFAULT_KV_TIMEOUT_S, DecodeWorker
+from services.decode.worker import DEFAULT_KV_TIMEOUT_S, MAX_KV_TIMEOUT_S, DecodeWorker
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="baton splices prefilled KV; orca and static recompute the prompt here")
     flag(p, "--kv-timeout-s", DEFAULT_KV_TIMEOUT_S, float,
          help="how long a reservation waits for its KV when the request does not say")
+    flag(p, "--max-kv-timeout-s", MAX_KV_TIMEOUT_S, float,
+         help="the longest KV lease a request may ask for (longer ones are refused)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -38,10 +39,10 @@ def main(args: argparse.Namespace) -> int:
     if isinstance(setup, int):
         return setup
     worker = DecodeWorker(setup.lm, args.policy, args.max_batch, args.max_kv_tokens or None, args.kv_timeout_s,
-                          setup.shared_cores)
-    return asyncio.run(serve(worker, args, setup.tls))
+                          setup.shared_cores, args.max_kv_timeout_s)
+    return asyncio.run(serve(worker, args, setup))
 
 
-async def serve(worker: DecodeWorker, args: argparse.Namespace, tls: TlsConfig | None) -> int:
+async def serve(worker: DecodeWorker, args: argparse.Namespace, setup: WorkerSetup) -> int:
     worker.start()  # on the event loop that serves it
-    return await run_worker(worker, [decode_service(worker)], args, tls)
+    return await run_worker(worker, [decode_service(worker)], args, setup)

@@ -45,6 +45,7 @@ from baton.shared_cores import SharedCores
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_TIMEOUT_S = 30.0
+MAX_KV_TIMEOUT_S = 120.0  # the longest lease a caller may ask for: a reservation never holds a row for longer
 
 
 class SlotState(enum.Enum):
@@ -145,6 +146,7 @@ class DecodeWorker:
         max_kv_tokens: int | None = None,
         default_kv_timeout_s: float = DEFAULT_KV_TIMEOUT_S,
         shared_cores: SharedCores | None = None,
+        max_kv_timeout_s: float = MAX_KV_TIMEOUT_S,
     ) -> None:
         self.lm = lm
         self.shared_cores = shared_cores  # when set, each step waits its turn on the cores (prefills go first)
@@ -153,7 +155,8 @@ class DecodeWorker:
             self.engine.layer_hook = shared_cores.yield_to_prefill
         self.max_batch = max_batch
         self.max_kv_tokens = max_kv_tokens or max_batch * min(lm.spec.max_context, 2048)
-        self.default_kv_timeout_s = default_kv_timeout_s
+        self.default_kv_timeout_s = min(default_kv_timeout_s, max_kv_timeout_s)
+        self.max_kv_timeout_s = max_kv_timeout_s
         self.draining = False
         self.metrics = DecodeMetrics()
         # event-loop side
@@ -219,6 +222,9 @@ class DecodeWorker:
             raise InvalidRequestError("request_id", "required")
         if request.id in self._live:
             raise InvalidRequestError("request_id", f"request id {request.id!r} is already live on this worker")
+        if kv_timeout_s is not None and kv_timeout_s > self.max_kv_timeout_s:
+            raise InvalidRequestError("kv_timeout_seconds", f"a KV lease of {kv_timeout_s:g}s is longer than this "
+                                                            f"worker allows ({self.max_kv_timeout_s:g}s)")
         self.engine.validate(request)  # reads only the model's limits: safe outside the decode loop
         budget = request.prompt_len + request.params.max_new_tokens
         if budget > self.max_kv_tokens:
@@ -309,7 +315,10 @@ class DecodeWorker:
     def _publish(self) -> None:
         """The occupancy gauges of the metrics, after every change (on the event loop, where occupancy lives)."""
         o = self.occupancy()
-        self.metrics.occupancy(o.active_rows - o.waiting, o.waiting, o.free_rows, o.kv_tokens_used, o.kv_tokens_free)
+        reserved = sum(1 for r in self._live.values() if r.state is SlotState.RESERVED)
+        promised = sum(r.kv_budget for r in self._live.values())
+        self.metrics.occupancy(o.active_rows - o.waiting, o.waiting, reserved, o.free_rows, o.kv_tokens_used,
+                               max(0, promised - o.kv_tokens_used), o.kv_tokens_free)
 
     def _cancel(self, res: Reservation, error: Exception | None = None) -> bool:
         """Drop a live request; its stream ends CANCELLED, or with `error` (a hand-off)."""

@@ -26,10 +26,11 @@ from baton.v1 import baton_pb2_grpc
 
 
 class KvShipper:
-    def __init__(self, metrics: PrefillMetrics, push_timeout_s: float = 60.0, tls: TlsConfig | None = None) -> None:
+    def __init__(self, metrics: PrefillMetrics, push_timeout_s: float = 60.0, tls: TlsConfig | None = None,
+                 internal_token: str | None = None) -> None:
         self.metrics = metrics
         self.push_timeout_s = push_timeout_s
-        self.channels = ChannelCache(tls)  # mutual TLS to decode workers when given
+        self.channels = ChannelCache(tls, internal_token)  # mutual TLS to decode workers when given
         self._pushing: dict[str, asyncio.Task[int]] = {}  # request id -> its push in progress
         self._cancel_asked: set[str] = set()
 

@@ -32,6 +32,7 @@ from baton.metrics import PrefillMetrics
 from baton.rpc.load import PrefillLoad, Role
 from baton.rpc.server import TlsConfig
 from baton.shared_cores import SharedCores
+from services.prefill.destinations import DecodeDirectory
 from services.prefill.shipper import KvShipper
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class PrefillWorker:
         shared_cores: SharedCores | None = None,
         push_timeout_s: float = 60.0,
         tls: TlsConfig | None = None,
+        internal_token: str | None = None,
+        destinations: DecodeDirectory | None = None,
     ) -> None:
         self.lm = lm
         self.shared_cores = shared_cores  # when set, each forward pass waits for the decode layer in progress
@@ -99,7 +102,9 @@ class PrefillWorker:
         self._completed = 0  # prefills computed and handed out
         self.metrics = PrefillMetrics()
         self.metrics.track(running=lambda: self.occupancy().running, waiting=lambda: self.occupancy().queued)
-        self.shipper = KvShipper(self.metrics, push_timeout_s, tls)
+        self.shipper = KvShipper(self.metrics, push_timeout_s, tls, internal_token)
+        # The decode workers KV may go to (the command line always gives them; None: any, for in-process tests).
+        self.destinations = destinations
         self._serving: dict[str, asyncio.Task[Shipped]] = {}  # request id -> its prefill and push, by prefill()
         self._thread = threading.Thread(target=self._run, name="prefill-compute", daemon=True)
         self._thread.start()
@@ -122,6 +127,8 @@ class PrefillWorker:
         InvalidRequestError, Overloaded, Unavailable, Cancelled, KvPushFailed, or the compute's error."""
         if req.id in self._serving:
             raise InvalidRequestError("request_id", f"request id {req.id!r} is already in use on this worker")
+        if self.destinations is not None:
+            await self.destinations.check(decode_address)
         task = asyncio.ensure_future(self._prefill_and_ship(req, decode_address))
         self._serving[req.id] = task
         try:
@@ -211,6 +218,8 @@ class PrefillWorker:
 
     async def close(self) -> None:
         """Stop the compute thread and close the channels to decode workers."""
+        if self.destinations is not None:
+            await self.destinations.close()
         self.shutdown()
         await self.shipper.close()
 

@@ -1,6 +1,7 @@
 """The router's core, free of its public transports: tokenize and validate a request, then serve it through one
 attempt after another (attempt.py: reserve a decode row, prefill, stream) until one finishes it, relaying its
-tokens and text (text.py) as they come and logging it as one JSON line at the end (trace.py). The gRPC API
+tokens and text (text.py) as they come and logging it as one JSON line at the end (trace.py). Workers know a request
+by an id the router makes for it, never by the client's (which clients see and choose). The gRPC API
 (grpc_api.py) and the HTTP API (http_api.py) are thin layers over Router.generate.
 
 A request that ends early (client gone, cancelled, an error on either worker) is stopped everywhere as its
@@ -14,12 +15,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from baton.engine.models import resolve_model_path
+from baton.engine.models import DEFAULT_MODEL, resolve_model_path
 from baton.engine.request import FinishReason, SamplingParams, is_unicode
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Unavailable
@@ -29,6 +32,7 @@ from baton.v1 import baton_pb2 as pb
 from services.router.attempt import Attempt, Background, Recoverable, resumed_request
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler
+from services.router.served import ServedModels
 from services.router.text import Delta, TextStream
 from services.router.trace import Trace
 
@@ -47,8 +51,11 @@ class Router:
         kv_timeout_s: float = 30.0,
         queue_timeout_s: float | None = None,
         max_retries: int = 3,
+        served: ServedModels | None = None,
     ) -> None:
         self.tokenizer, self.model_name = tokenizer, model_name
+        # the names clients may ask for (the `model` of a request; served.py): by default model_name alone
+        self.served = served or ServedModels((model_name,))
         self.spec = spec  # the model's limits, from its config alone
         # No token is longer than the longest vocabulary entry: a text over this many characters cannot fit the
         # context, and is refused before the tokenizer spends time on it (which would stall every request).
@@ -62,11 +69,15 @@ class Router:
         self.metrics.track(running=lambda: len(self._active), waiting=lambda: self.pool.scheduler.queued)
 
     @classmethod
-    def load(cls, model: str, pool: WorkerPool, **kwargs: Any) -> Router:
-        """A router for a model: its tokenizer and config only (the router never loads weights)."""
+    def load(cls, model: str, pool: WorkerPool, served_names: Sequence[str] | None = None, **kwargs: Any) -> Router:
+        """A router for a model: its tokenizer and config only (the router never loads weights). It serves the
+        model under `served_names`, or by default under `model` and the name of its local directory."""
         path = resolve_model_path(model)
         spec = ModelSpec.from_config(AutoConfig.from_pretrained(path))
-        return cls(AutoTokenizer.from_pretrained(path), model, spec, pool, **kwargs)
+        local = model == DEFAULT_MODEL or Path(model).is_dir()  # else fetched from the Hub: a snapshot's hash
+        served = (ServedModels.of(served_names) if served_names
+                  else ServedModels.for_model(model, path if local else None))
+        return cls(AutoTokenizer.from_pretrained(path), model, spec, pool, served=served, **kwargs)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -134,7 +145,7 @@ class Router:
         """Stream a request's tokens, one attempt after another (attempt.py) until one finishes it. Stopping the
         iteration early (aclose, cancellation) cancels the request on its workers. `timeout`: seconds the whole
         request may take (the client's deadline)."""
-        trace = Trace(request_id, time.perf_counter(), len(prompt_ids))
+        trace = Trace(request_id, time.perf_counter(), len(prompt_ids), worker_id=uuid.uuid4().hex)
         try:
             self.validate(request_id, prompt_ids, params)
         except InvalidRequestError as e:
@@ -143,7 +154,8 @@ class Router:
             raise
         self._active.add(request_id)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        request = pb.WorkerRequest(request_id=request_id, prompt_ids=prompt_ids, parameters=params_to_proto(params))
+        request = pb.WorkerRequest(request_id=trace.worker_id, prompt_ids=prompt_ids,
+                                   parameters=params_to_proto(params))
         text = TextStream(self.tokenizer, params.stop)
         sent: list[int] = []  # tokens relayed to the client: what another attempt resumes from (attempt.py)
         try:

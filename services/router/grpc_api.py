@@ -1,7 +1,8 @@
 """The router's public gRPC API: a thin servicer over Router.generate. Errors are raised as exceptions and
 turned into status codes by baton.rpc.server.ErrorInterceptor (InvalidRequestError -> INVALID_ARGUMENT naming
-the field, Overloaded -> RESOURCE_EXHAUSTED, ...). A call the client cancels, or whose deadline passes, cancels
-the request on its workers: the handler's task is cancelled, and Router.generate cleans up on the way out."""
+the field, Overloaded -> RESOURCE_EXHAUSTED, a `model` the router does not serve (served.py) -> NOT_FOUND, ...).
+A call the client cancels, or whose deadline passes, cancels the request on its workers: the handler's task is
+cancelled, and Router.generate cleans up on the way out."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
 
     def _parse(self, request: pb.GenerateRequest) -> tuple[str, list[int], SamplingParams]:
         """The request's id (made up when empty), prompt token ids and sampling parameters."""
+        self.router.served.resolve(request.model)  # ModelNotFound unless served (empty: the router's model)
         which = request.WhichOneof("prompt")
         if which == "text":
             if not request.text:

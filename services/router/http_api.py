@@ -13,11 +13,15 @@ Compatibility choices:
   rest of the context if less (see CHAT_DEFAULT_MAX_TOKENS). Extensions: top_k, repetition_penalty,
   stop_token_ids, ignore_eos, timeout (seconds the whole request may take: then 504, or mid-stream an error
   event, and the request is stopped on its workers).
-- Any `model` name is accepted; responses name the one model served.
+- `model` must be one of the names the router serves (services/router/served.py: --served-model-name, by
+  default the --model value and its directory's name; /v1/models lists them), else 404 with code
+  `model_not_found`, as OpenAI and vLLM answer. A request without `model` is served by the model all the same.
+  Responses name the model as the request did (the first served name when it gave none).
 - Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad input (param = field),
-  401 missing or wrong API key (when the router has one; /health and /metrics stay open), 413 body over the
-  limit, 429 queue full (with Retry-After), 503 no worker, 504 timeout passed, 500 anything else. An error
-  after a stream has started arrives as one last `data: {"error": ...}` event.
+  401 missing or wrong API key (when the router has one; /health and /metrics stay open), 404 unknown model
+  (param `model`, code `model_not_found`), 413 body over the limit, 429 queue full (with Retry-After), 503 no
+  worker, 504 timeout passed, 500 anything else. An error after a stream has started arrives as one last
+  `data: {"error": ...}` event.
 - A client that disconnects cancels its request (the core's generator is closed).
 - finish_reason is "stop", "length", or "cancelled" when the system (not the client) ended a request.
 """
@@ -340,11 +344,12 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
         names = {"max_new_tokens": "max_tokens", "input_ids": "prompt"}
 
         def job() -> Job:
+            model = router.served.resolve(body.model)
             refuse_unsupported(body)
             prompt_ids = completion_prompt(router, body.prompt)
             max_new = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
             router.spec.check_request(prompt_ids, max_new)
-            return Job(f"cmpl-{uuid.uuid4().hex}", "completion", router.model_name, prompt_ids,
+            return Job(f"cmpl-{uuid.uuid4().hex}", "completion", model, prompt_ids,
                        sampling_params(body, max_new), bool(body.stream), _include_usage(body), names,
                        request_timeout(body))
 
@@ -356,6 +361,7 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
         names = {"max_new_tokens": max_field, "input_ids": "messages", "prompt": "messages"}
 
         def job() -> Job:
+            model = router.served.resolve(body.model)
             refuse_unsupported(body)
             prompt_ids = router.encode_chat(chat_messages(body.messages))
             max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -365,7 +371,7 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
                     raise ApiError.invalid("messages", f"the conversation ({len(prompt_ids)} tokens) fills the "
                                                        f"model's context of {router.spec.max_context} tokens")
             router.spec.check_request(prompt_ids, max_new)
-            return Job(f"chatcmpl-{uuid.uuid4().hex}", "chat", router.model_name, prompt_ids,
+            return Job(f"chatcmpl-{uuid.uuid4().hex}", "chat", model, prompt_ids,
                        sampling_params(body, max_new), bool(body.stream), _include_usage(body), names,
                        request_timeout(body))
 
@@ -373,9 +379,9 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        model = {"id": router.model_name, "object": "model", "created": 0, "owned_by": "baton",
-                 "max_model_len": router.spec.max_context}
-        return {"object": "list", "data": [model]}
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "baton",
+                 "max_model_len": router.spec.max_context} for name in router.served.names]
+        return {"object": "list", "data": data}
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # some health checkers send HEAD
     async def health() -> dict[str, str]:

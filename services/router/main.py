@@ -17,29 +17,33 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-from baton.flags import add_model_arguments, add_registry_arguments, add_tls_arguments, env_default, flag
+from baton.flags import (
+    add_internal_token_arguments,
+    add_model_arguments,
+    add_registry_arguments,
+    add_tls_arguments,
+    addresses_from_env,
+    flag,
+)
+from baton.rpc.internal_token import resolve_internal_token
 from baton.rpc.load import Role
 from baton.rpc.server import TlsConfig, create_server, set_serving
 from services.router.core import Router
 from services.router.grpc_api import router_service
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler
+from services.router.served import names_from_env
 
 log = logging.getLogger(__name__)
-
-
-def _addresses(name: str) -> list[str]:
-    """Default worker addresses from the environment: BATON_DECODE="host:port,host:port"."""
-    return [a for a in (env_default(name, "") or "").replace(" ", ",").split(",") if a]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--host", "0.0.0.0", help="address to listen on")
     flag(p, "--grpc-port", 50051, int, help="public gRPC API")
     flag(p, "--http-port", 8000, int, help="OpenAI-compatible HTTP API and /metrics (0: none)")
-    p.add_argument("--decode", nargs="+", action="extend", default=_addresses("decode"), metavar="HOST:PORT",
+    p.add_argument("--decode", nargs="+", action="extend", default=addresses_from_env("decode"), metavar="HOST:PORT",
                    help="decode worker addresses")
-    p.add_argument("--prefill", nargs="+", action="extend", default=_addresses("prefill"), metavar="HOST:PORT",
+    p.add_argument("--prefill", nargs="+", action="extend", default=addresses_from_env("prefill"), metavar="HOST:PORT",
                    help="prefill worker addresses")
     add_registry_arguments(p)  # --redis: find workers there instead
     flag(p, "--poll-s", 0.2, float, help="seconds between reads of the workers' load")
@@ -55,8 +59,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                               "authorization metadata); /health, /metrics and gRPC health stay open")
     flag(p, "--max-body-bytes", 4 << 20, int,
          help="largest HTTP body (else 413) and gRPC request message (else RESOURCE_EXHAUSTED) accepted")
+    flag(p, "--read-timeout-s", 30.0, float,
+         help="how long an HTTP client may take to send a whole request, headers and body (else 408 and the "
+              "connection is closed; answering is not bounded; 0: no limit)")
     add_tls_arguments(p)
+    add_internal_token_arguments(p)  # what calls to the workers carry
     add_model_arguments(p)
+    p.add_argument("--served-model-name", nargs="+", default=names_from_env(), metavar="NAME",
+                   help="the names clients may give as `model` (the first is the one responses report); others are "
+                        "refused (HTTP 404 model_not_found, gRPC NOT_FOUND). Default: --model as given and, for a "
+                        "local model, its directory's name. Env: BATON_SERVED_MODEL_NAME=name,name")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         args.tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+        args.internal_token = resolve_internal_token(args.internal_token, args.internal_token_file)
     except ValueError as e:
         log.error("%s", e)
         return 2
@@ -87,9 +100,10 @@ async def _track_readiness(router: Router, health: Any, services: list[Any], pol
 
 async def serve(args: argparse.Namespace) -> int:
     pool = WorkerPool(Scheduler(args.max_queue), args.decode, args.prefill, args.redis, args.poll_s,
-                      redis_prefix=args.redis_prefix, tls=getattr(args, "tls", None))
+                      redis_prefix=args.redis_prefix, tls=getattr(args, "tls", None),
+                      internal_token=getattr(args, "internal_token", None))
     router = Router.load(args.model, pool, kv_timeout_s=args.kv_timeout_s, queue_timeout_s=args.queue_timeout_s or None,
-                         max_retries=args.max_retries)
+                         max_retries=args.max_retries, served_names=args.served_model_name)
     await router.start()
     services = [router_service(router)]
     # The public port: plaintext (put a TLS-terminating proxy in front), guarded by --api-key when given.
@@ -101,8 +115,9 @@ async def serve(args: argparse.Namespace) -> int:
     http_task = asyncio.create_task(http.serve(), name="http") if http is not None else None
     source = (f"registry {args.redis} (prefix {args.redis_prefix})" if args.redis
               else f"decode {args.decode}, prefill {args.prefill}")
-    log.info("router serving gRPC on %s:%d%s, model %s, workers from %s", args.host, args.grpc_port,
-             f", HTTP on {args.http_port}" if http is not None else "", args.model, source)
+    log.info("router serving gRPC on %s:%d%s, model %s (served as %s), workers from %s", args.host, args.grpc_port,
+             f", HTTP on {args.http_port}" if http is not None else "", args.model, ", ".join(router.served.names),
+             source)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,6 +148,7 @@ def _http_server(router: Router, args: argparse.Namespace) -> Any:
     import uvicorn
 
     from services.router import http_api
+    from services.router.http_timeouts import read_timeout_protocol
 
     class Server(uvicorn.Server):
         """uvicorn without its own signal handlers: this process handles SIGTERM/SIGINT for both servers."""
@@ -145,4 +161,6 @@ def _http_server(router: Router, args: argparse.Namespace) -> Any:
             pass
 
     app = http_api.create_app(router, max_body_bytes=args.max_body_bytes, api_key=args.api_key)
-    return Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning"))
+    # Slow clients: each request must arrive within --read-timeout-s (services/router/http_timeouts.py).
+    http = read_timeout_protocol(args.read_timeout_s) if args.read_timeout_s > 0 else "auto"
+    return Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning", http=http))

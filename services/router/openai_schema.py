@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from baton.engine.request import MAX_TIMEOUT_S, SamplingParams
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Reason, ServiceError, reason_of
+from services.router.served import ServedModels
 from services.router.text import Delta
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 class Backend(Protocol):
     """The router core (services.router.core.Router) as this API uses it."""
 
-    model_name: str
+    served: ServedModels  # the names clients may ask for, and the check of a request's `model`
     spec: ModelSpec  # the model's limits
 
     def encode_prompt(self, text: str) -> list[int]: ...
@@ -50,17 +51,19 @@ _ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "inva
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.retry_after_s = retry_after_s
+        self.kind = kind  # the error's `type`; None: the status's (_ERROR_TYPES)
 
     @classmethod
     def invalid(cls, param: str | None, message: str) -> ApiError:
         return cls(400, f"{param}: {message}" if param else message, param)
 
     def body(self) -> dict[str, Any]:
-        kind = _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        kind = self.kind or _ERROR_TYPES.get(self.status,
+                                             "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
@@ -73,8 +76,9 @@ class ApiError(Exception):
 # HTTP status of each reason a Baton error can carry (baton/errors.py).
 HTTP_STATUS = {
     Reason.INVALID_REQUEST: 400, Reason.MALFORMED_MESSAGE: 400, Reason.INVALID_KV: 400, Reason.OVERLOADED: 429,
-    Reason.UNAVAILABLE: 503, Reason.NOT_FOUND: 404, Reason.CANCELLED: 499, Reason.DEADLINE_EXCEEDED: 504,
-    Reason.KV_LEASE_EXPIRED: 504, Reason.KV_PUSH_FAILED: 503, Reason.UNAUTHENTICATED: 401, Reason.INTERNAL: 500,
+    Reason.UNAVAILABLE: 503, Reason.NOT_FOUND: 404, Reason.MODEL_NOT_FOUND: 404, Reason.CANCELLED: 499,
+    Reason.DEADLINE_EXCEEDED: 504, Reason.KV_LEASE_EXPIRED: 504, Reason.KV_PUSH_FAILED: 503,
+    Reason.UNAUTHENTICATED: 401, Reason.INTERNAL: 500,
 }
 
 
@@ -89,6 +93,8 @@ def api_error(exc: BaseException, params: dict[str, str]) -> ApiError:
             return ApiError(400, exc.detail)
         param = params.get(exc.field, exc.field)
         return ApiError(400, f"{param}: {exc.detail}", param)
+    if reason is Reason.MODEL_NOT_FOUND:  # as OpenAI answers it (and the openai client raises NotFoundError)
+        return ApiError(404, str(exc), "model", code=reason.value, kind="invalid_request_error")
     if reason is Reason.OVERLOADED:
         return ApiError(429, str(exc), code="overloaded", retry_after_s=getattr(exc, "retry_after_s", None) or 1.0)
     if reason is Reason.INTERNAL and not isinstance(exc, ServiceError):

@@ -39,6 +39,7 @@ class WorkerPool:
         fingerprint: str | None = None,
         tls: TlsConfig | None = None,
         restart_grace_s: float = 5.0,
+        internal_token: str | None = None,
     ) -> None:
         if redis_url and (decode or prefill):
             raise ValueError("give worker addresses or a registry (--redis), not both")
@@ -47,7 +48,7 @@ class WorkerPool:
         self.registry = RedisRegistry(redis_url, prefix=redis_prefix) if redis_url else None
         self.poll_s = poll_s
         self.fingerprint = fingerprint  # adopted from the first worker heard from when None
-        self.channels = ChannelCache(tls)  # mutual TLS to the workers when given
+        self.channels = ChannelCache(tls, internal_token)  # every call carries the token; mutual TLS when given
         self.restart_grace_s = restart_grace_s
         self._known: dict[Role, dict[str, WorkerReport]] = {role: {} for role in Role}  # from the last registry read
         self._redis_id: str | None = None

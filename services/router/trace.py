@@ -18,9 +18,10 @@ log = logging.getLogger("services.router.core")  # the request log keeps its log
 class Trace:
     """What the request log line says about one request."""
 
-    id: str
+    id: str  # the client's
     start: float
     prompt_tokens: int
+    worker_id: str = ""  # the id workers know it by (never the client's: a client cannot name another's request)
     decode: str | None = None
     prefill: str | None = None
     completion_tokens: int = 0
@@ -54,6 +55,7 @@ class Trace:
         ttft = None if self.first_token_at is None else self.first_token_at - self.start
         line: dict[str, Any] = {
             "request_id": self.id,
+            "worker_request_id": self.worker_id,
             "decode_worker": self.decode,
             "prefill_worker": self.prefill,
             "prompt_tokens": self.prompt_tokens,

@@ -11,10 +11,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from baton.rpc.internal_token import bearer, resolve_internal_token
 from baton.serve import free_port
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
@@ -22,6 +24,40 @@ from baton.v1 import baton_pb2_grpc
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
+
+
+class _WithToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the internal token to every call, as Baton's own services do (baton/rpc/internal_token.py)."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = bearer(token)
+
+    def _details(self, details: Any) -> Any:
+        return _Details(details.method, details.timeout, [*(details.metadata or ()), *self.metadata],
+                        details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+    intercept_stream_unary = intercept_unary_unary
+    intercept_stream_stream = intercept_unary_unary
+
+
+class _Details(NamedTuple):  # grpc.ClientCallDetails, with other metadata
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+def worker_channel(address: str) -> grpc.Channel:
+    """A channel to a worker process started without --internal-token: its calls carry the token of Baton's
+    default token file, as the worker's do (a test is one more process of the same user)."""
+    return grpc.intercept_channel(grpc.insecure_channel(address), _WithToken(resolve_internal_token(None, None)))
 
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
@@ -92,7 +128,7 @@ def processes(logs: Path) -> Iterator[Processes]:
 
 
 def occupancy(address: str, worker: str = "decode") -> pb.OccupancyResponse:
-    with grpc.insecure_channel(address) as ch:
+    with worker_channel(address) as ch:
         stub = (baton_pb2_grpc.DecodeWorkerStub if worker == "decode" else baton_pb2_grpc.PrefillWorkerStub)(ch)
         reply: pb.OccupancyResponse = stub.Occupancy(pb.OccupancyRequest(), timeout=5)
         return reply
