@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -121,7 +121,7 @@ class Served:
         return f"http://{self.host}:{self.port}/v1"
 
 
-def serve(app: Any, **config: Any) -> Iterator[Served]:
+def serve(app: Any, **config: Any) -> Generator[Served, None, None]:
     """Run `app` with uvicorn in a background thread until the generator is closed (`config`: more of
     uvicorn.Config's settings)."""
     port = free_port()
