@@ -101,7 +101,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def test_services_refuse_half_a_tls_configuration(service: Any, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     parser = argparse.ArgumentParser()
     service.add_arguments(parser)
-    argv = ["--decode", "d:1", "--prefill", "p:1"] if service is router_main else []
+    argv = {router_main: ["--decode", "d:1", "--prefill", "p:1"], prefill_main: ["--decode", "d:1"]}.get(service, [])
     assert service.main(parser.parse_args([*argv, "--tls-cert", str(pki.files["cert"])])) == 2  # before any loading
     assert "--tls-key, --tls-ca missing" in caplog.text
 
@@ -216,7 +216,8 @@ def test_tls_flags_on_the_services(pki: Pki, tiny_llama_dir: Path, tmp_path: Pat
                                "--max-batch", "2", *model, *tls)
         for key, path in pki.files.items():  # the prefill worker and the router take them from the environment
             monkeypatch.setenv(f"BATON_TLS_{key.upper()}", str(path))
-        prefill_proc = ps.baton("prefill", "prefill", "--host", "127.0.0.1", "--port", prefill.split(":")[1], *model)
+        prefill_proc = ps.baton("prefill", "prefill", "--host", "127.0.0.1", "--port", prefill.split(":")[1],
+                                "--decode", decode, *model)
         for address, proc in ((decode, decode_proc), (prefill, prefill_proc)):
             wait_tls(address, proc, pki.good, tmp_path)
         router_proc = ps.baton("router", "router", "--host", "127.0.0.1", "--grpc-port", router.split(":")[1],

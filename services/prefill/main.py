@@ -33,12 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if not args.decode and not args.redis:
+        log.error("give --decode addresses (the decode workers KV may go to), or --redis")
+        return 2
     setup = load_worker_model(args)
     if isinstance(setup, int):
         return setup
     registry = RedisRegistry(args.redis, prefix=args.redis_prefix) if args.redis else None
-    if not args.decode and registry is None:
-        log.warning("no --decode addresses and no --redis: this prefill worker knows no decode worker to push to")
     worker = PrefillWorker(setup.lm, max_queue=args.max_queue, shared_cores=setup.shared_cores,
                            push_timeout_s=args.push_timeout_s, tls=setup.tls, internal_token=setup.internal_token,
                            destinations=DecodeDirectory(args.decode, registry))
