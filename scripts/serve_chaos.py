@@ -50,7 +50,8 @@ def main() -> int:
     log = Path(tempfile.mkdtemp(prefix="serve-chaos-")) / "serve.log"
     serve = subprocess.Popen([sys.executable, "-m", "baton.cli", "serve", "--decode-workers", "2", "--prefill-workers",
                               "2", "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
-                             stdout=log.open("wb"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                             stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         while "Ctrl-C stops everything" not in log.read_text():
             assert serve.poll() is None, log.read_text()[-2000:]
