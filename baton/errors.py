@@ -24,6 +24,7 @@ class Reason(enum.Enum):
     UNAVAILABLE = "unavailable"  # not serving: shutting down, draining, no worker known, handed off
     NOT_FOUND = "not_found"  # no such request (or reservation) here
     MODEL_NOT_FOUND = "model_not_found"  # the request names a model the router does not serve
+    UNKNOWN_PEER = "unknown_peer"  # a worker was asked to reach a worker of its cluster it does not know
     CANCELLED = "cancelled"  # the request was cancelled on the worker
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline passed
     KV_LEASE_EXPIRED = "kv_lease_expired"  # a decode worker's reserved row got no KV in time and was released
@@ -110,6 +111,13 @@ class KvPushFailed(ServiceError):
         self.upstream = upstream
 
 
+class UnknownPeer(ServiceError):
+    """A prefill worker was asked to push KV to a decode worker it does not know (not in its --decode list or
+    registry): it dials nothing. The router tries another prefill worker; a client never caused it."""
+
+    reason = Reason.UNKNOWN_PEER
+
+
 class Unauthenticated(ServiceError):
     reason = Reason.UNAUTHENTICATED
 
@@ -128,7 +136,7 @@ def reason_of(exc: BaseException) -> Reason:
 _CLASSES: dict[Reason, type[ServiceError]] = {
     cls.reason: cls
     for cls in (MalformedMessage, PayloadError, Overloaded, Unavailable, NotFound, ModelNotFound, Cancelled,
-                DeadlineExceeded, KvLeaseExpired, Unauthenticated, ServiceError)
+                DeadlineExceeded, KvLeaseExpired, UnknownPeer, Unauthenticated, ServiceError)
 }
 
 

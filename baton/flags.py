@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+
+def cache_dir() -> Path:
+    """Where Baton keeps files between runs (converted models, the internal token): BATON_CACHE_DIR, by default
+    ~/.cache/baton."""
+    return Path(os.environ.get("BATON_CACHE_DIR", Path.home() / ".cache" / "baton"))
 
 
 def env_default(name: str, default: str | None = None) -> str | None:

@@ -201,8 +201,12 @@ def main(args: argparse.Namespace) -> int:
         threads = args.threads or max(1, cores // workers)  # side by side: workers must not fight over cores
     registry = ["--redis", args.redis, "--redis-prefix", args.redis_prefix] if args.redis else []
     env = dict(os.environ)
-    env["BATON_INTERNAL_TOKEN"] = (resolve_internal_token(args.internal_token, args.internal_token_file)
-                                   if args.internal_token or args.internal_token_file else new_token())
+    try:
+        env["BATON_INTERNAL_TOKEN"] = (resolve_internal_token(args.internal_token, args.internal_token_file)
+                                       if args.internal_token or args.internal_token_file else new_token())
+    except ValueError as e:
+        say(str(e))
+        return 2
     stack = Stack(env, args.max_restarts)
     stopping = False
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,12 @@ from baton.engine.spec import ModelSpec
 VOCAB = 49152  # smollm2's tokenizer, so tiny models can take text too
 # The tiny Llama's description, for routers in front of tiny or fake workers (test_engine checks it is).
 TINY_SPEC = ModelSpec(max_context=1024, vocab_size=VOCAB, num_layers=2, kv_heads=2, head_dim=16)
+
+# Worker processes started by tests find their internal token in this file (created on first use), inherited
+# through the environment; tests' own calls to workers read it too (tests/support/processes.py: worker_channel).
+# So no test reads or writes the user's own token file in ~/.cache/baton.
+os.environ.setdefault("BATON_INTERNAL_TOKEN_FILE",
+                      str(Path(tempfile.mkdtemp(prefix="baton-test-token-")) / "internal-token"))
 
 # Service tests run worker processes beside this one on a 2-core machine: oversubscribed OpenMP threads spin and
 # slow everything down tenfold, so the test process keeps to one thread (tests assert behaviour, not speed).

@@ -26,6 +26,7 @@ from baton.errors import (
     ServiceError,
     Unauthenticated,
     Unavailable,
+    UnknownPeer,
     error_of,
     reason_of,
 )
@@ -44,7 +45,7 @@ def make_errors(message: str, field: str) -> list[ServiceError]:
         InvalidRequestError(field, message), MalformedMessage(message), PayloadError(message),
         Overloaded(message, retry_after_s=0.25), Unavailable(message), NotFound(message), ModelNotFound(message),
         Cancelled(message), DeadlineExceeded(message), KvLeaseExpired(message), KvPushFailed(message, Reason.NOT_FOUND),
-        Unauthenticated(message), ServiceError(message),
+        UnknownPeer(message), Unauthenticated(message), ServiceError(message),
     ]
 
 

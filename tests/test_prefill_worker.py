@@ -26,7 +26,6 @@ from baton.engine.request import Request, SamplingParams
 from baton.engine.runner import ModelRunner
 from baton.errors import Cancelled, InvalidRequestError, Overloaded, Unavailable
 from baton.rpc.convert import params_to_proto
-from baton.rpc.internal_token import resolve_internal_token
 from baton.rpc.kv_transfer import payload_from_messages
 from baton.rpc.registry import RedisRegistry
 from baton.rpc.server import Service, channel, create_server
@@ -34,9 +33,10 @@ from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.prefill.server import PrefillWorkerServicer
 from services.prefill.worker import PrefillWorker
+from tests.support.processes import internal_token
 from tests.test_registry import RedisServer, free_port
 
-TOKEN = resolve_internal_token(None, None)  # the prefill processes here use the default token file
+TOKEN = internal_token()  # the prefill processes here use the session's token file
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = [1, 415, 2936, 9060, 285, 1048, 690, 260, 21614, 3593, 30, 1073, 4, 88, 901, 12]

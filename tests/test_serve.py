@@ -11,14 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
+import pytest
 import redis
 
 from baton.client import BatonClient
 from baton.engine.models import LoadedModel
 from baton.serve import free_port
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc
 from tests.support.oracle import reference
-from tests.support.processes import ROOT, processes
+from tests.support.processes import ROOT, processes, worker_channel
+from tests.support.serve import Serve
 
 PREFIX = "team-a"
 
@@ -32,7 +37,9 @@ def test_baton_serve_under_a_redis_prefix(tiny_llama_dir: Path, tiny_llama: Load
         serve = subprocess.Popen(
             [sys.executable, "-m", "baton.cli", "serve", "--model", str(tiny_llama_dir), "--threads", "1",
              "--redis", url, "--redis-prefix", PREFIX, "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,  # without a token of its own: it makes one
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("BATON_INTERNAL_TOKEN")},
+                 "PYTHONUNBUFFERED": "1"},
         )
         try:
             deadline = time.monotonic() + 180
@@ -43,6 +50,11 @@ def test_baton_serve_under_a_redis_prefix(tiny_llama_dir: Path, tiny_llama: Load
             keys = sorted(str(k) for k in redis.Redis.from_url(url, decode_responses=True).keys("*"))
             assert {k.split(":")[0] for k in keys} == {PREFIX}, keys
             assert sum(":worker:decode:" in k for k in keys) == 1 and sum(":worker:prefill:" in k for k in keys) == 1
+            # the token baton serve made for this run is nobody else's: the session's is refused
+            (decode,) = Serve(serve, tmp_path / "serve.log", "", "").decode()
+            with worker_channel(decode) as ch, pytest.raises(grpc.RpcError) as e:
+                baton_pb2_grpc.DecodeWorkerStub(ch).Occupancy(pb.OccupancyRequest(), timeout=10)
+            assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
             prompts = [[5 + i, 17, 300 + i, 42] for i in range(4)]
             with BatonClient(f"127.0.0.1:{grpc_port}") as client:

@@ -70,11 +70,12 @@ async def _openai_stream(client: openai.AsyncOpenAI, ids: list[int], out: Outcom
 
 
 async def load(serve: Serve, ids: list[list[int]], fault: Callable[[], None], at_tokens: int,
-               retry_until_s: float = 0.0, when: Callable[[], bool] | None = None) -> list[Outcome]:
+               retry_until_s: float = 0.0, when: Callable[[], bool] | None = None,
+               retried: list[int] | None = None) -> list[Outcome]:
     """Stream every prompt (even ones over gRPC, odd ones over HTTP), and call `fault` once `at_tokens` tokens
     (or chunks) have arrived in all, or once `when` (polled off the event loop) says so. With `retry_until_s`,
     a request that failed is sent again until it succeeds or that many seconds have passed (a client retrying
-    after the router died)."""
+    after the router died); `retried` collects the indexes of the requests sent again."""
     outs = [Outcome() for _ in ids]
     client = openai.AsyncOpenAI(base_url=f"{serve.http}/v1", api_key="unused", max_retries=0, timeout=240)
 
@@ -88,6 +89,8 @@ async def load(serve: Serve, ids: list[list[int]], fault: Callable[[], None], at
             if outs[i].error is None or time.monotonic() > deadline:
                 return
             outs[i] = Outcome()  # start again from nothing
+            if retried is not None:
+                retried.append(i)
             await asyncio.sleep(0.5)
 
     async def injector(task: asyncio.Future[Any]) -> None:
@@ -175,13 +178,15 @@ def test_a_killed_worker_loses_nothing_and_comes_back(serve: Serve, name: str, t
 def test_a_killed_router_is_started_again_and_clients_retry(serve: Serve, tiny_llama: LoadedModel) -> None:
     ids = prompts(STREAMS, seed=9)
     killed: list[int] = []
+    retried: list[int] = []
     outs = asyncio.run(load(serve, ids, lambda: killed.append(serve.kill("router")), STREAMS * NEW_TOKENS // 5,
-                            retry_until_s=120))
-    assert killed
+                            retry_until_s=120, retried=retried))
+    assert killed and retried  # the streams it held broke
     check_exact(outs, ids, tiny_llama)  # every client got its whole answer, some on a second try
     serve.wait_back("router", killed[0])
     idle(serve)  # what the dead router held was cancelled on the workers
-    record(test="serve", fault="router", streams=STREAMS, completed=sum(o.error is None for o in outs), exact=True)
+    record(test="serve", fault="router", streams=STREAMS, completed=sum(o.error is None for o in outs),
+           retried_by_clients=len(set(retried)), exact=True)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")

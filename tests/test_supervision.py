@@ -1,7 +1,8 @@
 """`baton serve`'s supervision (baton/serve.py: Stack.supervise) and a prefill worker's decode directory
 (services/prefill/destinations.py), without a model: a service that exits is started again after a backoff, at
 most --max-restarts times a minute, then everything stops saying why; an address the directory does not know is
-looked up once in the registry, by every caller waiting on the same read, and refused when it is not there."""
+looked up in a registry read that starts after it came, shared by every caller waiting, and refused when it is
+not there; what the registry listed lately stays known for a while."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from baton.errors import InvalidRequestError
+from baton.errors import UnknownPeer
 from baton.rpc.registry import WorkerInfo
 from baton.serve import Stack, exit_status
 from services.prefill.destinations import DecodeDirectory
@@ -76,25 +77,28 @@ def test_the_decode_directory_knows_its_flags_and_its_registry() -> None:
     async def scenario() -> None:
         static = DecodeDirectory(["d:1"])
         await static.check("d:1")
-        with pytest.raises(InvalidRequestError) as e:
+        with pytest.raises(UnknownPeer) as e:
             await static.check("elsewhere:1")
-        assert e.value.field == "decode_address" and "elsewhere" not in str(e.value)
+        assert "elsewhere" not in str(e.value)  # the refusal tells nothing about the address
 
         reg = FakeRegistry()
-        known = DecodeDirectory(registry=reg, refresh_s=0.5)  # type: ignore[arg-type]
+        known = DecodeDirectory(registry=reg, refresh_s=0.3, forget_s=2.0)  # type: ignore[arg-type]
         reg.addresses = ["d:2"]
         results: list[Any] = await asyncio.gather(*(known.check("d:2") for _ in range(20)), return_exceptions=True)
         assert results == [None] * 20 and reg.reads == 1  # twenty callers, one read
         reg.addresses = ["d:2", "d:3"]
-        with pytest.raises(InvalidRequestError):  # not read again within refresh_s
-            await known.check("d:3")
-        await asyncio.sleep(0.5)
-        await known.check("d:3")  # a decode worker that registered since
+        await known.check("d:3")  # registered since: the check waits for the next read (not sooner than 0.3 s)
+        assert reg.reads == 2
+        with pytest.raises(UnknownPeer):
+            await known.check("d:9")  # never registered: refused after one more read
+        assert reg.reads == 3
+        reg.addresses = []  # Redis came back empty (restarted): what it listed lately stays known a while
+        with pytest.raises(UnknownPeer):
+            await known.check("d:8")
+        await known.check("d:2")
         reg.fail = True
-        await asyncio.sleep(0.5)
-        await known.check("d:2")  # known already: no read
-        with pytest.raises(InvalidRequestError):
-            await known.check("d:9")  # Redis away: what was read last still holds, and nothing more
-        await known.check("d:3")
+        await asyncio.sleep(2.1)
+        with pytest.raises(UnknownPeer):
+            await known.check("d:2")  # forgotten once it has not been listed for forget_s
 
     asyncio.run(scenario())

@@ -14,31 +14,37 @@ Where the token comes from, first match wins:
    not exist. Processes of one user on one machine, and containers sharing the compose stack's model volume,
    so agree on a token with nothing configured.
 
-This module imports grpc and nothing of Baton's but the cache directory.
+This module imports grpc and nothing of Baton's but the cache directory's location (so `baton health`, the
+container HEALTHCHECK, stays free of torch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
-from baton.engine.models import cache_dir
+from baton.flags import cache_dir
+
+log = logging.getLogger(__name__)
 
 TOKEN_FILE_NAME = "internal-token"
 MIN_TOKEN_CHARS = 16
 
 
 def default_token_file() -> Path:
+    """Where processes that were given no token keep the one they share: in Baton's cache directory."""
     return cache_dir() / TOKEN_FILE_NAME
 
 
 def new_token() -> str:
+    """A fresh random token (256 bits)."""
     return secrets.token_urlsafe(32)
 
 
@@ -53,22 +59,25 @@ def _checked(token: str, source: str) -> str:
 def _read_or_create(path: Path) -> str:
     """The token in `path`; a new one written there first when the file does not exist. Safe when several
     processes start at once: the file appears whole (written aside, then linked into place) and the first one
-    linked wins."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(new_token() + "\n")
-            with contextlib.suppress(FileExistsError):  # another process was first: take its token
-                os.link(aside, path)
-        finally:
-            aside.unlink(missing_ok=True)
+    linked wins. ValueError when it can be neither read nor made."""
     try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(new_token() + "\n")
+                with contextlib.suppress(FileExistsError):  # another process was first: take its token
+                    os.link(aside, path)
+            finally:
+                aside.unlink(missing_ok=True)
+        if path.stat().st_mode & 0o077:
+            log.warning("%s can be read by other users than its owner (chmod 600 it): they can call the workers",
+                        path)
         return path.read_text()
     except OSError as e:
-        raise ValueError(f"--internal-token-file: cannot read {path}: {e.strerror}") from None
+        raise ValueError(f"--internal-token-file: cannot read or create {path}: {e.strerror}") from None
 
 
 def resolve_internal_token(token: str | None, path: str | None) -> str:
@@ -116,6 +125,35 @@ class _StreamStream(_WithToken, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails,
                                       request_iterator: Any) -> Any:
         return await continuation(self._with_token(details), request_iterator)
+
+
+class _SyncDetails(NamedTuple):  # grpc.ClientCallDetails, with other metadata
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _SyncWithToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                     grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.metadata = bearer(token)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_SyncDetails(details.method, details.timeout, [*(details.metadata or ()), *self.metadata],
+                                         details.credentials, details.wait_for_ready, details.compression), request)
+
+    intercept_unary_stream = intercept_unary_unary
+    intercept_stream_unary = intercept_unary_unary
+    intercept_stream_stream = intercept_unary_unary
+
+
+def blocking_channel(address: str, token: str) -> grpc.Channel:
+    """A plaintext blocking channel to a worker whose calls carry `token` (for tools and tests; the services
+    themselves use asyncio channels made by baton.rpc.server.channel)."""
+    return grpc.intercept_channel(grpc.insecure_channel(address), _SyncWithToken(token))
 
 
 def token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:

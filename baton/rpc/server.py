@@ -210,6 +210,7 @@ def create_server(
     (RESOURCE_EXHAUSTED).
     Health reports SERVING for every service; set NOT_SERVING on the returned health servicer to drain."""
     options = [(k, max_message_bytes if k == "grpc.max_receive_message_length" else v) for k, v in CHANNEL_OPTIONS]
+    options.append(("grpc.so_reuseport", 0))  # a port someone else holds fails here, never serves both
     server = grpc.aio.server(interceptors=[ErrorInterceptor(api_key, internal_token)], options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

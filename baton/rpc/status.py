@@ -35,6 +35,7 @@ CODES: dict[Reason, grpc.StatusCode] = {
     Reason.CANCELLED: grpc.StatusCode.CANCELLED,
     Reason.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Reason.KV_LEASE_EXPIRED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Reason.UNKNOWN_PEER: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Reason.INTERNAL: grpc.StatusCode.INTERNAL,
 }

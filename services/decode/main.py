@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--kv-timeout-s", DEFAULT_KV_TIMEOUT_S, float,
          help="how long a reservation waits for its KV when the request does not say")
     flag(p, "--max-kv-timeout-s", MAX_KV_TIMEOUT_S, float,
-         help="the longest KV lease a request may ask for (longer ones are refused)")
+         help="the longest KV lease a reservation gets, whatever its request asks (longer asks are cut to it)")
 
 
 def main(args: argparse.Namespace) -> int:

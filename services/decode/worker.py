@@ -45,7 +45,7 @@ from baton.shared_cores import SharedCores
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_TIMEOUT_S = 30.0
-MAX_KV_TIMEOUT_S = 120.0  # the longest lease a caller may ask for: a reservation never holds a row for longer
+MAX_KV_TIMEOUT_S = 120.0  # the longest KV lease: a reservation never holds a row longer, whatever its caller asks
 
 
 class SlotState(enum.Enum):
@@ -222,9 +222,6 @@ class DecodeWorker:
             raise InvalidRequestError("request_id", "required")
         if request.id in self._live:
             raise InvalidRequestError("request_id", f"request id {request.id!r} is already live on this worker")
-        if kv_timeout_s is not None and kv_timeout_s > self.max_kv_timeout_s:
-            raise InvalidRequestError("kv_timeout_seconds", f"a KV lease of {kv_timeout_s:g}s is longer than this "
-                                                            f"worker allows ({self.max_kv_timeout_s:g}s)")
         self.engine.validate(request)  # reads only the model's limits: safe outside the decode loop
         budget = request.prompt_len + request.params.max_new_tokens
         if budget > self.max_kv_tokens:
@@ -243,6 +240,7 @@ class DecodeWorker:
         assert self._loop is not None and self._idle is not None, "start() first"
         res = Reservation(self, request, budget)
         timeout = kv_timeout_s if kv_timeout_s and kv_timeout_s > 0 else self.default_kv_timeout_s
+        timeout = min(timeout, self.max_kv_timeout_s)  # a caller cannot hold a row longer, whatever it asks
         res.lease = self._loop.call_later(timeout, self._expire, res, timeout)
         self._live[request.id] = res
         self._idle.clear()

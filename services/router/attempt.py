@@ -78,10 +78,15 @@ def resumed_request(request: pb.WorkerRequest, sent: list[int]) -> pb.WorkerRequ
 
 def worker_error(role: str, address: str, e: grpc.RpcError) -> ServiceError:
     """A worker's failed call as the error the router raises: its reason and field as the worker sent them,
-    its text prefixed with the worker it came from (an invalid request's text stays the worker's own)."""
+    its text prefixed with the worker it came from (an invalid request's text stays the worker's own). A worker
+    that refuses the internal token is an internal error (logged), not the client's missing API key."""
     err = error_from_rpc(e)
     if isinstance(err, InvalidRequestError):
         return err
+    if err.reason is Reason.UNAUTHENTICATED:  # the cluster's misconfiguration, never the client's fault
+        log.error("%s worker %s refuses the router's internal token: do the services share one? (%s)", role,
+                  address, err)
+        return ServiceError(f"{role} worker {address} refused the router's internal token")
     return error_of(err.reason, f"{role} worker {address}: {err}", retry_after_s=err.retry_after_s,
                     upstream=getattr(err, "upstream", None))
 
@@ -216,6 +221,7 @@ class Attempt:
         """Have a prefill worker compute the prompt's KV and push it to this attempt's decode worker. A prefill
         worker that is full or gone is skipped for the next one."""
         tried: list[str] = []
+        refusals: list[str] = []  # prefill workers that do not know this attempt's decode worker
         rid = self.request.request_id
         while True:
             try:
@@ -223,7 +229,8 @@ class Attempt:
             except Unavailable:
                 if not tried:
                     raise
-                raise Unavailable(f"every prefill worker refused request {rid}") from None
+                raise Unavailable(f"every prefill worker refused request {rid}"
+                                  + "".join(f"; {r}" for r in refusals)) from None
             self.trace.prefill = ticket.address
             self.metrics.chose("prefill", ticket.address)
             try:
@@ -237,6 +244,9 @@ class Attempt:
                     raise Recoverable(str(err)) from None
                 if err.reason is Reason.OVERLOADED:
                     self.scheduler.refused(ticket)
+                elif err.reason is Reason.UNKNOWN_PEER:  # it does not know this decode worker (yet): another may
+                    log.warning("request %s: %s", rid, err)
+                    refusals.append(str(err))
                 elif err.reason in (Reason.UNAVAILABLE, Reason.CANCELLED):  # died or shut down
                     self.scheduler.failed(ticket)
                     self.metrics.recovered("prefill_retry")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -11,12 +12,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from baton.rpc.internal_token import bearer, resolve_internal_token
+from baton.rpc.internal_token import blocking_channel, resolve_internal_token
 from baton.serve import free_port
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
@@ -26,38 +26,16 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 
-class _WithToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds the internal token to every call, as Baton's own services do (baton/rpc/internal_token.py)."""
-
-    def __init__(self, token: str) -> None:
-        self.metadata = bearer(token)
-
-    def _details(self, details: Any) -> Any:
-        return _Details(details.method, details.timeout, [*(details.metadata or ()), *self.metadata],
-                        details.credentials, details.wait_for_ready, details.compression)
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    intercept_unary_stream = intercept_unary_unary
-    intercept_stream_unary = intercept_unary_unary
-    intercept_stream_stream = intercept_unary_unary
-
-
-class _Details(NamedTuple):  # grpc.ClientCallDetails, with other metadata
-    method: str
-    timeout: float | None
-    metadata: Any
-    credentials: Any
-    wait_for_ready: bool | None
-    compression: Any
+def internal_token() -> str:
+    """The token of the worker processes tests start: from the token file conftest.py names for the session in
+    BATON_INTERNAL_TOKEN_FILE, which every process started here inherits."""
+    return resolve_internal_token(None, os.environ.get("BATON_INTERNAL_TOKEN_FILE"))
 
 
 def worker_channel(address: str) -> grpc.Channel:
-    """A channel to a worker process started without --internal-token: its calls carry the token of Baton's
-    default token file, as the worker's do (a test is one more process of the same user)."""
-    return grpc.intercept_channel(grpc.insecure_channel(address), _WithToken(resolve_internal_token(None, None)))
+    """A channel to a worker process started without --internal-token: its calls carry the session's token, as
+    the worker's callers do (a test is one more process of the same user)."""
+    return blocking_channel(address, internal_token())
 
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baton.health import is_serving
-from baton.rpc.internal_token import resolve_internal_token
-from tests.support.processes import ROOT, free_port
+from tests.support.processes import ROOT, free_port, internal_token
 
 _SERVICE = re.compile(r"([a-z]+-\d+|router) (\S+:\d+) \(pid (\d+)\)")
 _RESTARTED = re.compile(r"baton serve: ([a-z]+-\d+|router) started again \(pid (\d+)\)")
@@ -79,11 +78,11 @@ class Serve:
 def baton_serve(model_dir: Path, logs: Path, *args: str, timeout: float = 180.0,
                 env: dict[str, str] | None = None) -> Iterator[Serve]:
     """Run `baton serve` with the tiny model and `args` (and `env` added to its environment) until the block ends
-    (then SIGTERM, as Ctrl-C would). Its services take the token of Baton's default token file, so the test's
+    (then SIGTERM, as Ctrl-C would). Its services take the session's internal token, so the test's
     worker_channel() reaches them."""
     http_port, grpc_port = free_port(), free_port()
     log = logs / "serve.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", BATON_INTERNAL_TOKEN=resolve_internal_token(None, None), **(env or {}))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", BATON_INTERNAL_TOKEN=internal_token(), **(env or {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "baton.cli", "serve", "--model", str(model_dir), "--threads", "1",
          "--http-port", str(http_port), "--grpc-port", str(grpc_port), *args],
