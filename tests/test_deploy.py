@@ -108,6 +108,8 @@ def test_compose_reserves_gpus_for_workers_and_waits_for_health() -> None:
     assert "healthcheck" in services["redis"]
     assert {k: v["condition"] for k, v in services["router"]["depends_on"].items()} == {
         "redis": "service_healthy", "prefill": "service_healthy", "decode": "service_healthy"}
+    for name, svc in services.items():  # a service that exits is started again (docs/reliability.md)
+        assert svc.get("restart") == "unless-stopped", name
     cpu = load_compose(COMPOSE_CPU)["services"]
     for name in ("prefill", "decode"):
         assert cpu[name]["deploy"]["resources"]["reservations"]["devices"] == []
@@ -151,6 +153,13 @@ def test_overlays_probe_grpc_health_and_give_workers_their_resources(rendered: l
     decode = deployments["baton-decode"]["spec"]["template"]["spec"]
     drain = next(e["value"] for e in decode["containers"][0]["env"] if e["name"] == "BATON_DRAIN_S")
     assert float(drain) < decode["terminationGracePeriodSeconds"], "the drain must end before SIGKILL"
+    for name in ("baton-router", "baton-prefill", "baton-decode"):  # the internal token, from the Secret
+        env = {e["name"]: e for e in deployments[name]["spec"]["template"]["spec"]["containers"][0]["env"]}
+        ref = env["BATON_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "baton-internal-token" and not ref.get("optional", False)
+    budgets = {d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+               for d in rendered if d["kind"] == "PodDisruptionBudget"}
+    assert {"baton-router", "baton-prefill", "baton-decode"} <= budgets
     headless = next(d for d in rendered if d["kind"] == "Service" and d["metadata"]["name"] == "baton-workers")
     assert headless["spec"]["clusterIP"] == "None"
 
