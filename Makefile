@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.baton-installed
 
-.PHONY: setup serve proto test lint bench bench-decode bench-gpu clean
+.PHONY: setup serve proto test lint bench bench-decode bench-gpu gpu-deps clean
 
 setup: $(STAMP)
 
@@ -43,10 +43,14 @@ bench: setup
 bench-decode: setup
 	$(BIN)/baton bench decode --out results/decode.json
 
-# The engine benchmark on CUDA in bf16. Needs only a python with CUDA torch and transformers (no internet,
-# no install): see scripts/bench_gpu.sh.
+# The prepared GPU run (baton bench gpu: exactness, engine, decode, service; 8 minutes at most) into results/gpu.
+# Needs only a python with CUDA torch and transformers (no internet, no install): see scripts/bench_gpu.sh.
 bench-gpu:
-	scripts/bench_gpu.sh
+	scripts/bench_gpu.sh $(ARGS)
+
+# Pure-Python packages the service part of bench-gpu needs and a bare CUDA machine may lack, to carry along.
+gpu-deps: setup
+	$(BIN)/pip install -q --no-deps --target .cache/gpu-deps redis grpcio-health-checking grpcio-reflection
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis results

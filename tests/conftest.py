@@ -10,13 +10,10 @@ import pytest
 import torch
 from transformers import (
     AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerBase,
 )
 
+from baton.bench import shapes
 from baton.engine.models import LoadedModel, load_model, smollm2_dir
 from baton.engine.request import Request, SamplingParams
 from baton.engine.spec import ModelSpec
@@ -42,37 +39,14 @@ def tokenizer() -> PreTrainedTokenizerBase:
 
 
 def make_tiny_llama(tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> LoadedModel:
-    """A random Llama with GQA (4 query heads, 2 kv heads) and RoPE."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=2,
-        pad_token_id=2,
-        bos_token_id=1,
-    )
-    return LoadedModel(LlamaForCausalLM(cfg), tokenizer, "tiny-llama")
+    """A random Llama with GQA (4 query heads, 2 kv heads) and RoPE: the shape `tiny-llama` of
+    baton/bench/shapes.py, which the GPU run's exactness part builds too."""
+    return LoadedModel(shapes.build("tiny-llama", "cpu", "float32", seed=seed).model, tokenizer, "tiny-llama")
 
 
 def make_tiny_gpt2(tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> LoadedModel:
-    """A random GPT-2: absolute position embeddings, no GQA."""
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=1024,
-        eos_token_id=2,
-        bos_token_id=1,
-        pad_token_id=2,
-    )
-    return LoadedModel(GPT2LMHeadModel(cfg), tokenizer, "tiny-gpt2")
+    """A random GPT-2 (absolute position embeddings, no GQA): the shape `tiny-gpt2` of baton/bench/shapes.py."""
+    return LoadedModel(shapes.build("tiny-gpt2", "cpu", "float32", seed=seed).model, tokenizer, "tiny-gpt2")
 
 
 @pytest.fixture(scope="session")

@@ -44,11 +44,19 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize()
 
 
+def _generator(lm: LoadedModel, seed: int) -> Any:
+    """A seeded generator on the model's device: random KV is made there (on the CPU, a large batch's KV would
+    take longer to draw than the benchmark to run)."""
+    import torch
+
+    return torch.Generator(device=lm.device).manual_seed(seed)
+
+
 def _random_kv(lm: LoadedModel, tokens: int, gen: Any) -> Any:
     import torch
 
     shape = (lm.spec.num_layers, 2, lm.spec.kv_heads, tokens, lm.spec.head_dim)
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(lm.device, lm.dtype)
+    return torch.randn(shape, generator=gen, dtype=torch.float32, device=lm.device).to(lm.dtype)
 
 
 def _full_batch(lm: LoadedModel, batch: int, context: int, gen: Any) -> Any:
@@ -69,9 +77,7 @@ def _full_batch(lm: LoadedModel, batch: int, context: int, gen: Any) -> Any:
 
 def time_baton_steps(lm: LoadedModel, batch: int, context: int, steps: int) -> float:
     """Median seconds per decode step of a baton batch (sampling included)."""
-    import torch
-
-    engine = _full_batch(lm, batch, context, torch.Generator().manual_seed(0))
+    engine = _full_batch(lm, batch, context, _generator(lm, 0))
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
@@ -87,10 +93,10 @@ def time_bare_steps(lm: LoadedModel, batch: int, context: int, steps: int) -> fl
     import torch
     from transformers import DynamicCache
 
-    gen = torch.Generator().manual_seed(0)
+    gen = _generator(lm, 0)
     shape = (batch, lm.spec.kv_heads, context, lm.spec.head_dim)
     layers = [
-        tuple(torch.randn(shape, generator=gen).to(lm.device, lm.dtype) for _ in range(2))
+        tuple(torch.randn(shape, generator=gen, device=lm.device).to(lm.dtype) for _ in range(2))
         for _ in range(lm.spec.num_layers)
     ]
     cache = DynamicCache(ddp_cache_data=layers, config=lm.config)
@@ -110,11 +116,9 @@ def time_bare_steps(lm: LoadedModel, batch: int, context: int, steps: int) -> fl
 
 def time_splice(lm: LoadedModel, batch: int, context: int, prompt: int, repeats: int) -> dict[str, float]:
     """Evict a row, splice a `prompt`-token newcomer, decode one step; `repeats` times."""
-    import torch
-
     from baton.engine.request import Request, RequestStatus, SamplingParams
 
-    gen = torch.Generator().manual_seed(1)
+    gen = _generator(lm, 1)
     engine = _full_batch(lm, batch, context, gen)
     engine.step()
     splice, step = [], []

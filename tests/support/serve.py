@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baton.health import is_serving
+from baton.serve import terminate
 from tests.support.processes import ROOT, free_port, internal_token
 
 _SERVICE = re.compile(r"([a-z]+-\d+|router) (\S+:\d+) \(pid (\d+)\)")
@@ -97,10 +98,4 @@ def baton_serve(model_dir: Path, logs: Path, *args: str, timeout: float = 180.0,
             time.sleep(0.2)
         yield serve
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
