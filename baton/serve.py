@@ -104,7 +104,7 @@ class Child:
     name: str  # decode-0, prefill-1, router
     argv: list[str]  # after `baton`
     address: str  # the gRPC address it serves
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes]  # its latest start
     restarts: collections.deque[float] = field(default_factory=collections.deque)  # monotonic, last minute
     due: float | None = None  # (monotonic) when it starts again, while it is dead
 
@@ -116,23 +116,20 @@ class Stack:
     children: list[Child] = field(default_factory=list)
 
     def start(self, name: str, argv: list[str], address: str) -> Child:
-        child = Child(name, argv, address)
+        child = Child(name, argv, address, self._spawn(argv))
         self.children.append(child)
-        self._spawn(child)
         return child
 
-    def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen([sys.executable, "-m", "baton.cli", *child.argv], env=self.env)
-        child.due = None
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "baton.cli", *argv], env=self.env)
 
     def supervise(self, now: float) -> str | None:
         """Restart what died (when due): the reason to stop everything when a service ran out of restarts,
         else None. Called every half second."""
         for child in self.children:
-            assert child.proc is not None
             if child.due is not None:
                 if now >= child.due:
-                    self._spawn(child)
+                    child.proc, child.due = self._spawn(child.argv), None
                     say(f"{child.name} started again (pid {child.proc.pid})")
                 continue
             code = child.proc.poll()
@@ -151,7 +148,7 @@ class Stack:
         return None
 
     def stop(self, grace_s: float = 30.0) -> None:
-        procs = [c.proc for c in reversed(self.children) if c.proc is not None]  # router first: no new work
+        procs = [c.proc for c in reversed(self.children)]  # router first: no new work
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -245,7 +242,6 @@ def main(args: argparse.Namespace) -> int:
                 started.append(stack.start(f"{role}-{i}", argv, addr))
                 metrics.append(f"{role}-{i} http://127.0.0.1:{metrics_port}/metrics")
         for w in started:
-            assert w.proc is not None
             wait_serving(w.address, w.proc, args.startup_timeout)
         router_argv = ["router", "--host", args.host, "--grpc-port", str(args.grpc_port),
                        "--http-port", str(args.http_port), "--model", args.model, *registry]
@@ -253,7 +249,6 @@ def main(args: argparse.Namespace) -> int:
             prefill = [w.address for w in started if w.name.startswith("prefill")]
             router_argv += ["--decode", *decode, "--prefill", *prefill]
         router = stack.start("router", router_argv, f"127.0.0.1:{args.grpc_port}")
-        assert router.proc is not None
         wait_serving(router.address, router.proc, args.startup_timeout)
         host = "localhost" if args.host in ("0.0.0.0", "127.0.0.1") else args.host
         print(f"Baton is ready ({args.decode_workers} decode, {args.prefill_workers} prefill workers, "
@@ -262,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
               f"  gRPC:       {host}:{args.grpc_port}   (baton generate --url {host}:{args.grpc_port} \"Hello\")\n"
               f"  Metrics:    router http://{host}:{args.http_port}/metrics\n"
               + "".join(f"              {m}\n" for m in metrics)
-              + "  Services:   " + ", ".join(f"{c.name} {c.address} (pid {c.proc.pid if c.proc else '-'})"
+              + "  Services:   " + ", ".join(f"{c.name} {c.address} (pid {c.proc.pid})"
                                             for c in stack.children) + "\n"
               "Ctrl-C stops everything.", flush=True)
         while not stopping:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import tempfile
@@ -155,6 +156,21 @@ def _guarded(rec: PartRecord, key: str, fn: Callable[[], None]) -> None:
         free_memory()
 
 
+def each_shape(plan: Plan, rec: PartRecord, deadline: float | None,
+               measure: Callable[[str, str, float | None], None]) -> None:
+    """`measure(name, key, shape_deadline)` for every shape of the plan in turn, each within its share of the
+    part's time (shape_deadlines) and guarded (its failure recorded under its key, _guarded)."""
+    next_deadline = shape_deadlines(plan.shapes, deadline)
+    for name in plan.shapes:
+        key = label(name, plan.dry_run)
+        _guarded(rec, key, functools.partial(measure, name, key, next_deadline(name)))
+
+
+def passed(deadline: float | None) -> bool:
+    """Whether a soft deadline has passed (None: there is none)."""
+    return deadline is not None and time.monotonic() > deadline
+
+
 # ---- part 1: exactness ------------------------------------------------------------------------------------
 def part_exactness(plan: Plan, rec: PartRecord, deadline: float | None) -> None:
     from baton.bench.exactness import check, staggered_cases
@@ -211,40 +227,36 @@ def part_engine(plan: Plan, rec: PartRecord, deadline: float | None) -> None:
     spec = engine_workload(plan)
     rec.results["workload"] = spec.params()
     rec.results["policies"] = list(ENGINE_POLICIES)
-    next_deadline = shape_deadlines(plan.shapes, deadline)
-    for name in plan.shapes:
-        key = label(name, plan.dry_run)
-        shape_deadline = next_deadline(name)
 
-        def one(name: str = name, key: str = key, shape_deadline: float | None = shape_deadline) -> None:
-            lm = plan.model(name, plan.dtype)
-            out: dict[str, Any] = {"status": "running", "model": lm.name, "dtype": plan.dtype, "policies": {},
-                                   "skipped": [], "reports": []}
-            rec.results[key] = out
-            for i, policy in enumerate(ENGINE_POLICIES):
-                if i and shape_deadline is not None and time.monotonic() > shape_deadline:
-                    out["skipped"].append(policy)  # this shape's share of the part's time is spent
-                    continue
-                try:
-                    report = run_bench(lm, spec, [policy], warmup=True, progress=True)[0]
-                except Exception as e:  # noqa: BLE001 - a baseline's failure leaves the others' numbers
-                    out["policies"][policy] = {"error": f"{type(e).__name__}: {e}"}
-                    print(f"  {policy}: {type(e).__name__}: {e}", flush=True)
-                else:
-                    out["policies"][policy] = engine_summary(report)
-                    out["reports"].append(report)
-                free_memory()
-                rec.save()
-            tok = {p: v.get("output_tokens_per_s") for p, v in out["policies"].items()}
-            base = tok.get("baton")
-            out["baton_over"] = {p: base / t for p, t in tok.items() if p != "baton" and base and t}
-            failed = [p for p, v in out["policies"].items() if "error" in v]
-            out["status"] = "error" if failed else "ok"
-            rec.headline[key] = {"output_tokens_per_s": tok, "baton_over": out["baton_over"],
-                                 "skipped": out["skipped"]}
+    def one(name: str, key: str, shape_deadline: float | None) -> None:
+        lm = plan.model(name, plan.dtype)
+        out: dict[str, Any] = {"status": "running", "model": lm.name, "dtype": plan.dtype, "policies": {},
+                               "skipped": [], "reports": []}
+        rec.results[key] = out
+        for i, policy in enumerate(ENGINE_POLICIES):
+            if i and passed(shape_deadline):
+                out["skipped"].append(policy)  # this shape's share of the part's time is spent
+                continue
+            try:
+                report = run_bench(lm, spec, [policy], warmup=True, progress=True)[0]
+            except Exception as e:  # noqa: BLE001 - a baseline's failure leaves the others' numbers
+                out["policies"][policy] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"  {policy}: {type(e).__name__}: {e}", flush=True)
+            else:
+                out["policies"][policy] = engine_summary(report)
+                out["reports"].append(report)
+            free_memory()
             rec.save()
+        tok = {p: v.get("output_tokens_per_s") for p, v in out["policies"].items()}
+        base = tok.get("baton")
+        out["baton_over"] = {p: base / t for p, t in tok.items() if p != "baton" and base and t}
+        failed = [p for p, v in out["policies"].items() if "error" in v]
+        out["status"] = "error" if failed else "ok"
+        rec.headline[key] = {"output_tokens_per_s": tok, "baton_over": out["baton_over"],
+                             "skipped": out["skipped"]}
+        rec.save()
 
-        _guarded(rec, key, one)
+    each_shape(plan, rec, deadline, one)
 
 
 # ---- part 3: steady decode and splice ----------------------------------------------------------------------
@@ -278,59 +290,55 @@ def part_decode(plan: Plan, rec: PartRecord, deadline: float | None) -> None:
     rec.results["sizes"] = sizes.__dict__
     rec.headline["bandwidth_gb_per_s"] = gbps
     print(f"  memory bandwidth (copy of {sizes.copy_bytes >> 20} MiB): {gbps:.0f} GB/s", flush=True)
-    next_deadline = shape_deadlines(plan.shapes, deadline)
-    for name in plan.shapes:
-        key = label(name, plan.dry_run)
-        shape_deadline = next_deadline(name)
 
-        def one(name: str = name, key: str = key, shape_deadline: float | None = shape_deadline) -> None:
-            lm = plan.model(name, plan.dtype)
-            out: dict[str, Any] = {"status": "running", "model": lm.name, "dtype": plan.dtype, "batches": {},
-                                   "skipped": []}
-            rec.results[key] = out
-            with torch.inference_mode():
-                for i, batch in enumerate(sizes.batches):
-                    if i and shape_deadline is not None and time.monotonic() > shape_deadline:
-                        out["skipped"].append(f"batch {batch}")
-                        continue
-                    baton_s, bare_s = [], []
-                    for _ in range(sizes.rounds):  # interleaved, so drift hits both alike
-                        baton_s.append(time_baton_steps(lm, batch, sizes.context, sizes.steps))
-                        bare_s.append(time_bare_steps(lm, batch, sizes.context, sizes.steps))
-                        free_memory()
-                    b_ms, r_ms = 1e3 * statistics.median(baton_s), 1e3 * statistics.median(bare_s)
-                    fl = floor(lm, batch, sizes.context, gbps)
-                    out["batches"][str(batch)] = {
-                        "context": sizes.context, "baton_step_ms": b_ms, "bare_step_ms": r_ms,
-                        "baton_tokens_per_s": 1e3 * batch / b_ms, "bare_tokens_per_s": 1e3 * batch / r_ms,
-                        "baton_over_bare_throughput": r_ms / b_ms, **fl,
-                        "baton_over_floor": b_ms / fl["floor_ms"], "bare_over_floor": r_ms / fl["floor_ms"],
-                    }
-                    print(f"  {key}, batch {batch}, context {sizes.context}: baton {b_ms:.2f} ms/step, bare "
-                          f"{r_ms:.2f} ms/step ({100 * r_ms / b_ms:.1f}%), memory floor {fl['floor_ms']:.2f} ms "
-                          f"(weights alone {fl['weights_ms']:.2f} ms)", flush=True)
-                    rec.save()
-                if shape_deadline is not None and time.monotonic() > shape_deadline:
-                    out["skipped"].append("splice")
-                else:
-                    splice = time_splice(lm, sizes.splice_batch, sizes.splice_context, sizes.splice_prompt,
-                                         sizes.splice_repeats)
-                    out["splice"] = {"batch": sizes.splice_batch, "context": sizes.splice_context,
-                                     "prompt": sizes.splice_prompt, **splice,
-                                     **floor(lm, sizes.splice_batch, sizes.splice_context, gbps)}
-                    print(f"  {key}, splice of {sizes.splice_prompt} tokens into {sizes.splice_batch} rows at "
-                          f"context {sizes.splice_context}: {splice['splice_ms_mean']:.2f} ms vs a "
-                          f"{splice['step_ms_median']:.2f} ms step", flush=True)
-            out["status"] = "ok"
-            rec.headline[key] = {
-                "baton_over_bare": {b: v["baton_over_bare_throughput"] for b, v in out["batches"].items()},
-                "baton_step_ms": {b: v["baton_step_ms"] for b, v in out["batches"].items()},
-                "floor_ms": {b: v["floor_ms"] for b, v in out["batches"].items()},
-                "splice_over_step": out.get("splice", {}).get("splice_over_step"),
-            }
-            rec.save()
+    def one(name: str, key: str, shape_deadline: float | None) -> None:
+        lm = plan.model(name, plan.dtype)
+        out: dict[str, Any] = {"status": "running", "model": lm.name, "dtype": plan.dtype, "batches": {},
+                               "skipped": []}
+        rec.results[key] = out
+        with torch.inference_mode():
+            for i, batch in enumerate(sizes.batches):
+                if i and passed(shape_deadline):
+                    out["skipped"].append(f"batch {batch}")
+                    continue
+                baton_s, bare_s = [], []
+                for _ in range(sizes.rounds):  # interleaved, so drift hits both alike
+                    baton_s.append(time_baton_steps(lm, batch, sizes.context, sizes.steps))
+                    bare_s.append(time_bare_steps(lm, batch, sizes.context, sizes.steps))
+                    free_memory()
+                b_ms, r_ms = 1e3 * statistics.median(baton_s), 1e3 * statistics.median(bare_s)
+                fl = floor(lm, batch, sizes.context, gbps)
+                out["batches"][str(batch)] = {
+                    "context": sizes.context, "baton_step_ms": b_ms, "bare_step_ms": r_ms,
+                    "baton_tokens_per_s": 1e3 * batch / b_ms, "bare_tokens_per_s": 1e3 * batch / r_ms,
+                    "baton_over_bare_throughput": r_ms / b_ms, **fl,
+                    "baton_over_floor": b_ms / fl["floor_ms"], "bare_over_floor": r_ms / fl["floor_ms"],
+                }
+                print(f"  {key}, batch {batch}, context {sizes.context}: baton {b_ms:.2f} ms/step, bare "
+                      f"{r_ms:.2f} ms/step ({100 * r_ms / b_ms:.1f}%), memory floor {fl['floor_ms']:.2f} ms "
+                      f"(weights alone {fl['weights_ms']:.2f} ms)", flush=True)
+                rec.save()
+            if passed(shape_deadline):
+                out["skipped"].append("splice")
+            else:
+                splice = time_splice(lm, sizes.splice_batch, sizes.splice_context, sizes.splice_prompt,
+                                     sizes.splice_repeats)
+                out["splice"] = {"batch": sizes.splice_batch, "context": sizes.splice_context,
+                                 "prompt": sizes.splice_prompt, **splice,
+                                 **floor(lm, sizes.splice_batch, sizes.splice_context, gbps)}
+                print(f"  {key}, splice of {sizes.splice_prompt} tokens into {sizes.splice_batch} rows at "
+                      f"context {sizes.splice_context}: {splice['splice_ms_mean']:.2f} ms vs a "
+                      f"{splice['step_ms_median']:.2f} ms step", flush=True)
+        out["status"] = "ok"
+        rec.headline[key] = {
+            "baton_over_bare": {b: v["baton_over_bare_throughput"] for b, v in out["batches"].items()},
+            "baton_step_ms": {b: v["baton_step_ms"] for b, v in out["batches"].items()},
+            "floor_ms": {b: v["floor_ms"] for b, v in out["batches"].items()},
+            "splice_over_step": out.get("splice", {}).get("splice_over_step"),
+        }
+        rec.save()
 
-        _guarded(rec, key, one)
+    each_shape(plan, rec, deadline, one)
 
 
 # ---- part 4: the service on one device ----------------------------------------------------------------------

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.rpc.internal_token import blocking_channel, resolve_internal_token
-from baton.serve import free_port
+from baton.serve import free_port, terminate
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 
@@ -52,16 +52,6 @@ def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout
     raise TimeoutError(f"{address} not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @dataclass
 class Processes:
     """Processes started for a test, stopped (router first) at teardown."""
@@ -93,7 +83,7 @@ class Processes:
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
-            stop(proc)
+            terminate(proc, 15.0)
 
 
 @contextlib.contextmanager
