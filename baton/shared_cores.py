@@ -28,6 +28,7 @@ from typing import IO
 class SharedCores:
     def __init__(self, path: str) -> None:
         self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # e.g. a fresh volume (docker-compose.cpu.yml)
         self._want = self._open(path + ".want")
         self._run = self._open(path + ".run")
 

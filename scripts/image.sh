@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Build Baton's image with no registry and no network inside the build (`make image`; deploy/README.md):
+#   1. download every wheel the image needs, for the image's Python and platform, into deploy/docker/wheels;
+#   2. docker build, which installs from that wheelhouse alone (deploy/docker/pip-install).
+# Settings (environment): VARIANT cpu|cuda (cpu), TAG (baton:$VARIANT), BASE (python:3.11-slim-bookworm for cpu,
+# the PyTorch CUDA image for cuda; any image with python3 and its venv module), PYTHON_VERSION (the base's: 3.11),
+# TORCH_VERSION (cpu: the torch to put in the image, 2.13.0), WHEELS=0 to skip the wheelhouse (pip then installs
+# from the indexes inside the build, which needs network there). Extra arguments go to `docker build`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VARIANT=${VARIANT:-cpu}
+case "$VARIANT" in
+  cpu)  BASE=${BASE:-python:3.11-slim-bookworm} ;;
+  cuda) BASE=${BASE:-pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime} ;;
+  *) echo "image.sh: VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 2 ;;
+esac
+TAG=${TAG:-baton:$VARIANT}
+PYTHON_VERSION=${PYTHON_VERSION:-3.11}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+WHEELS=${WHEELS:-1}
+PYTHON=${PYTHON:-python3}
+WHEELHOUSE=deploy/docker/wheels
+
+rm -f "$WHEELHOUSE"/*.whl
+if [ "$WHEELS" = 1 ]; then
+  started=$(date +%s)
+  reqs=$(mktemp)
+  trap 'rm -f "$reqs"' EXIT
+  "$PYTHON" deploy/docker/requirements.py pyproject.toml > "$reqs"
+  # The CUDA base has its torch; the CPU image gets the CPU build (from pip's configured indexes and find-links:
+  # on a machine that has no such index configured, add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu).
+  [ "$VARIANT" = cpu ] && echo "torch==$TORCH_VERSION" >> "$reqs"
+  # setuptools: Baton's build backend (pyproject.toml), which pip's isolated build takes from the wheelhouse too.
+  echo "setuptools>=68" >> "$reqs"
+  # Wheels for glibc up to Debian bookworm's 2.36, every manylinux tag spelled out (older pips do not expand them).
+  platform=(--python-version "$PYTHON_VERSION" --implementation cp --only-binary=:all:
+            --platform "manylinux2014_$(uname -m)")
+  for minor in $(seq 17 36); do platform+=(--platform "manylinux_2_${minor}_$(uname -m)"); done
+  "$PYTHON" -m pip download -q -d "$WHEELHOUSE" "${platform[@]}" -r "$reqs"
+  "$PYTHON" -m pip download -q -d "$WHEELHOUSE" "${platform[@]}" --no-deps \
+    "$("$PYTHON" deploy/docker/requirements.py --model)"
+  # pip evaluates dependencies' environment markers for the Python that runs it, not for --python-version (redis
+  # needs async-timeout below Python 3.11.3, say), so the image's own Python checks the wheelhouse, without
+  # network; what it still lacks it downloads itself (host network, the host's CA bundle for pip), next to what
+  # is there.
+  in_base=(docker run --rm --user "$(id -u):$(id -g)" -e HOME=/tmp -v "$PWD/$WHEELHOUSE:/wheels"
+           -v "$reqs:/tmp/requirements.txt:ro")
+  venv='python3 -m venv /tmp/venv && /tmp/venv/bin/pip -q --disable-pip-version-check'
+  if ! "${in_base[@]}" --network none "$BASE" sh -c "$venv install --dry-run --no-index --find-links /wheels \
+         -r /tmp/requirements.txt" > /dev/null; then
+    cert=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
+    [ -f "$cert" ] && in_base+=(-v "$cert:/tmp/ca.crt:ro" -e PIP_CERT=/tmp/ca.crt)
+    echo "completing the wheelhouse with $BASE's Python"
+    "${in_base[@]}" --network host "$BASE" sh -c "$venv download -d /wheels --find-links /wheels \
+       --only-binary=:all: -r /tmp/requirements.txt"
+  fi
+  echo "wheelhouse: $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1)," \
+       "downloaded in $(( $(date +%s) - started )) s"
+fi
+
+started=$(date +%s)
+docker build -f deploy/docker/Dockerfile -t "$TAG" --build-arg BASE="$BASE" \
+  --build-arg TORCH_VERSION="$TORCH_VERSION" "$@" .
+echo "built $TAG from $BASE in $(( $(date +%s) - started )) s:" \
+     "$(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.2f GB", $1 / 1e9}')"
