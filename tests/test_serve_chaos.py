@@ -20,19 +20,16 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
-import openai
 import pytest
 
 from baton.engine.models import LoadedModel
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
-from tests.support.cluster import Outcome, prompts, request, stream
-from tests.support.oracle import reference
+from tests.support.cluster import check_exact, load, prompts, recoveries
 from tests.support.processes import free_port, occupancy, wait_idle, worker_channel
 from tests.support.serve import Serve, baton_serve
 
@@ -56,69 +53,6 @@ def record(**numbers: Any) -> None:
             f.write(json.dumps(numbers) + "\n")
 
 
-async def _openai_stream(client: openai.AsyncOpenAI, ids: list[int], out: Outcome) -> None:
-    try:
-        chunks = await client.completions.create(model="", prompt=ids, max_tokens=NEW_TOKENS, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True})
-        async for chunk in chunks:
-            out.tokens.append(0)  # a chunk: progress (the text is compared at the end)
-            out.text += chunk.choices[0].text
-            if chunk.choices[0].finish_reason:
-                out.finish = 1
-    except openai.APIError as e:
-        out.error = f"{type(e).__name__}: {e}"
-
-
-async def load(serve: Serve, ids: list[list[int]], fault: Callable[[], None], at_tokens: int,
-               retry_until_s: float = 0.0, when: Callable[[], bool] | None = None,
-               retried: list[int] | None = None) -> list[Outcome]:
-    """Stream every prompt (even ones over gRPC, odd ones over HTTP), and call `fault` once `at_tokens` tokens
-    (or chunks) have arrived in all, or once `when` (polled off the event loop) says so. With `retry_until_s`,
-    a request that failed is sent again until it succeeds or that many seconds have passed (a client retrying
-    after the router died); `retried` collects the indexes of the requests sent again."""
-    outs = [Outcome() for _ in ids]
-    client = openai.AsyncOpenAI(base_url=f"{serve.http}/v1", api_key="unused", max_retries=0, timeout=240)
-
-    async def one(i: int, stub: baton_pb2_grpc.RouterStub) -> None:
-        deadline = time.monotonic() + retry_until_s
-        while True:
-            if i % 2 == 0:
-                await stream(stub, request(f"s{i}", ids[i], NEW_TOKENS), outs[i])
-            else:
-                await _openai_stream(client, ids[i], outs[i])
-            if outs[i].error is None or time.monotonic() > deadline:
-                return
-            outs[i] = Outcome()  # start again from nothing
-            if retried is not None:
-                retried.append(i)
-            await asyncio.sleep(0.5)
-
-    async def injector(task: asyncio.Future[Any]) -> None:
-        while not (await asyncio.to_thread(when) if when else sum(len(o.tokens) for o in outs) >= at_tokens):
-            assert not task.done(), [o.error for o in outs if o.error]
-            await asyncio.sleep(0.002)
-        fault()
-
-    async with grpc.aio.insecure_channel(serve.grpc) as ch:
-        stub = baton_pb2_grpc.RouterStub(ch)
-        task = asyncio.ensure_future(asyncio.gather(*(one(i, stub) for i in range(len(ids)))))
-        await asyncio.gather(injector(task), task)
-    await client.close()
-    return outs
-
-
-def check_exact(outs: list[Outcome], ids: list[list[int]], lm: LoadedModel) -> None:
-    tok = lm.tokenizer
-    assert tok is not None
-    for i, (out, prompt) in enumerate(zip(outs, ids)):
-        assert out.error is None, f"request {i}: {out.error}"
-        ref = reference(lm, prompt, NEW_TOKENS)
-        if i % 2 == 0:
-            assert out.tokens == ref and out.finish == pb.FINISH_REASON_LENGTH, f"gRPC request {i} diverged"
-        else:
-            assert out.text == tok.decode(ref, skip_special_tokens=True), f"HTTP request {i} diverged"
-
-
 def serves_again(serve: Serve, name: str, lm: LoadedModel) -> None:
     """The restarted service takes work: more requests until it has completed some (decode) or prefilled some."""
     address = serve.addresses()[name]
@@ -126,8 +60,8 @@ def serves_again(serve: Serve, name: str, lm: LoadedModel) -> None:
     more = prompts(8, seed=99)
     deadline = time.monotonic() + 60
     while True:
-        outs = asyncio.run(load(serve, more, lambda: None, 0))
-        check_exact(outs, more, lm)
+        outs = asyncio.run(load(serve.http, serve.grpc, NEW_TOKENS, more, lambda: None, 0))
+        check_exact(outs, more, lm, NEW_TOKENS)
         done = occupancy(address, role).completed
         if done > 0:
             return
@@ -142,16 +76,11 @@ def idle(serve: Serve) -> None:
         assert occ.active_rows == 0 and occ.kv_tokens_used == 0
 
 
-def recovered_from(serve: Serve, role: str) -> int:
-    """Requests the router recovered after a failure of a `role` worker, from its request log."""
-    return sum(f"{role} worker" in line for line in serve.text().splitlines() if '"recoveries": [' in line)
-
-
 @pytest.mark.parametrize("name", ["decode-0", "prefill-1"])
 def test_a_killed_worker_loses_nothing_and_comes_back(serve: Serve, name: str, tiny_llama: LoadedModel) -> None:
     role = name.split("-")[0]
     killed: list[int] = []
-    before = recovered_from(serve, role)
+    before = recoveries(serve.text(), role)
     if role == "decode":  # killed once the streams are well under way
         ids = prompts(STREAMS, seed=7)
         trigger: dict[str, Any] = {"at_tokens": STREAMS * NEW_TOKENS // 5}
@@ -161,11 +90,12 @@ def test_a_killed_worker_loses_nothing_and_comes_back(serve: Serve, name: str, t
         address = serve.addresses()[name]
         trigger = {"at_tokens": 0, "when": lambda: occupancy(address, "prefill").waiting > 0}
     started = time.monotonic()
-    outs = asyncio.run(load(serve, ids, lambda: killed.append(serve.kill(name)), **trigger))
+    outs = asyncio.run(load(serve.http, serve.grpc, NEW_TOKENS, ids, lambda: killed.append(serve.kill(name)),
+                            **trigger))
     seconds = time.monotonic() - started
     assert killed, "the fault was not injected"
-    check_exact(outs, ids, tiny_llama)
-    recovered = recovered_from(serve, role) - before
+    check_exact(outs, ids, tiny_llama, NEW_TOKENS)
+    recovered = recoveries(serve.text(), role) - before
     assert recovered > 0, f"no request was on {name} when it was killed"
     serve.wait_back(name, killed[0])
     assert f"{name} (pid {killed[0]}) exited with signal SIGKILL" in serve.text()
@@ -179,10 +109,10 @@ def test_a_killed_router_is_started_again_and_clients_retry(serve: Serve, tiny_l
     ids = prompts(STREAMS, seed=9)
     killed: list[int] = []
     retried: list[int] = []
-    outs = asyncio.run(load(serve, ids, lambda: killed.append(serve.kill("router")), STREAMS * NEW_TOKENS // 5,
-                            retry_until_s=120, retried=retried))
+    outs = asyncio.run(load(serve.http, serve.grpc, NEW_TOKENS, ids, lambda: killed.append(serve.kill("router")),
+                            STREAMS * NEW_TOKENS // 5, retry_until_s=120, retried=retried))
     assert killed and retried  # the streams it held broke
-    check_exact(outs, ids, tiny_llama)  # every client got its whole answer, some on a second try
+    check_exact(outs, ids, tiny_llama, NEW_TOKENS)  # every client got its whole answer, some on a second try
     serve.wait_back("router", killed[0])
     idle(serve)  # what the dead router held was cancelled on the workers
     record(test="serve", fault="router", streams=STREAMS, completed=sum(o.error is None for o in outs),
@@ -218,12 +148,13 @@ def test_redis_restarted_mid_stream_costs_nothing(tiny_llama_dir: Path, tiny_lla
         with baton_serve(tiny_llama_dir, tmp_path, "--decode-workers", "2", "--prefill-workers", "2",
                          "--redis", f"redis://127.0.0.1:{port}/0") as serve:
             ids = prompts(STREAMS, seed=10)
-            outs = asyncio.run(load(serve, ids, restart, STREAMS * NEW_TOKENS // 4))
-            check_exact(outs, ids, tiny_llama)
+            outs = asyncio.run(load(serve.http, serve.grpc, NEW_TOKENS, ids, restart, STREAMS * NEW_TOKENS // 4))
+            check_exact(outs, ids, tiny_llama, NEW_TOKENS)
             killed = serve.kill("decode-1")  # and a worker, with the registry back
             serve.wait_back("decode-1", killed)
             more = prompts(8, seed=11)
-            check_exact(asyncio.run(load(serve, more, lambda: None, 0)), more, tiny_llama)
+            check_exact(asyncio.run(load(serve.http, serve.grpc, NEW_TOKENS, more, lambda: None, 0)), more, tiny_llama,
+                        NEW_TOKENS)
             idle(serve)
             record(test="serve", fault="redis", streams=STREAMS, completed=sum(o.error is None for o in outs),
                    exact=True)

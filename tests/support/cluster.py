@@ -12,13 +12,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import torch
 
+from baton.bench.exactness import reference
+from baton.engine.models import LoadedModel
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from tests.support.processes import ROOT, free_port, wait_serving
@@ -185,3 +189,75 @@ async def run_all(
 
         await asyncio.gather(*(one(i) for i in range(len(reqs))))
     return outs
+
+
+async def openai_stream(client: openai.AsyncOpenAI, ids: list[int], new_tokens: int, out: Outcome) -> None:
+    """Stream a completion of token ids through the `openai` client into `out` (its text; a 0 per chunk)."""
+    try:
+        chunks = await client.completions.create(model="", prompt=ids, max_tokens=new_tokens, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        async for chunk in chunks:
+            out.tokens.append(0)  # a chunk: progress (the text is compared at the end)
+            out.text += chunk.choices[0].text
+            if chunk.choices[0].finish_reason:
+                out.finish = 1
+    except openai.APIError as e:
+        out.error = f"{type(e).__name__}: {e}"
+
+
+async def load(http: str, grpc_address: str, new_tokens: int, ids: list[list[int]], fault: Callable[[], None],
+               at_tokens: int, retry_until_s: float = 0.0, when: Callable[[], bool] | None = None,
+               retried: list[int] | None = None) -> list[Outcome]:
+    """Stream every prompt (even ones over gRPC, odd ones over HTTP), and call `fault` once `at_tokens` tokens
+    (or chunks) have arrived in all, or once `when` (polled off the event loop) says so. With `retry_until_s`,
+    a request that failed is sent again until it succeeds or that many seconds have passed (a client retrying
+    after the router died); `retried` collects the indexes of the requests sent again."""
+    outs = [Outcome() for _ in ids]
+    client = openai.AsyncOpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=240)
+
+    async def one(i: int, stub: baton_pb2_grpc.RouterStub) -> None:
+        deadline = time.monotonic() + retry_until_s
+        while True:
+            if i % 2 == 0:
+                await stream(stub, request(f"s{i}", ids[i], new_tokens), outs[i])
+            else:
+                await openai_stream(client, ids[i], new_tokens, outs[i])
+            if outs[i].error is None or time.monotonic() > deadline:
+                return
+            outs[i] = Outcome()  # start again from nothing
+            if retried is not None:
+                retried.append(i)
+            await asyncio.sleep(0.5)
+
+    async def injector(task: asyncio.Future[Any]) -> None:
+        while not (await asyncio.to_thread(when) if when else sum(len(o.tokens) for o in outs) >= at_tokens):
+            assert not task.done(), [o.error for o in outs if o.error]
+            await asyncio.sleep(0.002)
+        fault()
+
+    async with grpc.aio.insecure_channel(grpc_address) as ch:
+        stub = baton_pb2_grpc.RouterStub(ch)
+        task = asyncio.ensure_future(asyncio.gather(*(one(i, stub) for i in range(len(ids)))))
+        await asyncio.gather(injector(task), task)
+    await client.close()
+    return outs
+
+
+def check_exact(outs: list[Outcome], ids: list[list[int]], lm: LoadedModel, new_tokens: int) -> None:
+    """Every request of `load` completed with exactly what generate() gives alone: tokens and finish reason over
+    gRPC, text over HTTP."""
+    tok = lm.tokenizer
+    assert tok is not None
+    for i, (out, prompt) in enumerate(zip(outs, ids)):
+        assert out.error is None, f"request {i}: {out.error}"
+        ref = reference(lm, prompt, new_tokens)
+        if i % 2 == 0:
+            assert out.tokens == ref and out.finish == pb.FINISH_REASON_LENGTH, f"gRPC request {i} diverged"
+        else:
+            assert out.text == tok.decode(ref, skip_special_tokens=True), f"HTTP request {i} diverged"
+
+
+def recoveries(router_log: str, role: str) -> int:
+    """Requests the router recovered after a failure of a `role` worker ("decode", "prefill"), from its request
+    log."""
+    return sum(f"{role} worker" in line for line in router_log.splitlines() if '"recoveries": [' in line)
