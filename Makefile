@@ -35,16 +35,16 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 # The container image (baton:$(VARIANT), VARIANT=cpu or cuda) from a wheelhouse downloaded first, with no network
 # inside the build: scripts/image.sh says how, deploy/README.md why.
-image:
-	VARIANT=$(VARIANT) scripts/image.sh
+image: setup
+	VARIANT=$(VARIANT) PYTHON=$(BIN)/python scripts/image.sh
 
 # The engine benchmark of docs/benchmarks.md: every policy on workload `mixed`, in one run.
 bench: setup
-	$(BIN)/baton bench engine --policy baton,orca,static,hf-cb,hf-static --workload mixed --out-dir results/engine
+	$(BIN)/baton bench engine --policy baton,orca,padded,static,hf-cb,hf-static --workload mixed --out-dir results/engine
 
 bench-decode: setup
 	$(BIN)/baton bench decode --out results/decode.json

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--shared-cores", "auto", choices=["auto", "on", "off"],
          help="workers take turns on every CPU core, prefills first, instead of splitting the cores between them "
               "(auto: on when the model runs on the CPU)")
-    flag(p, "--policy", "baton", choices=["baton", "orca", "static"], help="decode workers' engine policy")
+    flag(p, "--policy", "baton", choices=["baton", "orca", "padded", "static"], help="decode workers' engine policy")
     add_registry_arguments(p)  # without --redis, the router is given the workers' addresses
     add_internal_token_arguments(p)  # default: a new token for this run
     flag(p, "--startup-timeout", 180.0, float, help="seconds every service has to become healthy")

@@ -24,7 +24,7 @@ run_compose() {  # name, then environment assignments for compose
   local name=$1; shift
   env "$@" "${compose[@]}" up -d --no-build --force-recreate --wait --wait-timeout 600 > /dev/null
   "$BATON" bench serve --url "127.0.0.1:$grpc" --workload "$WORKLOAD" --no-progress \
-    --out "$OUT/$WORKLOAD-$name.json" "${BENCH_ARGS[@]}"
+    --policy baton --out "$OUT/$WORKLOAD-$name.json" "${BENCH_ARGS[@]}"
   "${compose[@]}" down --timeout 120 > /dev/null  # the models volume stays: no conversion in the next run
 }
 
@@ -37,7 +37,8 @@ run_compose split BATON_SHARED_CORES= BATON_THREADS="$half"
 "$BATON" serve --http-port "$http" --grpc-port "$grpc" > "$OUT/serve.log" 2>&1 &
 serve=$!
 for _ in $(seq 300); do grep -q "Services:" "$OUT/serve.log" && break; sleep 1; done
+grep -q "Services:" "$OUT/serve.log" || { tail -20 "$OUT/serve.log"; exit 1; }
 "$BATON" bench serve --url "127.0.0.1:$grpc" --workload "$WORKLOAD" --no-progress \
-  --out "$OUT/$WORKLOAD-serve.json" "${BENCH_ARGS[@]}"
+  --policy baton --out "$OUT/$WORKLOAD-serve.json" "${BENCH_ARGS[@]}"
 kill -TERM "$serve"; wait "$serve" || true
 

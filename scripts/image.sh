@@ -4,8 +4,10 @@
 #   2. docker build, which installs from that wheelhouse alone (deploy/docker/pip-install).
 # Settings (environment): VARIANT cpu|cuda (cpu), TAG (baton:$VARIANT), BASE (python:3.11-slim-bookworm for cpu,
 # the PyTorch CUDA image for cuda; any image with python3 and its venv module), PYTHON_VERSION (the base's: 3.11),
-# TORCH_VERSION (cpu: the torch to put in the image, 2.13.0), WHEELS=0 to skip the wheelhouse (pip then installs
-# from the indexes inside the build, which needs network there). Extra arguments go to `docker build`.
+# TORCH_VERSION (cpu: the torch to put in the image, 2.13.0), TORCH_INDEX (cpu: where the CPU build of torch is,
+# https://download.pytorch.org/whl/cpu, used when it answers), PYTHON (a python with pip, to download: python3),
+# WHEELS=0 to skip the wheelhouse (pip then installs from the indexes inside the build, which needs network
+# there). Extra arguments go to `docker build`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +20,7 @@ esac
 TAG=${TAG:-baton:$VARIANT}
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
 WHEELS=${WHEELS:-1}
 PYTHON=${PYTHON:-python3}
 WHEELHOUSE=deploy/docker/wheels
@@ -27,17 +30,25 @@ if [ "$WHEELS" = 1 ]; then
   started=$(date +%s)
   reqs=$(mktemp)
   trap 'rm -f "$reqs"' EXIT
-  "$PYTHON" deploy/docker/requirements.py pyproject.toml > "$reqs"
-  # The CUDA base has its torch; the CPU image gets the CPU build (from pip's configured indexes and find-links:
-  # on a machine that has no such index configured, add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu).
-  [ "$VARIANT" = cpu ] && echo "torch==$TORCH_VERSION" >> "$reqs"
-  # setuptools: Baton's build backend (pyproject.toml), which pip's isolated build takes from the wheelhouse too.
-  echo "setuptools>=68" >> "$reqs"
+  # Baton's dependencies and its build backend (pip's isolated build takes it from the wheelhouse too).
+  "$PYTHON" deploy/docker/requirements.py --build pyproject.toml > "$reqs"
+  torch_source=()
+  if [ "$VARIANT" = cpu ]; then
+    # the CPU build of torch: from TORCH_INDEX when it answers, else from pip's own configuration
+    echo "torch==$TORCH_VERSION" >> "$reqs"
+    if [ -n "$TORCH_INDEX" ] && curl -fsS -m 10 -o /dev/null "$TORCH_INDEX/torch/" 2> /dev/null; then
+      torch_source=(--extra-index-url "$TORCH_INDEX")
+    else
+      echo "image.sh: ${TORCH_INDEX:-no TORCH_INDEX} does not answer; torch comes from pip's own configuration"
+    fi
+  else
+    sed -i '/^torch\b/d' "$reqs"  # the CUDA base has its torch, which the image's virtualenv sees
+  fi
   # Wheels for glibc up to Debian bookworm's 2.36, every manylinux tag spelled out (older pips do not expand them).
   platform=(--python-version "$PYTHON_VERSION" --implementation cp --only-binary=:all:
             --platform "manylinux2014_$(uname -m)")
   for minor in $(seq 17 36); do platform+=(--platform "manylinux_2_${minor}_$(uname -m)"); done
-  "$PYTHON" -m pip download -q -d "$WHEELHOUSE" "${platform[@]}" -r "$reqs"
+  "$PYTHON" -m pip download -q -d "$WHEELHOUSE" "${platform[@]}" "${torch_source[@]}" -r "$reqs"
   "$PYTHON" -m pip download -q -d "$WHEELHOUSE" "${platform[@]}" --no-deps \
     "$("$PYTHON" deploy/docker/requirements.py --model)"
   # pip evaluates dependencies' environment markers for the Python that runs it, not for --python-version (redis
@@ -46,7 +57,7 @@ if [ "$WHEELS" = 1 ]; then
   # is there.
   in_base=(docker run --rm --user "$(id -u):$(id -g)" -e HOME=/tmp -v "$PWD/$WHEELHOUSE:/wheels"
            -v "$reqs:/tmp/requirements.txt:ro")
-  venv='python3 -m venv /tmp/venv && /tmp/venv/bin/pip -q --disable-pip-version-check'
+  venv='python3 -m venv --system-site-packages /tmp/venv && /tmp/venv/bin/pip -q --disable-pip-version-check'
   if ! "${in_base[@]}" --network none "$BASE" sh -c "$venv install --dry-run --no-index --find-links /wheels \
          -r /tmp/requirements.txt" > /dev/null; then
     cert=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}

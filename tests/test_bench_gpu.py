@@ -68,7 +68,7 @@ def test_part1_outputs_are_exact(dry_run: Path) -> None:
     for model in ("tiny-llama", "tiny-gpt2", "llama-3.2-1b (scaled down)"):
         r = data["results"][model]
         assert r["status"] == "ok" and r["exact"] is True and r["dtype"] == "float32"
-        assert set(r["policies"]) == {"baton", "orca"}
+        assert set(r["policies"]) == {"baton", "orca", "padded"}
         for p in r["policies"].values():
             assert len(p["requests"]) == r["requests"] and all(q["exact"] for q in p["requests"])
 

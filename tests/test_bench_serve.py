@@ -1,19 +1,24 @@
-"""`baton bench serve` against a real stack of processes, `baton bench costs` on the tiny model, and the plots of
-both. Behaviour (keys, counts, ordering), never timings."""
+"""`baton bench serve` against a real stack of processes (over gRPC, and over the router's OpenAI-compatible HTTP
+API with --api openai), `baton bench costs` on the tiny model, and the plots of both. Behaviour (keys, counts,
+ordering), never timings."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from baton.bench import costs, plot, serve_bench
 from baton.bench.loadgen import plan, poisson_arrivals
+from baton.bench.openai_load import spread_itl
 from baton.bench.workloads import draw, get_workload
 from tests.support.processes import free_port, processes
 
@@ -56,13 +61,45 @@ def test_plan_cycles_through_the_pool() -> None:
     assert [p.send_at for p in timed] == [0.1, 0.2, 0.3, 0.4, 0.5]
 
 
-def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["--url", "http://localhost:8000"], ["--rate", "1", "--rates", "1,2"], ["--rates", "1,x"],
-                 ["--rate", "0"], ["--duration", "-1"], ["--out", str(tmp_path / "a"), "--out-dir", str(tmp_path)]):
+                 ["--rate", "0"], ["--duration", "-1"], ["--out", str(tmp_path / "a"), "--out-dir", str(tmp_path)],
+                 ["--served-model", "m"],  # a gRPC run names no model
+                 # --api openai wants a base URL: scheme and host, a numeric port, nothing after the path
+                 ["--api", "openai", "--url", "127.0.0.1:8000"], ["--api", "openai", "--url", "http://"],
+                 ["--api", "openai", "--url", "ftp://127.0.0.1:8000"], ["--api", "openai", "--url", "http://h:x/v1"],
+                 ["--api", "openai", "--url", "http://127.0.0.1:8000/v1?x=1"]):
         assert serve_bench.main(_parse(serve_bench, argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("baton bench serve: ") and "Traceback" not in err, err
+    with pytest.raises(SystemExit):  # argparse: not one of grpc, openai
+        _parse(serve_bench, ["--api", "rest"])
 
 
-def test_unreachable_service_fails_cleanly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_openai_base_url() -> None:
+    for url in ("http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1",
+                "http://127.0.0.1:8000/v1/"):
+        assert serve_bench.openai_base_url(url) == "http://127.0.0.1:8000", url
+    assert serve_bench.openai_base_url("https://gpu.example/proxy/v1") == "https://gpu.example/proxy"
+    args = _parse(serve_bench, ["--api", "openai"])
+    assert serve_bench.make_target(args).url == "http://127.0.0.1:8000"  # the default port of `baton serve`
+    assert serve_bench.make_target(_parse(serve_bench, [])).url == "127.0.0.1:50051"
+
+
+def test_spread_itl_divides_gaps_like_the_grpc_path() -> None:
+    assert spread_itl([], 5) == [] and spread_itl([1.0], 5) == []  # one chunk: its tokens count in the TTFT
+    assert spread_itl([0.0, 1.0, 3.0], 3) == [1.0, 2.0]  # a token per chunk: the gaps themselves
+    # 7 tokens in 3 chunks: 1 in the first, 6 shared by the 2 later ones, 3 each: each gap divided by 3
+    assert spread_itl([0.0, 3.0, 9.0], 7) == pytest.approx([1.0] * 3 + [2.0] * 3)
+    # 4 tokens after the first over 3 gaps: the longest gap (2.0) takes two
+    assert spread_itl([0.0, 1.0, 3.0, 3.5], 5) == pytest.approx([1.0, 1.0, 1.0, 0.5])
+    itl = spread_itl([0.0, 0.4, 1.0, 1.1], 11)
+    assert len(itl) == 10 and sum(itl) == pytest.approx(1.1)  # one per token after the first; they add up
+    assert spread_itl([0.0, 1.0, 2.0], 2) == [1.0, 1.0]  # more chunks than tokens: one per gap
+
+
+def test_unreachable_service_fails_cleanly(tiny_llama_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     url = f"127.0.0.1:{free_port()}"
     base = ["--url", url, "--model", str(tiny_llama_dir), "--workload", "tiny", "--no-progress"]
     assert serve_bench.main(_parse(serve_bench, base)) == 1  # the warm-up says so
@@ -71,13 +108,50 @@ def test_unreachable_service_fails_cleanly(tiny_llama_dir: Path, tmp_path: Path)
     assert serve_bench.main(args) == 1
     r = json.loads(out.read_text())
     assert r["requests_completed"] == 0 and r["requests_failed"] == r["num_requests"] == 6
-    assert sum(r["errors"].values()) == 6
+    assert sum(r["errors"].values()) == 6 and r["api"] == "grpc"
+    capsys.readouterr()
+
+    # the same over HTTP: no server to list its models, then none to take the requests
+    http = f"http://127.0.0.1:{free_port()}"
+    base = ["--api", "openai", "--url", http, "--model", str(tiny_llama_dir), "--workload", "tiny", "--no-progress"]
+    assert serve_bench.main(_parse(serve_bench, base)) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach {http}/v1/models: ConnectError" in err and "Traceback" not in err, err
+    assert serve_bench.main(_parse(serve_bench, [*base, "--served-model", "m"])) == 1  # the warm-up says so
+    err = capsys.readouterr().err
+    assert f"the service at {http} failed its warm-up requests: ConnectError" in err, err
+    args = _parse(serve_bench, [*base, "--served-model", "m", "--no-warmup", "--request-timeout", "5",
+                                "--out", str(out)])
+    assert serve_bench.main(args) == 1
+    r = json.loads(out.read_text())
+    assert r["api"] == "openai" and r["served_model"] == "m" and r["url"] == http
+    assert r["requests_completed"] == 0 and r["errors"] == {"ConnectError": 6}
+    assert "6 requests failed with ConnectError" in capsys.readouterr().err
 
 
 # ---- against the real stack ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stack:
+    grpc: str  # the router's gRPC address host:port
+    http: str  # the base URL of its OpenAI-compatible API, http://host:port
+
+
+def _wait_http(base_url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"no HTTP API at {base_url}"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
-def router(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Router, one prefill and one decode worker as processes (no Redis); yields the router's gRPC address."""
+def router(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Router, one prefill and one decode worker as processes (no Redis), as `baton serve` runs them; yields the
+    router's gRPC address and HTTP base URL."""
     with processes(tmp_path_factory.mktemp("bench-serve-logs")) as ps:
         model = ["--model", str(tiny_llama_dir), "--threads", "1"]
         decode, prefill = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -85,11 +159,13 @@ def router(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                  *model, wait_address=decode)
         ps.baton("prefill", "prefill", "--host", "127.0.0.1", "--port", prefill.split(":")[1], "--decode", decode,
                  *model, wait_address=prefill)
-        grpc_port = free_port()
+        grpc_port, http_port = free_port(), free_port()
         ps.baton("router", "router", "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port",
-                 str(free_port()), "--decode", decode, "--prefill", prefill, "--model", str(tiny_llama_dir),
+                 str(http_port), "--decode", decode, "--prefill", prefill, "--model", str(tiny_llama_dir),
                  wait_address=f"127.0.0.1:{grpc_port}")
-        yield f"127.0.0.1:{grpc_port}"
+        http = f"http://127.0.0.1:{http_port}"
+        _wait_http(http)
+        yield Stack(f"127.0.0.1:{grpc_port}", http)
 
 
 def _check_serve(r: dict[str, Any], rate: float | None, policy: str = "baton") -> None:
@@ -111,9 +187,9 @@ def _check_serve(r: dict[str, Any], rate: float | None, policy: str = "baton") -
     json.dumps(r)
 
 
-def test_poisson_for_a_duration(router: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_poisson_for_a_duration(router: Stack, tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
-    args = _parse(serve_bench, ["--url", router, "--model", str(tiny_llama_dir), "--workload", "tiny", "--rate",
+    args = _parse(serve_bench, ["--url", router.grpc, "--model", str(tiny_llama_dir), "--workload", "tiny", "--rate",
                                 "8", "--duration", "1.5", "--seed", "3", "--policy", "baton", "--out", str(out)])
     assert serve_bench.main(args) == 0
     r = json.loads(out.read_text())
@@ -124,9 +200,9 @@ def test_poisson_for_a_duration(router: str, tiny_llama_dir: Path, tmp_path: Pat
     assert [q["scheduled_s"] for q in r["requests"]] == expected
 
 
-def test_whole_workload_at_once_and_a_sweep(router: str, tiny_llama_dir: Path, tokenizer: Any,
+def test_whole_workload_at_once_and_a_sweep(router: Stack, tiny_llama_dir: Path, tokenizer: Any,
                                             tmp_path: Path) -> None:
-    model = ["--url", router, "--model", str(tiny_llama_dir), "--workload", "tiny", "--no-warmup"]
+    model = ["--url", router.grpc, "--model", str(tiny_llama_dir), "--workload", "tiny", "--no-warmup"]
     at_once = tmp_path / "inf.json"
     assert serve_bench.main(_parse(serve_bench, [*model, "--rate", "inf", "--out", str(at_once)])) == 0
     r = json.loads(at_once.read_text())
@@ -153,6 +229,48 @@ def test_whole_workload_at_once_and_a_sweep(router: str, tiny_llama_dir: Path, t
     runs = plot.load(files)
     assert plot.plot(runs, tmp_path / "r.png") == "rate"
     assert plot.latencies(runs)[1][0] == "itl_s"
+
+
+def test_openai_api_measures_as_grpc_does(router: Stack, tiny_llama_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`--api openai` against the router's own HTTP API: every request runs to its length, counted from the usage,
+    and the results have the gRPC run's keys, each saying which API it measured."""
+    common = ["--model", str(tiny_llama_dir), "--workload", "tiny", "--rate", "inf", "--no-progress",
+              "--policy", "baton"]
+    via_http = tmp_path / "openai.json"
+    argv = ["--api", "openai", "--url", f"{router.http}/v1", *common, "--out", str(via_http)]
+    assert serve_bench.main(_parse(serve_bench, argv)) == 0  # no --served-model: the first of /v1/models
+    r = json.loads(via_http.read_text())
+    _check_serve(r, None)
+    served = httpx.get(f"{router.http}/v1/models").json()["data"][0]["id"]
+    assert r["api"] == "openai" and r["url"] == router.http and r["served_model"] == served
+    assert f"serves {served!r}" in capsys.readouterr().out
+
+    via_grpc = tmp_path / "grpc.json"
+    assert serve_bench.main(_parse(serve_bench, ["--url", router.grpc, *common, "--no-warmup",
+                                                 "--out", str(via_grpc)])) == 0
+    g = json.loads(via_grpc.read_text())
+    assert g["api"] == "grpc" and g["served_model"] is None
+    assert set(r) == set(g) and set(r["requests"][0]) == set(g["requests"][0])
+    assert [(q["prompt_len"], q["max_new_tokens"], q["output_tokens"]) for q in r["requests"]] == [
+        (q["prompt_len"], q["max_new_tokens"], q["output_tokens"]) for q in g["requests"]]  # the same requests
+    assert r["output_tokens"] == g["output_tokens"]
+
+
+def test_openai_api_wrong_model_reports_the_404(router: Stack, tiny_llama_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--api", "openai", "--url", router.http, "--served-model", "no-such-model", "--model",
+            str(tiny_llama_dir), "--workload", "tiny", "--requests", "2", "--rate", "inf", "--no-progress"]
+    assert serve_bench.main(_parse(serve_bench, base)) == 1  # the warm-up says so
+    err = capsys.readouterr().err
+    assert (f"the service at {router.http} failed its warm-up requests: HTTP_404: The model `no-such-model` "
+            "does not exist." in err and "Traceback" not in err), err
+    out = tmp_path / "404.json"
+    assert serve_bench.main(_parse(serve_bench, [*base, "--no-warmup", "--out", str(out)])) == 1
+    r = json.loads(out.read_text())
+    assert r["requests_completed"] == 0 and r["errors"] == {"HTTP_404": 2}
+    assert all(q["error"] == "HTTP_404" for q in r["requests"])
+    assert "2 requests failed with HTTP_404: The model `no-such-model` does not exist." in capsys.readouterr().err
 
 
 # ---- cost curves -----------------------------------------------------------------------------------------

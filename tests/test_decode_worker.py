@@ -81,7 +81,7 @@ def assert_empty(worker: DecodeWorker) -> None:
 # ---- the core, no sockets --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", ["baton", "orca"])
+@pytest.mark.parametrize("policy", ["baton", "orca", "padded"])
 def test_staggered_requests_equal_generate(tiny_llama: LoadedModel, policy: str) -> None:
     """Requests reserved and fed KV at different times, while others run, each equal generate() alone."""
     specs = [("a", prompt(1, 5), 12), ("b", prompt(2, 23), 6), ("c", prompt(3, 1), 9), ("d", prompt(4, 40), 7)]

@@ -154,7 +154,7 @@ def test_eos_stops_unless_ignored(tiny_llama: LoadedModel) -> None:
     assert r.output_ids == probe.output_ids[:2] and r.finish_reason is FinishReason.STOP
 
 
-@pytest.mark.parametrize("policy", ["baton", "orca", "static"])
+@pytest.mark.parametrize("policy", ["baton", "orca", "padded", "static"])
 def test_cancel_frees_the_row(tiny_llama: LoadedModel, policy: str) -> None:
     engine = Engine(tiny_llama, policy=policy, max_batch=2)
     keep = Request("keep", [1, 2, 3], SamplingParams(max_new_tokens=20, ignore_eos=True))

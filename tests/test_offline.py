@@ -30,7 +30,7 @@ def run(tmp_path: Path, model: Path, lines: list[Any], *flags: str) -> list[dict
 
 
 
-@pytest.mark.parametrize("policy", ["baton", "orca", "static"])
+@pytest.mark.parametrize("policy", ["baton", "orca", "padded", "static"])
 def test_mixed_requests(tmp_path: Path, tiny_llama_dir: Path, tiny_llama: LoadedModel, policy: str) -> None:
     lines: list[dict[str, Any]] = [
         {"id": "p", "prompt": "The capital of France is", "max_new_tokens": 5},

@@ -4,7 +4,7 @@ Every runner takes (LoadedModel, list of BenchRequest, max_batch), serves the re
 is handed over no earlier than its arrival time), greedily and ignoring EOS so that every request produces
 exactly its `max_new_tokens`, and returns a `RunResult`:
 
-- `baton`, `orca`, `static`: baton.engine.engine.Engine under that policy.
+- `baton`, `orca`, `padded`, `static`: baton.engine.engine.Engine under that policy (engine.py says what each does).
 - `hf-static`: transformers' `model.generate()` on batches of up to max_batch requests, left padded, taken
   in arrival order; a batch starts when the previous one has finished, with the requests arrived by then.
 - `hf-cb`: transformers' own continuous batching (the manager behind `model.generate_batch`), with an explicit
@@ -34,7 +34,7 @@ import torch
 from baton.bench.workloads import BenchRequest
 from baton.engine.models import LoadedModel
 
-POLICIES = ("baton", "orca", "static", "hf-static", "hf-cb")
+POLICIES = ("baton", "orca", "padded", "static", "hf-static", "hf-cb")
 
 
 @dataclass
@@ -330,7 +330,7 @@ Runner = Callable[[LoadedModel, list[BenchRequest], int], RunResult]
 
 
 def runner(policy: str) -> Runner:
-    if policy in ("baton", "orca", "static"):
+    if policy in ("baton", "orca", "padded", "static"):
         return lambda lm, reqs, max_batch: run_engine(lm, reqs, max_batch, policy)
     if policy == "hf-static":
         return run_hf_static

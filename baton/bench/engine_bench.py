@@ -1,6 +1,6 @@
 """`baton bench engine`: one or more serving policies on one drawn workload, in one process.
 
-    baton bench engine --policy baton,orca,static,hf-static,hf-cb --workload mixed --out-dir results/
+    baton bench engine --policy baton,orca,padded,static,hf-static,hf-cb --workload mixed --out-dir results/
 
 Each policy gets a short untimed warm-up (a two-request run through the same code path), then serves the
 workload in real time. Every policy of one invocation serves the very same drawn requests, one after another,

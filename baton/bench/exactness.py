@@ -68,7 +68,7 @@ def engine_outputs(lm: LoadedModel, policy: str, cases: list[Case], max_batch: i
     return [list(r.output_ids) for r in reqs]
 
 
-def check(lm: LoadedModel, cases: list[Case], policies: tuple[str, ...] = ("baton", "orca"),
+def check(lm: LoadedModel, cases: list[Case], policies: tuple[str, ...] = ("baton", "orca", "padded"),
           max_batch: int = 3) -> dict[str, Any]:
     """Every policy's outputs against generate() alone: per policy, per request, exact or where it diverged."""
     expected = [reference(lm, c.prompt, c.max_new_tokens) for c in cases]

@@ -1,8 +1,8 @@
 """The four parts of `baton bench gpu` (baton/bench/gpu.py runs each in a process of its own), each filling one
 `PartRecord`, saved as JSON after every step so that a part stopped at its time limit keeps what it measured:
 
-1. exactness: the engine's greedy outputs under `baton` and `orca` equal `generate()` alone (exactness.py), for
-   the test suite's tiny models and the Llama-3.2-1B shape, in float32;
+1. exactness: the engine's greedy outputs under `baton`, `orca` and `padded` equal `generate()` alone
+   (exactness.py), for the test suite's tiny models and the Llama-3.2-1B shape, in float32;
 2. engine: `baton bench engine` on `mixed` for each shape, policies baton, orca, static and hf-cb (idle
    token-rows and masked KV in each report);
 3. decode: steady decode at two batch sizes against the bare dense loop, and the cost of one splice

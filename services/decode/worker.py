@@ -418,7 +418,7 @@ class DecodeWorker:
             try:
                 if engine.policy.splices_prefilled_kv:
                     engine.add_prefilled(cmd.request, cmd.payload)
-                else:  # orca and static cannot splice KV: prefill locally
+                else:  # orca, padded and static cannot splice KV: prefill locally
                     cmd.request.arrival_time = time.perf_counter()
                     engine.add_request(cmd.request)
             except Exception as e:  # noqa: BLE001 - checked before queueing; reaching here is a bug, not a crash

@@ -255,9 +255,3 @@ def check_exact(outs: list[Outcome], ids: list[list[int]], lm: LoadedModel, new_
             assert out.tokens == ref and out.finish == pb.FINISH_REASON_LENGTH, f"gRPC request {i} diverged"
         else:
             assert out.text == tok.decode(ref, skip_special_tokens=True), f"HTTP request {i} diverged"
-
-
-def recoveries(router_log: str, role: str) -> int:
-    """Requests the router recovered after a failure of a `role` worker ("decode", "prefill"), from its request
-    log."""
-    return sum(f"{role} worker" in line for line in router_log.splitlines() if '"recoveries": [' in line)
