@@ -3,7 +3,8 @@
 #   1. download every wheel the image needs, for the image's Python and platform, into deploy/docker/wheels;
 #   2. docker build, which installs from that wheelhouse alone (deploy/docker/pip-install).
 # Settings (environment): VARIANT cpu|cuda (cpu), TAG (baton:$VARIANT), BASE (python:3.11-slim-bookworm for cpu,
-# the PyTorch CUDA image for cuda; any image with python3 and its venv module), PYTHON_VERSION (the base's: 3.11),
+# or, where no registry answers, a Debian bookworm base made here; the PyTorch CUDA image for cuda; any image with
+# python3 and its venv module), PYTHON_VERSION (the base's: 3.11),
 # TORCH_VERSION (cpu: the torch to put in the image, 2.13.0), TORCH_INDEX (cpu: where the CPU build of torch is,
 # https://download.pytorch.org/whl/cpu, used when it answers), PYTHON (a python with pip, to download: python3),
 # WHEELS=0 to skip the wheelhouse (pip then installs from the indexes inside the build, which needs network
@@ -12,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VARIANT=${VARIANT:-cpu}
+BASE_GIVEN=${BASE:-}
 case "$VARIANT" in
   cpu)  BASE=${BASE:-python:3.11-slim-bookworm} ;;
   cuda) BASE=${BASE:-pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime} ;;
@@ -24,6 +26,19 @@ TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
 WHEELS=${WHEELS:-1}
 PYTHON=${PYTHON:-python3}
 WHEELHOUSE=deploy/docker/wheels
+
+# The base must be here or pullable. Where no registry answers, the CPU image is built on a Debian bookworm base
+# made locally (scripts/standin_bases.sh: Debian's Python 3.11), unless BASE was given.
+if ! docker image inspect "$BASE" > /dev/null 2>&1 && ! docker pull -q "$BASE" > /dev/null 2>&1; then
+  if [ "$VARIANT" = cpu ] && [ -z "$BASE_GIVEN" ]; then
+    echo "image.sh: $BASE cannot be pulled; building on a Debian bookworm base made here (scripts/standin_bases.sh)"
+    scripts/standin_bases.sh
+    BASE=baton-standin/python:bookworm
+  else
+    echo "image.sh: the base image $BASE is not here and cannot be pulled" >&2
+    exit 2
+  fi
+fi
 
 rm -f "$WHEELHOUSE"/*.whl
 if [ "$WHEELS" = 1 ]; then

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from types import TracebackType
 from typing import Any
@@ -33,6 +34,9 @@ from httpx_sse import aconnect_sse
 
 from baton.bench.loadgen import LoadError, Outcome, Target
 from baton.bench.workloads import BenchRequest
+
+# httpx logs every request at INFO: thousands of lines in a benchmark
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
