@@ -234,10 +234,7 @@ class Engine:
         items: list[tuple[Request, torch.Tensor]] = []
         while self.prefilled and len(items) < self.batch.free_rows:
             req, payload = self.prefilled.popleft()
-            self._emit(req, payload.first_token, out)
-            if req.finished:
-                out.finished.append(req)
-            else:
+            if self._emit_first(req, payload.first_token, out):
                 items.append((req, payload.kv))
         for item in sorted(items, key=lambda it: -int(it[1].shape[3])):
             t0 = time.perf_counter()
@@ -272,10 +269,7 @@ class Engine:
         self._emit_rows(reqs, tokens, out)
         joining: list[tuple[Request, torch.Tensor]] = []
         for req, payload in zip(newcomers, it.payloads):
-            self._emit(req, payload.first_token, out)
-            if req.finished:
-                out.finished.append(req)
-            else:
+            if self._emit_first(req, payload.first_token, out):
                 joining.append((req, payload.kv))
         self._evict_finished(reqs)
         self.batch.concatenate(joining)  # their KV is the batch's now: they decode in the next iteration
@@ -315,6 +309,13 @@ class Engine:
         if done:
             self.batch.evict(done)
             self.batch.compact(self.compact_threshold)
+
+    def _emit_first(self, req: Request, token: int, out: StepOutput) -> bool:
+        """Emit a newcomer's first token (from its prefill); whether it goes on to join the batch."""
+        self._emit(req, token, out)
+        if req.finished:
+            out.finished.append(req)
+        return not req.finished
 
     def _emit(self, req: Request, token: int, out: StepOutput) -> None:
         if not req.output_ids:
