@@ -42,6 +42,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     flag(p, "--dtype", "auto", help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
     flag(p, "--threads", 0, int, help="torch CPU threads (0: torch's default)")
+    flag(p, "--cpu-gemm", "onednn", choices=["onednn", "aten"],
+         help="float32 linear layers on a CPU: onednn (weights packed once at load, faster) or aten (PyTorch's "
+              "F.linear); ignored on CUDA")
 
 
 def add_tls_arguments(p: argparse.ArgumentParser) -> None:

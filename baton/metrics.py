@@ -146,6 +146,8 @@ class PrefillMetrics(MetricsRegistry):
         self.queue = self._histogram(
             "baton_prefill_queue_time_seconds", "from submission to the start of a prefill's compute", LATENCY_BUCKETS
         )
+        self.busy = self._counter("baton_prefill_busy_seconds",
+                                  "seconds the compute thread spent in forward passes, each pass counted once")
         self.kv_sent = self._counter("baton_prefill_kv_sent_bytes", "KV bytes accepted by decode workers")
         self.kv_transfer = self._histogram(
             "baton_prefill_kv_transfer_seconds", "time to push one prompt's KV to its decode worker", FAST_BUCKETS
@@ -206,13 +208,16 @@ class DecodeMetrics(MetricsRegistry):
         self.masked_kv = c("baton_decode_masked_kv", "query-key pairs that were padding")
         self.kv_received = c("baton_decode_kv_received_bytes", "KV bytes received from prefill workers")
         self.kv_refused = c("baton_decode_kv_refused", "KV pushes refused (unknown request, corrupt or foreign KV)")
+        self.local_prefills = c("baton_decode_local_prefills", "requests prefilled here (prefill_here), not pushed")
+        self.local_prefill_tokens = c("baton_decode_local_prefill_tokens", "prompt tokens prefilled here")
         h = self._histogram
         self.step = h("baton_decode_step_seconds", "one iteration of the decode batch", FAST_BUCKETS)
         self.splice = h("baton_decode_splice_seconds", "splicing one request's KV into the batch", FAST_BUCKETS)
         self.kv_receive = h("baton_decode_kv_receive_seconds", "receiving one prompt's KV", FAST_BUCKETS)
         self.kv_wait = h("baton_decode_kv_wait_seconds", "from a reservation to its KV's arrival", LATENCY_BUCKETS)
         self.queue = h(
-            "baton_decode_queue_time_seconds", "from a request's KV arrival to its first token", LATENCY_BUCKETS
+            "baton_decode_queue_time_seconds",
+            "from a request's KV arrival (or hand-in, when prefilled here) to its first token", LATENCY_BUCKETS
         )
         self._seen: dict[str, float] = {}
         self._splices_seen = 0

@@ -200,6 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=POLICIES, default=env_default("policy", "baton"))
     parser.add_argument("--max-batch", type=_positive_int, default=env_default("max_batch", "32"),
                         help="rows of the decode batch (default: 32)")
+    parser.add_argument("--fuse-prefill", action="store_true",
+                        help="baton: run prompts inside the batch's iteration (one forward pass with the running "
+                             "rows' tokens) instead of in passes of their own")
     add_model_arguments(parser)
 
 
@@ -224,11 +227,11 @@ def main(args: argparse.Namespace) -> int:
         return 1
     try:
         try:
-            lm = load_model(args.model, args.device, args.dtype)
+            lm = load_model(args.model, args.device, args.dtype, args.cpu_gemm)
         except (OSError, ValueError) as e:
             log.error("%s", e)
             return 1
-        engine = Engine(lm, args.policy, max_batch=args.max_batch)
+        engine = Engine(lm, args.policy, max_batch=args.max_batch, fuse_prefill=args.fuse_prefill)
         t0 = time.perf_counter()
         lines = run_lines(engine, raws, out)
         elapsed = time.perf_counter() - t0

@@ -46,12 +46,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--shared-cores", "auto", choices=["auto", "on", "off"],
          help="workers take turns on every CPU core, prefills first, instead of splitting the cores between them "
               "(auto: on when the model runs on the CPU)")
+    flag(p, "--local-prefill-tokens", "auto",
+         help="the router's --local-prefill-tokens: prompts this short are prefilled by their decode worker inside "
+              f"its batch (auto: {SHARED_CORES_LOCAL_PREFILL} where the workers take turns on the cores, else 0)")
     flag(p, "--policy", "baton", choices=["baton", "orca", "padded", "static"], help="decode workers' engine policy")
     add_registry_arguments(p)  # without --redis, the router is given the workers' addresses
     add_internal_token_arguments(p)  # default: a new token for this run
     flag(p, "--startup-timeout", 180.0, float, help="seconds every service has to become healthy")
     flag(p, "--max-restarts", 5, int, help="restarts of one service allowed within a minute; past them everything "
                                            "stops (0: a service that exits stops everything)")
+
+
+# Where prefill and decode workers take turns on the same cores, a prompt run inside the decode batch's iteration
+# costs one pass over the weights instead of two and ships no KV (docs/benchmarks.md, "Local prefill").
+SHARED_CORES_LOCAL_PREFILL = 2048
+
+
+def local_prefill_tokens(value: str, shared_cores: bool) -> int:
+    if value == "auto":
+        return SHARED_CORES_LOCAL_PREFILL if shared_cores else 0
+    try:
+        tokens = int(value)
+    except ValueError:
+        raise SystemExit(f"--local-prefill-tokens: {value!r} is neither auto nor a number of tokens") from None
+    if tokens < 0:
+        raise SystemExit(f"--local-prefill-tokens: {tokens} is negative")
+    return tokens
 
 
 def free_port(taken: set[int] | None = None) -> int:
@@ -176,7 +196,7 @@ def say(message: str) -> None:
 
 
 def model_flags(args: argparse.Namespace, threads: int) -> list[str]:
-    flags = ["--model", args.model, "--threads", str(threads)]
+    flags = ["--model", args.model, "--threads", str(threads), "--cpu-gemm", args.cpu_gemm]
     if args.device:
         flags += ["--device", args.device]
     if args.dtype:
@@ -244,7 +264,8 @@ def main(args: argparse.Namespace) -> int:
         for w in started:
             wait_serving(w.address, w.proc, args.startup_timeout)
         router_argv = ["router", "--host", args.host, "--grpc-port", str(args.grpc_port),
-                       "--http-port", str(args.http_port), "--model", args.model, *registry]
+                       "--http-port", str(args.http_port), "--model", args.model, *registry,
+                       "--local-prefill-tokens", str(local_prefill_tokens(args.local_prefill_tokens, bool(shared)))]
         if not args.redis:
             prefill = [w.address for w in started if w.name.startswith("prefill")]
             router_argv += ["--decode", *decode, "--prefill", *prefill]

@@ -78,6 +78,17 @@ def assert_empty(worker: DecodeWorker) -> None:
     assert (occ.free_rows, occ.kv_tokens_free) == (worker.max_batch, worker.max_kv_tokens)
 
 
+async def all_equal_generate(worker: DecodeWorker, lm: LoadedModel, reqs: dict[str, Request],
+                             tasks: dict[str, asyncio.Task[tuple[list[int], FinishReason | None]]]) -> None:
+    """Every request ran to its length, equal to generate() alone; then the worker holds nothing."""
+    for rid, task in tasks.items():
+        tokens, reason = await task
+        assert tokens == reference(lm, reqs[rid].prompt_ids, len(tokens)), rid
+        assert (len(tokens), reason) == (reqs[rid].params.max_new_tokens, FinishReason.LENGTH)
+    await until(lambda: worker.occupancy().kv_tokens_used == 0)
+    assert_empty(worker)
+
+
 # ---- the core, no sockets --------------------------------------------------------------------------------
 
 
@@ -108,14 +119,35 @@ def test_staggered_requests_equal_generate(tiny_llama: LoadedModel, policy: str)
         worker.deliver_kv(payloads["d"])
         worker.deliver_kv(payloads["c"])
         assert worker.occupancy().kv_received == 4
-        for rid, task in tasks.items():
-            tokens, reason = await task
-            assert tokens == reference(tiny_llama, reqs[rid].prompt_ids, len(tokens)), rid
-            assert (len(tokens), reason) == (reqs[rid].params.max_new_tokens, FinishReason.LENGTH)
-        await until(lambda: worker.occupancy().kv_tokens_used == 0)
-        assert_empty(worker)
+        await all_equal_generate(worker, tiny_llama, reqs, tasks)
         occ = worker.occupancy()
         assert (occ.completed, occ.tokens_generated) == (4, sum(n for _, _, n in specs))
+
+    run_with_worker(tiny_llama, body, policy=policy, max_batch=4)
+
+
+@pytest.mark.parametrize("policy", ["baton", "orca"])
+def test_prefilled_here_and_pushed_kv_share_the_batch(tiny_llama: LoadedModel, policy: str) -> None:
+    """Requests reserved with prefill_here (no KV ever comes, no lease to expire) and requests whose KV is
+    pushed, joining while others run: each equals generate() alone, and only the latter count as received KV."""
+    specs = [("a", prompt(21, 7), 12, False), ("b", prompt(22, 19), 9, True), ("c", prompt(23, 3), 6, True),
+             ("d", prompt(24, 33), 5, False)]
+    reqs = {rid: make(rid, ids, n) for rid, ids, n, _ in specs}
+
+    async def body(worker: DecodeWorker) -> None:
+        tasks: dict[str, asyncio.Task[tuple[list[int], FinishReason | None]]] = {}
+        for rid, _, _, here in specs:
+            tasks[rid] = asyncio.create_task(collect(worker.reserve(reqs[rid], 0.5, prefill_here=here)))
+            if not here:
+                worker.deliver_kv(kv_for(tiny_llama, reqs[rid]))
+            await until(lambda: worker.occupancy().waiting == 0)  # it runs: the next one joins a running batch
+        await asyncio.sleep(0.6)  # past the lease a reservation without KV would have had
+        await all_equal_generate(worker, tiny_llama, reqs, tasks)
+        assert worker.occupancy().kv_received == 2
+        assert worker.metrics.value("baton_decode_local_prefills_total") == 2
+        assert worker.metrics.value("baton_decode_local_prefill_tokens_total") == 19 + 3
+        if policy == "baton":  # the local prompts ran inside the batch's iterations, not in passes of their own
+            assert worker.engine.stats.prefill_s == 0.0
 
     run_with_worker(tiny_llama, body, policy=policy, max_batch=4)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,10 +32,10 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from baton.engine.models import LoadedModel
 from tests.support.cluster import check_exact, load, prompts
+from tests.support.metrics import Scrape
 from tests.support.processes import ROOT, free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -108,19 +107,16 @@ class Stack:
 
     def recovered(self) -> int:
         """Requests the router resumed or restarted on another decode worker, from its published /metrics."""
-        text = httpx.get(f"{self.http}/metrics", timeout=10).text
-        return sum(int(sample.value) for family in text_string_to_metric_families(text)
-                   for sample in family.samples if sample.name == "baton_router_recoveries_total"
-                   and sample.labels.get("kind") in ("resumed", "restarted"))
+        scrape = Scrape(httpx.get(f"{self.http}/metrics", timeout=10).text)
+        return int(sum(scrape.value("baton_router_recoveries_total", kind=k) for k in ("resumed", "restarted")))
 
     def rows_used(self, container: Any) -> int:
         """Rows in a decode worker's batch, from its /metrics inside the container (worker ports stay private)."""
         code = ("import os, urllib.request; print(urllib.request.urlopen('http://127.0.0.1:%s/metrics' % "
                 "os.environ['BATON_METRICS_PORT'], timeout=5).read().decode())")
         out = container.exec_run(["python3", "-c", code]).output.decode()
-        found = re.search(r"^baton_decode_batch_rows_used (\S+)$", out, re.M)
-        assert found, out[-2000:]
-        return int(float(found.group(1)))
+        assert "baton_decode_batch_rows_used" in out, out[-2000:]
+        return int(Scrape(out).value("baton_decode_batch_rows_used"))
 
 
 @pytest.fixture(scope="module")

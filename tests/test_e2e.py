@@ -22,6 +22,7 @@ from tests.support.oracle import reference
 from tests.support.processes import free_port, occupancy, processes, wait_idle, worker_channel
 
 MAX_BATCH = 4
+LOCAL_PREFILL_TOKENS = 8  # router-local's --local-prefill-tokens
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Stack:
     http: str  # base URL of the OpenAI API
     decode: list[str]
     prefill: list[str]
+    router_local: str  # gRPC host:port of a second router, whose short prompts are prefilled by decode workers
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,10 @@ def stack(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "baton",
             wait_address=f"127.0.0.1:{grpc_port}",
         )
+        local_port = free_port()
+        ps.baton("router-local", "router", "--host", "127.0.0.1", "--grpc-port", str(local_port), "--http-port",
+                 str(free_port()), "--redis", redis, "--model", str(tiny_llama_dir), "--local-prefill-tokens",
+                 str(LOCAL_PREFILL_TOKENS), wait_address=f"127.0.0.1:{local_port}")
         http = f"http://127.0.0.1:{http_port}"
         for _ in range(100):  # the router's HTTP side comes up with its gRPC side; wait for both workers too
             try:
@@ -98,7 +104,7 @@ def stack(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        yield Stack(f"127.0.0.1:{grpc_port}", http, decode, prefill)
+        yield Stack(f"127.0.0.1:{grpc_port}", http, decode, prefill, f"127.0.0.1:{local_port}")
 
 
 
@@ -178,6 +184,35 @@ def test_64_concurrent_requests_equal_generate_and_kv_crosses_grpc(stack: Stack,
     completed = [a.completed - b.completed for a, b in zip(after, before)]
     assert sum(received) == 64 and sum(completed) == 64  # every request's KV came over gRPC from the prefill worker
     assert all(c > 0 for c in completed)  # both decode workers took requests
+    wait_idle(stack.decode, stack.prefill)
+
+
+def test_short_prompts_are_prefilled_by_the_decode_worker(stack: Stack, tiny_llama: LoadedModel) -> None:
+    """A router with --local-prefill-tokens: prompts that short go to a decode worker with prefill_here and are
+    prefilled inside its batch (no KV push), longer ones through the prefill worker; all equal generate()."""
+    prompts = [[7 + i] * n for i, n in enumerate([3, 8, 9, 30, 1, 20, 5, 12])]
+    local = sum(len(p) <= LOCAL_PREFILL_TOKENS for p in prompts)
+    before = [occupancy(a) for a in stack.decode]
+
+    async def run() -> list[list[int]]:
+        async with grpc.aio.insecure_channel(stack.router_local) as ch:
+            stub = baton_pb2_grpc.RouterStub(ch)
+
+            async def one(ids: list[int]) -> list[int]:
+                params = pb.SamplingParameters(max_new_tokens=7, ignore_eos=True)
+                got: list[int] = []
+                async for msg in stub.GenerateStream(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
+                                                                        parameters=params)):
+                    got += msg.token_ids
+                return got
+
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    for ids, got in zip(prompts, asyncio.run(run())):
+        assert got == reference(tiny_llama, ids, 7), f"prompt of {len(ids)} tokens diverged"
+    after = [occupancy(a) for a in stack.decode]
+    assert sum(a.kv_received - b.kv_received for a, b in zip(after, before)) == len(prompts) - local
+    assert sum(a.completed - b.completed for a, b in zip(after, before)) == len(prompts)
     wait_idle(stack.decode, stack.prefill)
 
 

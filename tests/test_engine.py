@@ -213,3 +213,28 @@ def test_duplicate_active_id_is_refused(tiny_llama: LoadedModel) -> None:
         engine.add_request(Request("dup", [3, 4], SamplingParams(max_new_tokens=6)))
     drain(engine)
     engine.add_request(Request("dup", [3, 4], SamplingParams(max_new_tokens=6)))  # finished ids may be reused
+
+
+def test_cpu_linear_layers_run_packed_for_onednn() -> None:
+    """On a CPU in float32 every nn.Linear runs through oneDNN with its weight packed at load (cpu_gemm.py);
+    `aten` keeps PyTorch's F.linear. Same model identity, same logits up to the last bits."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from baton.bench import shapes
+    from baton.engine.cpu_gemm import CpuGemm, PackedLinear
+
+    packed = make_tiny_llama()
+    torch.manual_seed(0)  # the same random weights as make_tiny_llama's (shapes.build)
+    with torch.device("cpu"):
+        raw = AutoModelForCausalLM.from_config(shapes.config("tiny-llama"), dtype=torch.float32)
+    plain = LoadedModel(raw, None, "tiny-llama", cpu_gemm=CpuGemm.ATEN)
+    linears = sum(type(m) is nn.Linear for m in plain.model.modules())
+    assert linears > 0 and sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == linears
+    assert not any(type(m) is nn.Linear for m in packed.model.modules())
+    assert packed.fingerprint == plain.fingerprint
+    ids = torch.randint(3, 2000, (2, 37), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        a, b = packed.model(input_ids=ids).logits, plain.model(input_ids=ids).logits  # [2, 37, vocab]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

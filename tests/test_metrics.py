@@ -15,29 +15,17 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from baton.engine.engine import EngineStats
 from baton.logs import JsonFormatter
 from baton.metrics import DecodeMetrics, PrefillMetrics, RouterMetrics, serve_metrics
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
+from tests.support.metrics import Scrape
 from tests.support.processes import ROOT, free_port, processes
 
 MAX_BATCH = 4
 NEW_TOKENS = 6
-
-
-class Scrape:
-    """One scrape of a /metrics endpoint: sample values by name and labels."""
-
-    def __init__(self, text: str) -> None:
-        families = text_string_to_metric_families(text)
-        self.samples = [(s.name, dict(s.labels), float(s.value)) for fam in families for s in fam.samples]
-
-    def value(self, name: str, **labels: str) -> float:
-        """The sum over the samples of that name whose labels include `labels` (0 when there are none)."""
-        return sum(v for n, ls, v in self.samples if n == name and labels.items() <= ls.items())
 
 
 def exported_names(metrics: RouterMetrics | PrefillMetrics | DecodeMetrics) -> set[str]:

@@ -30,7 +30,7 @@ def run(tmp_path: Path, model: Path, lines: list[Any], *flags: str) -> list[dict
 
 
 
-@pytest.mark.parametrize("policy", ["baton", "orca", "padded", "static"])
+@pytest.mark.parametrize("policy", ["baton", "baton-fused", "orca", "padded", "static"])
 def test_mixed_requests(tmp_path: Path, tiny_llama_dir: Path, tiny_llama: LoadedModel, policy: str) -> None:
     lines: list[dict[str, Any]] = [
         {"id": "p", "prompt": "The capital of France is", "max_new_tokens": 5},
@@ -39,7 +39,8 @@ def test_mixed_requests(tmp_path: Path, tiny_llama_dir: Path, tiny_llama: Loaded
         {"id": "b", "input_ids": list(range(100, 140)), "max_new_tokens": 6, "ignore_eos": True},
         {"id": "s", "input_ids": [7, 8, 9], "max_new_tokens": 4, "temperature": 0.8, "top_p": 0.9, "seed": 3},
     ]
-    out = run(tmp_path, tiny_llama_dir, lines, "--policy", policy, "--max-batch", "3")
+    fused = ["--fuse-prefill"] if policy.endswith("-fused") else []
+    out = run(tmp_path, tiny_llama_dir, lines, "--policy", policy.removesuffix("-fused"), "--max-batch", "3", *fused)
     assert [o["id"] for o in out] == ["p", "m", "a", "b", "s"]
     tok = tiny_llama.tokenizer
     assert tok is not None
@@ -55,6 +56,20 @@ def test_mixed_requests(tmp_path: Path, tiny_llama_dir: Path, tiny_llama: Loaded
     for o, line in zip(out[2:4], lines[2:4], strict=True):
         assert o["finish_reason"] == "length"
         assert o["prompt_tokens"] == len(line["input_ids"])
+        assert o["token_ids"] == reference(tiny_llama, line["input_ids"], line["max_new_tokens"])
+
+
+def test_a_workload_exported_by_bench_requests_runs_exactly(tmp_path: Path, tiny_llama_dir: Path,
+                                                            tiny_llama: LoadedModel) -> None:
+    """`baton bench requests` writes a named workload as `baton run` input (the requests vLLM's offline runner
+    is timed on, scripts/vllm_offline.py); `baton run` serves it, each output equal to generate() alone."""
+    src = tmp_path / "tiny.jsonl"
+    assert baton.cli.main(["bench", "requests", "--workload", "tiny", "--model", str(tiny_llama_dir),
+                           "--out", str(src)]) == 0
+    lines = [json.loads(line) for line in src.read_text().splitlines()]
+    assert len(lines) == 6 and all(set(x) == {"id", "input_ids", "max_new_tokens", "ignore_eos"} for x in lines)
+    out = run(tmp_path, tiny_llama_dir, lines, "--max-batch", "4", "--fuse-prefill")
+    for o, line in zip(out, lines, strict=True):
         assert o["token_ids"] == reference(tiny_llama, line["input_ids"], line["max_new_tokens"])
 
 

@@ -21,6 +21,7 @@ from baton.engine.models import LoadedModel
 from baton.serve import free_port
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
+from tests.support.metrics import Scrape
 from tests.support.oracle import reference
 from tests.support.processes import ROOT, processes, worker_channel
 from tests.support.serve import Serve
@@ -70,6 +71,14 @@ def test_baton_serve_under_a_redis_prefix(tiny_llama_dir: Path, tiny_llama: Load
             assert r.json()["model"] == tiny_llama_dir.name
             r = httpx.post(f"{http}/v1/completions", timeout=60, json={**body, "model": "nope"})
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+            # on a CPU the workers share the cores, so these short prompts were prefilled inside the decode batch
+            # (--local-prefill-tokens auto) and no KV travelled
+            running = Serve(serve, tmp_path / "serve.log", "", "")
+            decode_metrics = Scrape(httpx.get(running.metrics_url("decode-0"), timeout=10).text)
+            prefill_metrics = Scrape(httpx.get(running.metrics_url("prefill-0"), timeout=10).text)
+            assert decode_metrics.value("baton_decode_local_prefills_total") == len(prompts) + 1
+            assert decode_metrics.value("baton_decode_kv_received_bytes_total") == 0
+            assert prefill_metrics.value("baton_prefill_prompt_tokens_total") == 0
         finally:
             serve.send_signal(signal.SIGTERM)
             assert serve.wait(timeout=60) == 0

@@ -48,7 +48,7 @@ def tiny_model(kind: str) -> LoadedModel:
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("policy", ["baton", "orca", "padded"])
+@pytest.mark.parametrize("policy", ["baton", "baton-fused", "orca", "padded"])
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     schedule=schedules, max_batch=st.integers(1, 5), max_segments=st.integers(1, 3), seed=st.integers(0, 99)
@@ -58,7 +58,8 @@ def test_greedy_equals_generate_alone(
 ) -> None:
     lm = tiny_model(kind)
     ref = functools.cache(functools.partial(reference, lm))
-    engine = Engine(lm, policy=policy, max_batch=max_batch, max_segments=max_segments, segment_cost=4)
+    engine = Engine(lm, policy=policy.removesuffix("-fused"), max_batch=max_batch, max_segments=max_segments,
+                    segment_cost=4, fuse_prefill=policy.endswith("-fused"))
     prompts = prompts_for(seed, [s[0] for s in schedule])
     reqs = [
         Request(str(i), list(p), SamplingParams(max_new_tokens=s[1], ignore_eos=True))
@@ -68,8 +69,43 @@ def test_greedy_equals_generate_alone(
     for req, p in zip(reqs, prompts):
         assert req.output_ids == ref(p, req.params.max_new_tokens), f"request {req.id} diverged"
     assert len(engine.batch) == 0
-    if policy in ("baton", "orca"):  # no padding computed; padded pads the rows to a newcomer's prompt
+    if policy != "padded":  # no padding computed; padded pads the rows to a newcomer's prompt
         assert engine.stats.idle_rows == 0
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 10), st.integers(0, 12), st.booleans()),
+                         min_size=1, max_size=7), max_batch=st.integers(1, 5), seed=st.integers(0, 99))
+def test_fused_local_prompts_and_spliced_kv_share_a_batch(
+    schedule: list[tuple[int, int, int, bool]], max_batch: int, seed: int
+) -> None:
+    """A decode worker under fuse_prefill: some newcomers come with KV prefilled elsewhere (spliced), the others
+    are prefilled inside the batch's iteration; every output still equals generate() alone, and the fused
+    iterations ran the local prompts with the rows' tokens in one pass (no pass of their own)."""
+    lm = tiny_model("llama")
+    ref = functools.cache(functools.partial(reference, lm))
+    elsewhere = ModelRunner(lm)  # a prefill worker
+    engine = Engine(lm, max_batch=max_batch, max_segments=2, segment_cost=4, fuse_prefill=True)
+    prompts = prompts_for(seed, [s[0] for s in schedule])
+    reqs = [Request(str(i), list(p), SamplingParams(max_new_tokens=s[1], ignore_eos=True))
+            for i, (p, s) in enumerate(zip(prompts, schedule))]
+    arrivals = [s[2] for s in schedule]
+    it = 0
+    while it <= max(arrivals) or engine.has_work():
+        for req, (_, _, at, local) in zip(reqs, schedule):
+            if at != it:
+                continue
+            req.arrival_time = 0.0
+            if local:
+                engine.add_request(req)
+            else:
+                engine.add_prefilled(req, elsewhere.prefill(req))
+        engine.step()
+        it += 1
+        assert it < 500, "engine did not finish"
+    for req, p in zip(reqs, prompts):
+        assert req.output_ids == ref(p, req.params.max_new_tokens), f"request {req.id} diverged"
+    assert engine.stats.prefill_s == 0.0 and engine.stats.idle_rows == 0  # no prefill pass of its own, no padding
 
 
 def test_static_policy_equals_generate(tiny_llama: LoadedModel) -> None:

@@ -34,7 +34,9 @@ import torch
 from baton.bench.workloads import BenchRequest
 from baton.engine.models import LoadedModel
 
-POLICIES = ("baton", "orca", "padded", "static", "hf-static", "hf-cb")
+# baton-fused: baton with fuse_prefill, the prompts it prefills itself run inside the batch's iteration, as a
+# decode worker runs the prompts a router sends it to prefill (prefill_here)
+POLICIES = ("baton", "baton-fused", "orca", "padded", "static", "hf-static", "hf-cb")
 
 
 @dataclass
@@ -99,7 +101,8 @@ def run_engine(lm: LoadedModel, reqs: list[BenchRequest], max_batch: int, policy
     from baton.engine.engine import Engine
     from baton.engine.request import Request, SamplingParams
 
-    engine = Engine(lm, policy=policy, max_batch=max_batch)
+    engine = Engine(lm, policy=policy.removesuffix("-fused"), max_batch=max_batch,
+                    fuse_prefill=policy.endswith("-fused"))
     objs = [
         Request(f"r{r.index}", list(r.prompt_ids),
                 SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True), arrival_time=0.0)
@@ -330,7 +333,7 @@ Runner = Callable[[LoadedModel, list[BenchRequest], int], RunResult]
 
 
 def runner(policy: str) -> Runner:
-    if policy in ("baton", "orca", "padded", "static"):
+    if policy in ("baton", "baton-fused", "orca", "padded", "static"):
         return lambda lm, reqs, max_batch: run_engine(lm, reqs, max_batch, policy)
     if policy == "hf-static":
         return run_hf_static

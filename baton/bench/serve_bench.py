@@ -23,6 +23,8 @@ another. Results: one JSON object per rate (--out FILE.json holds one object, or
 --out-dir DIR gets <workload>[-rate<R>]-<policy>.json per rate); `baton bench plot` draws them against the rate.
 The service does not say which decode policy it runs: name it with --policy (a label in the results). Each result
 says which API it measured (`api`: grpc or openai) and, for openai, the model name it sent (`served_model`).
+With `--metrics URL ...` (Baton's services' /metrics endpoints, as `baton serve` prints them) each result also
+holds `breakdown`: where the requests' time went through the services during that rate (breakdown.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+from baton.bench import breakdown
 from baton.bench.engine_bench import output_paths, percentiles
 from baton.bench.loadgen import (
     Connect,
@@ -92,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
     p.add_argument("--out", type=Path, help="result JSON file (a list when several rates)")
     p.add_argument("--out-dir", type=Path, help="directory for <workload>[-rate<R>]-<policy>.json files")
+    p.add_argument("--metrics", nargs="+", default=[], metavar="URL",
+                   help="Baton's /metrics endpoints (router and workers) to scrape before and after each rate: the "
+                        "results gain `breakdown`, where the time went through the services")
     p.add_argument("--no-warmup", action="store_true", help="skip the two untimed warm-up requests")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -233,10 +239,15 @@ async def run_rate(args: argparse.Namespace, target: Target, spec: WorkloadSpec,
         pool = draw(dataclasses.replace(spec, rate=rate), tokenizer, vocab)
         planned = plan(pool, [r.arrival_s for r in pool])
     desc = "all at t=0" if math.isinf(rate) else f"{rate:g} req/s"
+    before = await asyncio.to_thread(breakdown.scrape, args.metrics) if args.metrics else None
     outcomes, elapsed = await run_load(connect(target), planned, args.request_timeout,
                                        progress=not args.no_progress, desc=desc)
     print_errors(outcomes)
-    return make_report(outcomes, elapsed, args, spec, rate, target)
+    report = make_report(outcomes, elapsed, args, spec, rate, target)
+    if before is not None:
+        report["breakdown"] = breakdown.difference(before, await asyncio.to_thread(breakdown.scrape, args.metrics))
+        print(breakdown.table(report["breakdown"]), flush=True)
+    return report
 
 
 def print_errors(outcomes: list[Outcome]) -> None:

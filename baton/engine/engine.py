@@ -13,6 +13,11 @@
 - static: run-to-completion batches: a batch is formed, prefilled together (padded), and decoded until its
           last member finishes; finished rows keep being computed.
 
+Under `baton`, `fuse_prefill` decides where the prompts this engine prefills itself (add_request) run: in a pass
+of their own (the paper's BATON, the default), or inside the batch's iteration by selective batching, as under
+`orca` (a decode worker does so for the short prompts a router sends it to prefill itself: one pass over the
+weights instead of two). KV prefilled elsewhere (add_prefilled) is spliced either way.
+
 The engine is transport-free: services drive it with add_request / add_prefilled / cancel / step.
 """
 
@@ -29,7 +34,7 @@ import torch
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, Request, RequestStatus
-from baton.engine.runner import ForwardPass, ModelRunner
+from baton.engine.runner import PREFILL_TOKEN_BUDGET, ForwardPass, ModelRunner, pack_for_prefill
 from baton.engine.sampler import sample
 from baton.engine.selective import iterate
 from baton.errors import InvalidRequestError
@@ -124,10 +129,14 @@ class Engine:
         max_segments: int = 8,
         segment_cost: int = 32,
         compact_threshold: float = 0.1,
+        fuse_prefill: bool = False,
     ) -> None:
         if not isinstance(policy, Policy) and policy not in POLICIES:
             raise ValueError(f"policy: {policy!r} is not one of {POLICIES}")
         self.lm, self.policy = lm, Policy(policy)
+        # baton: run local prompts inside the batch's iteration (selective batching), at most a prefill pass's
+        # worth of tokens per iteration, instead of in a pass of their own (module docstring)
+        self.fuse_prefill = fuse_prefill and self.policy.splices_prefilled_kv
         self.runner = ModelRunner(lm)
         segments = 1 if self.policy.pads_prompts else max_segments
         self.batch = self.runner.new_batch(max_batch, segments, segment_cost)
@@ -207,6 +216,12 @@ class Engine:
         now = time.perf_counter()
         if self.policy.splices_prefilled_kv:
             self._admit_baton(now, out)
+            if self.fuse_prefill:
+                arrived = self._arrived(now)[: self.batch.free_rows]
+                if arrived:  # the first packed run's worth: [at least one prompt, up to the token budget]
+                    run = pack_for_prefill([len(r.all_ids) for r in arrived], PREFILL_TOKEN_BUDGET)[0]
+                    self._iterate_selective(arrived[: len(run)], out)
+                    return out
         elif self.policy.selective_batching:
             newcomers = self._arrived(now)[: self.batch.free_rows]
             if newcomers:
@@ -220,7 +235,7 @@ class Engine:
 
     def _admit_baton(self, now: float, out: StepOutput) -> None:
         newcomers = self._arrived(now)[: max(0, self.batch.free_rows - len(self.prefilled))]
-        if newcomers:
+        if newcomers and not self.fuse_prefill:  # fused, they run in this iteration's pass (step)
             for req in newcomers:
                 self.waiting.remove(req)
             t0 = time.perf_counter()
@@ -251,8 +266,8 @@ class Engine:
             self.batch.add_unprefilled(reqs)
 
     def _iterate_selective(self, newcomers: list[Request], out: StepOutput) -> None:
-        """One orca iteration: the newcomers' prompts and a step of every row in one forward pass; then the
-        newcomers' first tokens, the rows' next ones, and the newcomers' KV into the batch."""
+        """One orca (or fused baton) iteration: the newcomers' prompts and a step of every row in one forward
+        pass; then the newcomers' first tokens, the rows' next ones, and the newcomers' KV into the batch."""
         for req in newcomers:
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from baton.engine import attention
+from baton.engine.cpu_gemm import CpuGemm, pack_linears, usable
 from baton.engine.spec import ModelSpec
 from baton.flags import cache_dir
 
@@ -109,6 +110,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
     name: str
+    cpu_gemm: CpuGemm = CpuGemm.ONEDNN  # how linear layers run on a CPU (cpu_gemm.py); ignored elsewhere
     fingerprint: str = field(init=False)
     spec: ModelSpec = field(init=False)  # its limits and KV shape, as the router knows them too
 
@@ -117,6 +119,8 @@ class LoadedModel:
         attention.install(self.model)
         self.fingerprint = fingerprint(self.model)
         self.spec = ModelSpec.from_config(self.model.config)
+        if self.cpu_gemm is CpuGemm.ONEDNN and usable(self.model):
+            log.debug("%d linear layers packed for oneDNN", pack_linears(self.model))
 
     @property
     def config(self) -> Any:
@@ -147,9 +151,10 @@ class LoadedModel:
         return s.num_layers * 2 * s.kv_heads * s.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+               cpu_gemm: str | CpuGemm = CpuGemm.ONEDNN) -> LoadedModel:
     dev = torch.device(device) if device else default_device()
     path = resolve_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype, dev)).to(dev)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, cpu_gemm=CpuGemm(cpu_gemm))

@@ -221,12 +221,14 @@ class PushKvResponse(_message.Message):
     def __init__(self, received_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request", "kv_timeout_seconds")
+    __slots__ = ("request", "kv_timeout_seconds", "prefill_here")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     KV_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
     request: WorkerRequest
     kv_timeout_seconds: float
-    def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., kv_timeout_seconds: _Optional[float] = ...) -> None: ...
+    prefill_here: bool
+    def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., kv_timeout_seconds: _Optional[float] = ..., prefill_here: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "finish_reason", "stop_text")

@@ -347,7 +347,7 @@ class DecodeWorkerServicer:
 
     def Decode(self, request, context):
         """Reserve a row for a request and stream its tokens. The first message, with no tokens, confirms the
-        reservation; the caller then has the KV pushed. Cancelling the call cancels the request.
+        reservation; the caller then has the KV pushed (unless prefill_here). Cancelling the call cancels the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -29,14 +29,15 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DecodeResponse]:
         try:
-            res = self.worker.reserve(request_from_proto(request.request), request.kv_timeout_seconds)
+            res = self.worker.reserve(request_from_proto(request.request), request.kv_timeout_seconds,
+                                      request.prefill_here)
         except Exception as e:
             log.info("request %s refused: %s", request.request.request_id, e,
                      extra={"request_id": request.request.request_id})
             raise
         context.add_done_callback(lambda _: res.cancel())  # the call ended: a client gone away cancels the request
         try:
-            yield pb.DecodeResponse()  # the row is reserved: the caller may have the KV pushed now
+            yield pb.DecodeResponse()  # the row is reserved: the caller may have the KV pushed now (or prefill_here)
             async for ev in res.events():
                 msg = pb.DecodeResponse(token_ids=ev.token_ids)
                 msg.finish_reason = finish_to_proto(ev.finish_reason)

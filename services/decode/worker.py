@@ -8,7 +8,9 @@ the event loop. Network I/O never runs on the loop thread, so a slow KV push nev
 the engine is only ever touched from the loop thread.
 
 A request's life on this worker:  reserve() -> RESERVED  --deliver_kv()-->  QUEUED  --first token-->  RUNNING
---finished or cancelled--> gone. A reservation whose KV does not arrive within its lease is dropped.
+--finished or cancelled--> gone. A reservation whose KV does not arrive within its lease is dropped. A request
+reserved with prefill_here (a short prompt, as the router decides) skips RESERVED: it is QUEUED at once, and the
+engine runs its prompt inside the batch's next iteration (Engine fuse_prefill), so nothing travels.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class Reservation:
 @dataclass
 class _Add:
     request: Request
-    payload: KVPayload
+    payload: KVPayload | None  # None: the engine prefills the request itself (prefill_here)
 
 
 @dataclass
@@ -150,7 +152,8 @@ class DecodeWorker:
     ) -> None:
         self.lm = lm
         self.shared_cores = shared_cores  # when set, each step waits its turn on the cores (prefills go first)
-        self.engine = Engine(lm, policy=policy, max_batch=max_batch)
+        # the prompts the router sends here to prefill (prefill_here) run inside the batch's iteration
+        self.engine = Engine(lm, policy=policy, max_batch=max_batch, fuse_prefill=True)
         if shared_cores is not None:
             self.engine.layer_hook = shared_cores.yield_to_prefill
         self.max_batch = max_batch
@@ -213,8 +216,9 @@ class DecodeWorker:
             self._thread = None
 
     # ---- the event-loop side ---------------------------------------------------------------------------
-    def reserve(self, request: Request, kv_timeout_s: float | None = None) -> Reservation:
-        """Promise a row and KV room to a request whose KV will come through deliver_kv within the lease.
+    def reserve(self, request: Request, kv_timeout_s: float | None = None, prefill_here: bool = False) -> Reservation:
+        """Promise a row and KV room to a request whose KV will come through deliver_kv within the lease, or,
+        with prefill_here, that this worker prefills itself (queued at once, no lease).
         Raises InvalidRequestError (cannot be served here at all), Overloaded (full now) or Unavailable."""
         if self.draining:
             raise Unavailable("decode worker is draining: it takes no new requests")
@@ -239,11 +243,17 @@ class DecodeWorker:
             )
         assert self._loop is not None and self._idle is not None, "start() first"
         res = Reservation(self, request, budget)
-        timeout = kv_timeout_s if kv_timeout_s and kv_timeout_s > 0 else self.default_kv_timeout_s
-        timeout = min(timeout, self.max_kv_timeout_s)  # a caller cannot hold a row longer, whatever it asks
-        res.lease = self._loop.call_later(timeout, self._expire, res, timeout)
         self._live[request.id] = res
         self._idle.clear()
+        if prefill_here:
+            res.state, res.kv_at = SlotState.QUEUED, time.perf_counter()
+            self.metrics.local_prefills.inc()
+            self.metrics.local_prefill_tokens.inc(len(request.all_ids))
+            self._inbox.put(_Add(request, None))
+        else:
+            timeout = kv_timeout_s if kv_timeout_s and kv_timeout_s > 0 else self.default_kv_timeout_s
+            timeout = min(timeout, self.max_kv_timeout_s)  # a caller cannot hold a row longer, whatever it asks
+            res.lease = self._loop.call_later(timeout, self._expire, res, timeout)
         self._publish()
         return res
 
@@ -416,9 +426,9 @@ class DecodeWorker:
                 log.exception("cancelling request %s failed", cmd.request_id)
         elif isinstance(cmd, _Add):
             try:
-                if engine.policy.splices_prefilled_kv:
+                if cmd.payload is not None and engine.policy.splices_prefilled_kv:
                     engine.add_prefilled(cmd.request, cmd.payload)
-                else:  # orca, padded and static cannot splice KV: prefill locally
+                else:  # prefill_here, or orca, padded and static, which cannot splice KV: prefill locally
                     cmd.request.arrival_time = time.perf_counter()
                     engine.add_request(cmd.request)
             except Exception as e:  # noqa: BLE001 - checked before queueing; reaching here is a bug, not a crash

@@ -290,6 +290,7 @@ class PrefillWorker:
                 self._deliver(job, error=e)
             return
         seconds = time.perf_counter() - start  # the run's compute time, which each of its requests waited
+        self.metrics.busy.inc(seconds)
         for job, payload in zip(jobs, payloads, strict=True):
             with self._lock:
                 if job.state is not JobState.RUNNING:  # cancelled during the compute: drop the KV

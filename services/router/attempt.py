@@ -6,7 +6,9 @@ An attempt's life:
    waits in the router's queue); DecodeWorker.Decode on D reserves a row, and its first message, with no tokens,
    confirms the reservation. A worker that refuses (full: another router got there first) is skipped for
    another. Then PrefillWorker.Prefill(request, D) runs in the background on the prefill worker with the
-   shortest queue, which pushes the KV straight to D; a prefill worker that is full or gone is skipped.
+   shortest queue, which pushes the KV straight to D; a prefill worker that is full or gone is skipped. A request
+   whose tokens to prefill number at most the router's --local-prefill-tokens is reserved with prefill_here
+   instead: D runs its prompt inside its batch's next iteration, and no prefill worker is asked.
 2. `messages`: D's messages as they come. The attempt ends with the message that carries a finish reason.
 3. `close`: whatever is left of the attempt is stopped on its workers (the Decode call cancelled, so D drops
    the row; a prefill still pending cancelled on its worker); nothing, once the attempt finished.
@@ -133,13 +135,16 @@ class Attempt:
 
     def __init__(self, pool: WorkerPool, request: pb.WorkerRequest, need_tokens: int, deadline: float | None,
                  trace: Trace, metrics: RouterMetrics, background: Background, *, kv_timeout_s: float,
-                 queue_timeout_s: float | None, max_retries: int) -> None:
+                 queue_timeout_s: float | None, max_retries: int, local_prefill_tokens: int = 0) -> None:
         self.pool, self.request, self.need_tokens, self.deadline = pool, request, need_tokens, deadline
         self.trace, self.metrics, self.background = trace, metrics, background
         self.kv_timeout_s, self.queue_timeout_s, self.max_retries = kv_timeout_s, queue_timeout_s, max_retries
+        # short enough for the decode worker to prefill inside its batch's iteration (a resumed request counts
+        # the tokens it has streamed: they are prefilled too)
+        self.prefill_here = len(request.prompt_ids) + len(request.output_ids) <= local_prefill_tokens
         self.ticket: Ticket | None = None
         self.call: grpc.aio.UnaryStreamCall | None = None
-        self.prefill: asyncio.Task[pb.PrefillResponse] | None = None
+        self.prefill: asyncio.Task[pb.PrefillResponse | None] | None = None
         self._gone: asyncio.Future[Any] | None = None
         self.finished = False
 
@@ -169,6 +174,7 @@ class Attempt:
                     raise
                 await asyncio.sleep(self.pool.poll_s)
         self.metrics.chose("decode", self.address)
+        self.trace.prefilled_by_decode = self.prefill_here
         self.prefill = self.background.spawn(self._prefill())
         self._gone = asyncio.ensure_future(self.pool.gone(self.address).wait())
 
@@ -187,7 +193,8 @@ class Attempt:
             call: grpc.aio.UnaryStreamCall | None = None
             try:
                 call = self.pool.decode_stub(ticket.address).Decode(
-                    pb.DecodeRequest(request=self.request, kv_timeout_seconds=self.kv_timeout_s),
+                    pb.DecodeRequest(request=self.request, kv_timeout_seconds=self.kv_timeout_s,
+                                     prefill_here=self.prefill_here),
                     timeout=remaining(self.deadline),
                 )
                 msg = await call.read()
@@ -217,9 +224,11 @@ class Attempt:
             return ticket, call
         raise Overloaded("decode workers kept refusing the request; retry later", retry_after_s=1.0)
 
-    async def _prefill(self) -> pb.PrefillResponse:
+    async def _prefill(self) -> pb.PrefillResponse | None:
         """Have a prefill worker compute the prompt's KV and push it to this attempt's decode worker. A prefill
-        worker that is full or gone is skipped for the next one."""
+        worker that is full or gone is skipped for the next one. Nothing when the decode worker prefills it."""
+        if self.prefill_here:
+            return None
         tried: list[str] = []
         refusals: list[str] = []  # prefill workers that do not know this attempt's decode worker
         rid = self.request.request_id

@@ -52,6 +52,7 @@ class Router:
         queue_timeout_s: float | None = None,
         max_retries: int = 3,
         served: ServedModels | None = None,
+        local_prefill_tokens: int = 0,
     ) -> None:
         self.tokenizer, self.model_name = tokenizer, model_name
         # the names clients may ask for (the `model` of a request; served.py): by default model_name alone
@@ -63,6 +64,7 @@ class Router:
         self.pool = pool
         self.kv_timeout_s, self.queue_timeout_s = kv_timeout_s, queue_timeout_s
         self.max_retries = max_retries  # recoveries (new attempts, prefills moved) allowed per request
+        self.local_prefill_tokens = local_prefill_tokens  # prompts this short are prefilled by the decode worker
         self._active: set[str] = set()
         self._background = Background()
         self.metrics = RouterMetrics()
@@ -163,7 +165,8 @@ class Router:
                 attempt = Attempt(self.pool, resumed_request(request, sent) if sent else request,
                                   len(prompt_ids) + params.max_new_tokens, deadline, trace, self.metrics,
                                   self._background, kv_timeout_s=self.kv_timeout_s,
-                                  queue_timeout_s=self.queue_timeout_s, max_retries=self.max_retries)
+                                  queue_timeout_s=self.queue_timeout_s, max_retries=self.max_retries,
+                                  local_prefill_tokens=self.local_prefill_tokens)
                 try:
                     await attempt.start(resuming=bool(trace.recoveries))
                     trace.decode = attempt.address

@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--queue-timeout-s", 0.0, float,
          help="how long a queued request waits for a decode worker before it is refused (0: until its deadline)")
     flag(p, "--kv-timeout-s", 30.0, float, help="how long a decode worker holds a reserved row for the prompt's KV")
+    flag(p, "--local-prefill-tokens", 0, int,
+         help="a request with at most this many tokens to prefill is prefilled by its decode worker, inside its "
+              "batch's iteration, and no KV travels (0: every prompt goes through a prefill worker). Worth it "
+              "where prefill and decode share the cores (baton serve on a CPU sets it)")
     flag(p, "--max-retries", 3, int,
          help="times one request may be resumed or re-prefilled on other workers after a failure")
     flag(p, "--grace-s", 10.0, float, help="on SIGTERM, how long calls in flight may take to finish")
@@ -103,7 +107,8 @@ async def serve(args: argparse.Namespace) -> int:
                       redis_prefix=args.redis_prefix, tls=getattr(args, "tls", None),
                       internal_token=getattr(args, "internal_token", None))
     router = Router.load(args.model, pool, kv_timeout_s=args.kv_timeout_s, queue_timeout_s=args.queue_timeout_s or None,
-                         max_retries=args.max_retries, served_names=args.served_model_name)
+                         max_retries=args.max_retries, served_names=args.served_model_name,
+                         local_prefill_tokens=args.local_prefill_tokens)
     await router.start()
     services = [router_service(router)]
     # The public port: plaintext (put a TLS-terminating proxy in front), guarded by --api-key when given.

@@ -24,6 +24,7 @@ class Trace:
     worker_id: str = ""  # the id workers know it by (never the client's: a client cannot name another's request)
     decode: str | None = None
     prefill: str | None = None
+    prefilled_by_decode: bool = False  # the decode worker ran the prompt in its batch (prefill_here)
     completion_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -65,6 +66,8 @@ class Trace:
             "e2e_s": round(e2e, 4),
             "queue_s": None if self.queue_s is None else round(self.queue_s, 4),
         }
+        if self.prefilled_by_decode:
+            line["prefilled_by_decode"] = True
         if self.error is not None:
             line["error"] = self.error
         if self.recoveries:
