@@ -25,7 +25,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    reqs = [json.loads(line) for line in open(args.requests) if line.strip()]
+    with open(args.requests) as f:
+        reqs = [json.loads(line) for line in f if line.strip()]
     llm = LLM(args.model, dtype="float32", max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     prompts = [TokensPrompt(prompt_token_ids=r["input_ids"]) for r in reqs]
     params = [SamplingParams(max_tokens=r["max_new_tokens"], ignore_eos=r.get("ignore_eos", False), temperature=0.0)

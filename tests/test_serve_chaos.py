@@ -42,7 +42,10 @@ NEW_TOKENS = 160
 @pytest.fixture(scope="module")
 def serve(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     logs = tmp_path_factory.mktemp("serve-chaos")
-    with baton_serve(tiny_llama_dir, logs, "--decode-workers", "2", "--prefill-workers", "2") as s:
+    # every prompt through the prefill workers (on a CPU baton serve prefills short ones on the decode workers,
+    # and the prefill workers would get nothing to lose); the Redis test below runs with that default
+    with baton_serve(tiny_llama_dir, logs, "--decode-workers", "2", "--prefill-workers", "2",
+                     "--local-prefill-tokens", "0") as s:
         yield s
 
 

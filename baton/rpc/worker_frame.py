@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,9 +86,10 @@ async def _stop_heartbeat(beat: asyncio.Task[None] | None, stop: asyncio.Event) 
 
 
 async def run_worker(core: WorkerCore, services: Sequence[Service], args: argparse.Namespace,
-                     setup: WorkerSetup) -> int:
+                     setup: WorkerSetup, on_signal: Callable[[Callable[[], None]], None] | None = None) -> int:
     """Serve `core` through `services` until SIGTERM or SIGINT, then drain; returns the exit code. Callers
-    must present the internal token (and a certificate, with TLS)."""
+    must present the internal token (and a certificate, with TLS). `on_signal`: where this event loop does not
+    run on the main thread (main_thread.py), how to hear of the signals, which only the main thread receives."""
     role = core.role.value
     listen = f"{args.host}:{args.port}"
     try:
@@ -105,8 +106,14 @@ async def run_worker(core: WorkerCore, services: Sequence[Service], args: argpar
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if on_signal is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    else:
+        def stop_soon() -> None:
+            loop.call_soon_threadsafe(stop.set)
+
+        on_signal(stop_soon)
 
     registry = RedisRegistry(args.redis, prefix=args.redis_prefix) if args.redis else None
     beat_stop = asyncio.Event()

@@ -10,11 +10,11 @@ exits 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from baton.engine.engine import POLICIES
 from baton.flags import add_worker_arguments, flag
 from baton.metrics import DECODE_METRICS_PORT
+from baton.rpc.main_thread import MainThread
 from baton.rpc.worker_frame import WorkerSetup, load_worker_model, run_worker
 from services.decode.server import decode_service
 from services.decode.worker import DEFAULT_KV_TIMEOUT_S, MAX_KV_TIMEOUT_S, DecodeWorker
@@ -38,11 +38,12 @@ def main(args: argparse.Namespace) -> int:
     setup = load_worker_model(args)
     if isinstance(setup, int):
         return setup
+    main_thread = MainThread()  # the decode loop gets the main thread, asyncio another (main_thread.py)
     worker = DecodeWorker(setup.lm, args.policy, args.max_batch, args.max_kv_tokens or None, args.kv_timeout_s,
-                          setup.shared_cores, args.max_kv_timeout_s)
-    return asyncio.run(serve(worker, args, setup))
+                          setup.shared_cores, args.max_kv_timeout_s, spawn=main_thread.spawn)
+    return main_thread.run(lambda: serve(worker, args, setup, main_thread))
 
 
-async def serve(worker: DecodeWorker, args: argparse.Namespace, setup: WorkerSetup) -> int:
+async def serve(worker: DecodeWorker, args: argparse.Namespace, setup: WorkerSetup, main_thread: MainThread) -> int:
     worker.start()  # on the event loop that serves it
-    return await run_worker(worker, [decode_service(worker)], args, setup)
+    return await run_worker(worker, [decode_service(worker)], args, setup, main_thread.on_signal)

@@ -20,7 +20,6 @@ import contextlib
 import enum
 import logging
 import queue
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from baton.errors import (
 )
 from baton.metrics import DecodeMetrics
 from baton.rpc.load import DecodeLoad, Role
+from baton.rpc.main_thread import Spawn, Started, in_new_thread
 from baton.shared_cores import SharedCores
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,10 @@ class DecodeWorker:
         default_kv_timeout_s: float = DEFAULT_KV_TIMEOUT_S,
         shared_cores: SharedCores | None = None,
         max_kv_timeout_s: float = MAX_KV_TIMEOUT_S,
+        spawn: Spawn = in_new_thread,
     ) -> None:
         self.lm = lm
+        self._spawn = spawn  # where the decode loop runs: the main thread in a worker process (main_thread.py)
         self.shared_cores = shared_cores  # when set, each step waits its turn on the cores (prefills go first)
         # the prompts the router sends here to prefill (prefill_here) run inside the batch's iteration
         self.engine = Engine(lm, policy=policy, max_batch=max_batch, fuse_prefill=True)
@@ -170,7 +172,7 @@ class DecodeWorker:
         self._idle: asyncio.Event | None = None
         # decode-loop side
         self._inbox: queue.SimpleQueue[_Add | _Cancel | _Stop] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._thread: Started | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -186,8 +188,7 @@ class DecodeWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         threads = torch.get_num_threads()  # a new thread does not always inherit torch.set_num_threads
-        self._thread = threading.Thread(target=self._run, args=(threads,), name="decode-loop", daemon=True)
-        self._thread.start()
+        self._thread = self._spawn(lambda: self._run(threads), "decode-loop")
         self._publish()
 
     async def drain(self) -> None:

@@ -9,11 +9,11 @@ only to the decode workers it knows (--decode, or the registry: services/prefill
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from baton.flags import add_worker_arguments, addresses_from_env, flag
 from baton.metrics import PREFILL_METRICS_PORT
+from baton.rpc.main_thread import MainThread
 from baton.rpc.registry import RedisRegistry
 from baton.rpc.worker_frame import load_worker_model, run_worker
 from services.prefill.destinations import DecodeDirectory
@@ -40,7 +40,8 @@ def main(args: argparse.Namespace) -> int:
     if isinstance(setup, int):
         return setup
     registry = RedisRegistry(args.redis, prefix=args.redis_prefix) if args.redis else None
+    main_thread = MainThread()  # the compute loop gets the main thread, asyncio another (main_thread.py)
     worker = PrefillWorker(setup.lm, max_queue=args.max_queue, shared_cores=setup.shared_cores,
                            push_timeout_s=args.push_timeout_s, tls=setup.tls, internal_token=setup.internal_token,
-                           destinations=DecodeDirectory(args.decode, registry))
-    return asyncio.run(run_worker(worker, [prefill_service(worker)], args, setup))
+                           destinations=DecodeDirectory(args.decode, registry), spawn=main_thread.spawn)
+    return main_thread.run(lambda: run_worker(worker, [prefill_service(worker)], args, setup, main_thread.on_signal))

@@ -30,6 +30,7 @@ from baton.engine.runner import ModelRunner, pack_for_prefill
 from baton.errors import Cancelled, InvalidRequestError, Overloaded, Unavailable
 from baton.metrics import PrefillMetrics
 from baton.rpc.load import PrefillLoad, Role
+from baton.rpc.main_thread import Spawn, in_new_thread
 from baton.rpc.server import TlsConfig
 from baton.shared_cores import SharedCores
 from services.prefill.destinations import DecodeDirectory
@@ -88,6 +89,7 @@ class PrefillWorker:
         tls: TlsConfig | None = None,
         internal_token: str | None = None,
         destinations: DecodeDirectory | None = None,
+        spawn: Spawn = in_new_thread,
     ) -> None:
         self.lm = lm
         self.shared_cores = shared_cores  # when set, each forward pass waits for the decode layer in progress
@@ -106,8 +108,8 @@ class PrefillWorker:
         # The decode workers KV may go to (the command line always gives them; None: any, for in-process tests).
         self.destinations = destinations
         self._serving: dict[str, asyncio.Task[Shipped]] = {}  # request id -> its prefill and push, by prefill()
-        self._thread = threading.Thread(target=self._run, name="prefill-compute", daemon=True)
-        self._thread.start()
+        # the compute loop: on the main thread in a worker process (main_thread.py), else a thread of its own
+        self._thread = spawn(self._run, "prefill-compute")
 
     @property
     def fingerprint(self) -> str:
