@@ -8,6 +8,10 @@ thread to its compute loop (the decode loop, the prefill compute loop) and runs 
 heartbeat) on another thread. Python delivers signals to the main thread; MainThread passes them on to whoever
 asked (the worker frame sets its stop event on the event loop).
 
+The compute loop gives up the GIL around every PyTorch op, hundreds of times a step, and takes it back after
+each; while the asyncio thread runs Python (streaming tokens), each take-back waits up to the interpreter's
+switch interval. MainThread shortens it (SWITCH_INTERVAL_S) so that neither side waits on the other for long.
+
 Without a MainThread (tests that drive a worker from their own event loop) the compute loop runs on a new
 thread, as `in_new_thread` does.
 """
@@ -17,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
+
+SWITCH_INTERVAL_S = 0.0005  # Python's default is 0.005
 
 
 class Started(Protocol):
@@ -82,6 +89,7 @@ class MainThread:
                 callback()
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         thread = threading.Thread(target=side, name="asyncio", daemon=True)
         thread.start()
         try:
