@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--shared-cores", "auto", choices=["auto", "on", "off"],
          help="workers take turns on every CPU core, prefills first, instead of splitting the cores between them "
               "(auto: on when the model runs on the CPU)")
-    flag(p, "--local-prefill-tokens", "auto",
+    flag(p, "--local-prefill-tokens", "auto", tokens_or_auto,
          help="the router's --local-prefill-tokens: prompts this short are prefilled by their decode worker inside "
               f"its batch (auto: {SHARED_CORES_LOCAL_PREFILL} where the workers take turns on the cores, else 0)")
     flag(p, "--policy", "baton", choices=["baton", "orca", "padded", "static"], help="decode workers' engine policy")
@@ -58,20 +58,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # Where prefill and decode workers take turns on the same cores, a prompt run inside the decode batch's iteration
-# costs one pass over the weights instead of two and ships no KV (docs/benchmarks.md, "Local prefill").
+# costs one pass over the weights instead of two and ships no KV (docs/benchmarks.md, "Peers on machine E").
 SHARED_CORES_LOCAL_PREFILL = 2048
 
 
-def local_prefill_tokens(value: str, shared_cores: bool) -> int:
+def tokens_or_auto(text: str) -> str | int:
+    """--local-prefill-tokens as argparse reads it: auto, or a number of tokens >= 0."""
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number of tokens >= 0")
+    return int(text)
+
+
+def local_prefill_tokens(value: str | int, shared_cores: bool) -> int:
     if value == "auto":
         return SHARED_CORES_LOCAL_PREFILL if shared_cores else 0
-    try:
-        tokens = int(value)
-    except ValueError:
-        raise SystemExit(f"--local-prefill-tokens: {value!r} is neither auto nor a number of tokens") from None
-    if tokens < 0:
-        raise SystemExit(f"--local-prefill-tokens: {tokens} is negative")
-    return tokens
+    return int(value)
 
 
 def free_port(taken: set[int] | None = None) -> int:

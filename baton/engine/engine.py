@@ -234,8 +234,10 @@ class Engine:
         return out
 
     def _admit_baton(self, now: float, out: StepOutput) -> None:
-        newcomers = self._arrived(now)[: max(0, self.batch.free_rows - len(self.prefilled))]
-        if newcomers and not self.fuse_prefill:  # fused, they run in this iteration's pass (step)
+        room = max(0, self.batch.free_rows - len(self.prefilled))
+        # fused, the arrived prompts run in this iteration's pass instead (step)
+        newcomers = [] if self.fuse_prefill else self._arrived(now)[:room]
+        if newcomers:
             for req in newcomers:
                 self.waiting.remove(req)
             t0 = time.perf_counter()

@@ -45,8 +45,8 @@ def in_new_thread(fn: Callable[[], None], name: str) -> Started:
 
 
 class _Job:
-    def __init__(self, fn: Callable[[], None], name: str) -> None:
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
         self.done = threading.Event()
 
     def join(self, timeout: float | None = None) -> None:
@@ -61,8 +61,9 @@ class MainThread:
         self._on_signal: list[Callable[[], object]] = []
 
     def spawn(self, fn: Callable[[], None], name: str) -> Started:
-        """Queue `fn` for the main thread (from any thread); it starts once run() is under way."""
-        job = _Job(fn, name)
+        """Queue `fn` for the main thread (from any thread); it starts once run() is under way. (`name` names a
+        new thread in `in_new_thread`; the main thread keeps its own.)"""
+        job = _Job(fn)
         self._jobs.put(job)
         return job
 
