@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 import torch
 
 from baton.engine.kv_payload import KVPayload
+from baton.engine.logprobs import TokenLogprobs
 from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, Request, RequestStatus
 from baton.engine.runner import PREFILL_TOKEN_BUDGET, ForwardPass, ModelRunner, pack_for_prefill
-from baton.engine.sampler import sample
+from baton.engine.sampler import sample, with_logprobs
 from baton.engine.selective import iterate
 from baton.errors import InvalidRequestError
 
@@ -153,7 +154,8 @@ class Engine:
     def validate(self, req: Request, prompt_field: str = "prompt") -> None:
         """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest."""
         self.lm.spec.check_request(req.prompt_ids, req.params.max_new_tokens, req.output_ids,
-                                   req.params.stop_token_ids, prompt_field)
+                                   req.params.stop_token_ids, prompt_field,
+                                   logit_bias_ids=[t for t, _ in req.params.logit_bias])
 
     def _check_new_id(self, req: Request) -> None:
         active = [r.id for r in self.waiting] + [r.id for r, _ in self.prefilled] + [r.id for r in self.batch.requests]
@@ -163,6 +165,8 @@ class Engine:
     def add_request(self, req: Request) -> None:
         """Queue a request whose prompt this engine prefills itself (at or after req.arrival_time)."""
         self.validate(req)
+        if self.policy.pads_prompts and req.params.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs", f"not computed under the {self.policy.value} policy")
         self._check_new_id(req)
         self.waiting.append(req)
 
@@ -251,7 +255,7 @@ class Engine:
         items: list[tuple[Request, torch.Tensor]] = []
         while self.prefilled and len(items) < self.batch.free_rows:
             req, payload = self.prefilled.popleft()
-            if self._emit_first(req, payload.first_token, out):
+            if self._emit_first(req, payload, out):
                 items.append((req, payload.kv))
         for item in sorted(items, key=lambda it: -int(it[1].shape[3])):
             t0 = time.perf_counter()
@@ -276,17 +280,18 @@ class Engine:
         t0 = time.perf_counter()
         reqs = self.batch.requests
         it = iterate(self.runner, self.batch, newcomers, self.layer_hook)
-        tokens = sample(it.rows.logits, reqs) if it.rows is not None else []
+        tokens = sample(it.rows.logits, reqs, self.eos_ids) if it.rows is not None else []
+        lps = with_logprobs(it.rows.logits, reqs, tokens) if it.rows is not None else []
         self._sync()
         self.stats.token_rows += it.prompt_tokens
         if it.rows is not None:
             self._count(it.rows)
         else:
             self.stats.steps += 1
-        self._emit_rows(reqs, tokens, out)
+        self._emit_rows(reqs, tokens, lps, out)
         joining: list[tuple[Request, torch.Tensor]] = []
         for req, payload in zip(newcomers, it.payloads):
-            if self._emit_first(req, payload.first_token, out):
+            if self._emit_first(req, payload, out):
                 joining.append((req, payload.kv))
         self._evict_finished(reqs)
         self.batch.concatenate(joining)  # their KV is the batch's now: they decode in the next iteration
@@ -297,11 +302,12 @@ class Engine:
         t0 = time.perf_counter()
         res = self.runner.decode(self.batch, self.layer_hook)
         reqs = self.batch.requests
-        tokens = sample(res.logits, reqs)
+        tokens = sample(res.logits, reqs, self.eos_ids)
+        lps = with_logprobs(res.logits, reqs, tokens)
         self._sync()
         self.stats.decode_s += time.perf_counter() - t0
         self._count(res)
-        self._emit_rows(reqs, tokens, out)
+        self._emit_rows(reqs, tokens, lps, out)
         self._evict_finished(reqs)
 
     def _count(self, res: ForwardPass) -> None:
@@ -312,10 +318,11 @@ class Engine:
         s.attended_kv += res.attended_kv
         s.masked_kv += res.attended_kv - res.useful_kv
 
-    def _emit_rows(self, reqs: list[Request], tokens: list[int], out: StepOutput) -> None:
-        for req, tok in zip(reqs, tokens):
+    def _emit_rows(self, reqs: list[Request], tokens: list[int], lps: list[TokenLogprobs | None],
+                   out: StepOutput) -> None:
+        for req, tok, lp in zip(reqs, tokens, lps):
             if not req.finished:
-                self._emit(req, tok, out)
+                self._emit(req, tok, lp, out)
                 if req.finished:
                     out.finished.append(req)
 
@@ -327,17 +334,21 @@ class Engine:
             self.batch.evict(done)
             self.batch.compact(self.compact_threshold)
 
-    def _emit_first(self, req: Request, token: int, out: StepOutput) -> bool:
+    def _emit_first(self, req: Request, payload: KVPayload, out: StepOutput) -> bool:
         """Emit a newcomer's first token (from its prefill); whether it goes on to join the batch."""
-        self._emit(req, token, out)
+        if payload.prompt_logprobs is not None:
+            req.prompt_logprobs = payload.prompt_logprobs
+        self._emit(req, payload.first_token, payload.first_logprobs, out)
         if req.finished:
             out.finished.append(req)
         return not req.finished
 
-    def _emit(self, req: Request, token: int, out: StepOutput) -> None:
+    def _emit(self, req: Request, token: int, lp: TokenLogprobs | None, out: StepOutput) -> None:
         if not req.output_ids:
             req.first_token_time = time.perf_counter()
         req.output_ids.append(token)
+        if lp is not None:
+            req.logprobs.append(lp)
         self.stats.output_tokens += 1
         out.tokens.append((req, token))
         reason = self._finish_reason(req, token)

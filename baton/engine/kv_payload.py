@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from baton.engine.logprobs import TokenLogprobs
 from baton.errors import PayloadError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -23,6 +24,8 @@ class KVPayload:
     prompt_ids: list[int]
     first_token: int
     kv: torch.Tensor  # [layers, 2 (key, value), kv_heads, tokens, head_dim]
+    first_logprobs: TokenLogprobs | None = None  # when the request asks for logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # when it asks for prompt_logprobs (first: None)
 
     def __post_init__(self) -> None:
         if self.kv.dim() != 5 or self.kv.shape[1] != 2:

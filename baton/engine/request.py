@@ -6,8 +6,10 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from baton.engine.logprobs import MAX_LOGPROBS, TokenLogprobs
 from baton.errors import InvalidRequestError
 
+MAX_LOGIT_BIAS = 300  # token ids one request may bias (OpenAI's limit)
 MAX_TIMEOUT_S = 1e6  # the longest per-request timeout an API accepts (gRPC deadlines overflow far beyond it)
 
 
@@ -35,6 +37,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # OpenAI's penalties on output tokens seen so far: presence once per token, frequency per occurrence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids distinct
+    min_tokens: int = 0  # no EOS or stop token before this many output tokens (stop strings still end it)
+    # log-probabilities (logprobs.py): None is off; k gives the chosen token's and the k most likely tokens'
+    logprobs: int | None = None  # of each output token
+    prompt_logprobs: int | None = None  # of each prompt token but the first
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, what: str) -> None:
@@ -77,6 +87,32 @@ class SamplingParams:
             "must be integers in [0, 2**32)",
         )
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(_is_num(getattr(self, name)) and -2.0 <= getattr(self, name) <= 2.0, name, "must be in [-2, 2]")
+        check(
+            isinstance(self.logit_bias, tuple)
+            and len(self.logit_bias) <= MAX_LOGIT_BIAS
+            and all(isinstance(e, tuple) and len(e) == 2 and _is_int(e[0]) and 0 <= e[0] < 2**32
+                    and _is_num(e[1]) and -100.0 <= e[1] <= 100.0 for e in self.logit_bias)
+            and len({e[0] for e in self.logit_bias}) == len(self.logit_bias),
+            "logit_bias",
+            f"must map at most {MAX_LOGIT_BIAS} distinct token ids to biases in [-100, 100]",
+        )
+        check(
+            _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_new_tokens,
+            "min_tokens",
+            "must be an integer in [0, max_new_tokens]",
+        )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            check(k is None or (_is_int(k) and 0 <= k <= MAX_LOGPROBS), name,
+                  f"must be an integer in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything but temperature, top-k and top-p changes the logits before sampling (sampler.py)."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:
@@ -115,6 +151,10 @@ class Request:
     finish_time: float | None = None
     # Set when a stop string ended the request: the output text before the stop string (Engine._finish_reason).
     stop_text: str | None = None
+    # with params.logprobs: one per token of output_ids produced here (a resumed request's earlier ones are not)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # with params.prompt_logprobs: one per prompt token (None for the first), set with the first token
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from baton.engine import logprobs
 from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, no_mask
 from baton.engine.batch import DecodeBatch, StepInputs
 from baton.engine.kv_payload import KVPayload
@@ -32,6 +33,38 @@ def pack_for_prefill(lengths: Sequence[int], token_budget: int = PREFILL_TOKEN_B
             runs.append([i])
             total = n
     return runs
+
+
+def logit_positions(reqs: Sequence[Request], spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[range]]:
+    """The positions of a packed sequence whose logits a prefill keeps: each prompt's last, or every position of
+    a prompt whose request asks for prompt_logprobs; and, per request, the rows of the kept logits that are its."""
+    keep: list[int] = []
+    rows: list[range] = []
+    for req, (s, e) in zip(reqs, spans):
+        first = len(keep)
+        keep.extend(range(s, e) if req.params.prompt_logprobs is not None else (e - 1,))
+        rows.append(range(first, len(keep)))
+    return keep, rows
+
+
+def prefill_payloads(lm: LoadedModel, reqs: Sequence[Request], spans: Sequence[tuple[int, int]],
+                     logits: torch.Tensor, rows: Sequence[range], cache: DynamicCache) -> list[KVPayload]:
+    """Each prefilled request's payload: its span of the cache's KV, its first token sampled from its last kept
+    row of `logits` ([kept, vocab], rows as logit_positions gives them), and the logprobs it asks for."""
+    payloads = []
+    for req, (s, e), r in zip(reqs, spans, rows):
+        # each layer: [1, kv_heads, total, head_dim] -> kv: [layers, 2, kv_heads, prompt_len, head_dim]
+        kv = torch.stack([torch.stack((layer.keys[0, :, s:e], layer.values[0, :, s:e])) for layer in cache.layers])
+        last = logits[r[-1]]  # [vocab]
+        first = sample_row(last, req, lm.eos_token_ids)
+        payload = KVPayload(req.id, lm.fingerprint, req.all_ids, first, kv)
+        if req.params.logprobs is not None:
+            payload.first_logprobs = logprobs.of_rows(last.unsqueeze(0), [first], [req.params.logprobs])[0]
+        if req.params.prompt_logprobs is not None:
+            payload.prompt_logprobs = logprobs.of_prompt(logits[r.start : r.stop], req.all_ids,
+                                                         req.params.prompt_logprobs)
+        payloads.append(payload)
+    return payloads
 
 
 @dataclass
@@ -82,7 +115,8 @@ class ModelRunner:
         spans = [(e - n, e) for e, n in zip(ends, lens)]
         ids = torch.tensor([[t for r in reqs for t in r.all_ids]], dtype=torch.long, device=dev)  # [1, total]
         cache = DynamicCache(config=self.lm.config)
-        if len(reqs) == 1:
+        keep, rows = logit_positions(reqs, spans)
+        if len(reqs) == 1 and keep == [lens[0] - 1]:
             out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         else:
             positions = torch.cat([torch.arange(n, device=dev) for n in lens]).unsqueeze(0)  # [1, total]
@@ -92,17 +126,10 @@ class ModelRunner:
                 attention_mask=no_mask(1, dev),  # the packed attention masks by spans; none is built
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=torch.tensor([e - 1 for e in ends], device=dev),  # each prompt's last position
+                logits_to_keep=torch.tensor(keep, device=dev),
                 **{PACKED_KWARG: spans},
             )
-        logits = out.logits[0]  # [prompts, vocab]: each prompt's last position
-        payloads = []
-        for i, (req, (s, e)) in enumerate(zip(reqs, spans)):
-            # each layer: [1, kv_heads, total, head_dim] -> kv: [layers, 2, kv_heads, prompt_len, head_dim]
-            kv = torch.stack([torch.stack((layer.keys[0, :, s:e], layer.values[0, :, s:e])) for layer in cache.layers])
-            first = sample_row(logits[i], req)
-            payloads.append(KVPayload(req.id, self.lm.fingerprint, req.all_ids, first, kv))
-        return payloads
+        return prefill_payloads(self.lm, reqs, spans, out.logits[0], rows, cache)
 
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch, layer_hook: Callable[[], None] | None = None) -> ForwardPass:

@@ -1,16 +1,22 @@
 """Per-request sampling of the next token from a batch's logits.
 
-Each request carries its own parameters. A seeded request draws its k-th token from a generator seeded by
-(seed, k) alone, so its output does not depend on which other rows share the batch, nor on which process
-(prefill or decode worker) samples the token.
+Each request carries its own parameters, applied in this order to its row's logits alone (so rows with different
+controls share one batch): repetition penalty, presence and frequency penalties (over its output so far),
+logit_bias, min_tokens (end-of-sequence and stop tokens masked until then); then greedy argmax, or temperature,
+top-k, top-p and a draw. Log-probabilities are taken from the raw logits, before any of this (logprobs.py).
+
+A seeded request draws its k-th token from a generator seeded by (seed, k) alone, so its output does not depend
+on which other rows share the batch, nor on which process (prefill or decode worker) samples the token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
+from baton.engine import logprobs
+from baton.engine.logprobs import TokenLogprobs
 from baton.engine.request import Request
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant used to spread (seed, step) over the generator's seed space
@@ -32,12 +38,42 @@ def _apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalt
     return logits.scatter(0, ids, scores)
 
 
-def sample_row(logits: torch.Tensor, req: Request) -> int:
-    """Next token for one request. logits: [vocab] (float)."""
+def _apply_penalties(logits: torch.Tensor, output_ids: list[int], presence: float, frequency: float) -> torch.Tensor:
+    # logits: [vocab]. OpenAI's rule: logit -= presence * (count > 0) + frequency * count, over the output so far.
+    if not output_ids:
+        return logits
+    counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])
+    counts = counts[: logits.shape[-1]].to(logits.dtype)  # [vocab]
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+
+def _mask(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    return logits.index_fill(0, torch.tensor(ids, dtype=torch.long, device=logits.device), float("-inf"))
+
+
+def process(logits: torch.Tensor, req: Request, eos_ids: Collection[int] = ()) -> torch.Tensor:
+    """The row's logits after the request's penalties, biases and min_tokens (module docstring); a new tensor
+    when any applies, never the caller's changed. logits: [vocab] (float)."""
     p = req.params
-    logits = logits.float()
     if p.repetition_penalty != 1.0:
         logits = _apply_repetition_penalty(logits, req.all_ids, p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        logits = _apply_penalties(logits, req.output_ids, p.presence_penalty, p.frequency_penalty)
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=logits.device)
+        bias = torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype, device=logits.device)
+        logits = logits.index_add(0, ids, bias)
+    if len(req.output_ids) < p.min_tokens:
+        ends = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+        if ends:
+            logits = _mask(logits, ends)
+    return logits
+
+
+def sample_row(logits: torch.Tensor, req: Request, eos_ids: Collection[int] = ()) -> int:
+    """Next token for one request. logits: [vocab] (float)."""
+    p = req.params
+    logits = process(logits.float(), req, eos_ids)
     if p.greedy:
         return int(logits.argmax())
     logits = logits / p.temperature
@@ -54,12 +90,27 @@ def sample_row(logits: torch.Tensor, req: Request) -> int:
     return int(torch.multinomial(probs, 1, generator=_generator_for(req, logits.device)))
 
 
-def sample(logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
+def sample(logits: torch.Tensor, requests: Sequence[Request], eos_ids: Collection[int] = ()) -> list[int]:
     """Next token for each row. logits: [rows, vocab]; row i belongs to requests[i]."""
     assert logits.shape[0] == len(requests)
-    simple = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests]
+    simple = [r.params.greedy and not r.params.processes_logits for r in requests]
     tokens: list[int] = logits.argmax(-1).tolist() if any(simple) else [0] * len(requests)
     for i, req in enumerate(requests):
         if not simple[i]:
-            tokens[i] = sample_row(logits[i], req)
+            tokens[i] = sample_row(logits[i], req, eos_ids)
     return tokens
+
+
+def with_logprobs(
+    logits: torch.Tensor, requests: Sequence[Request], tokens: Sequence[int]
+) -> list[TokenLogprobs | None]:
+    """The logprobs of each row's chosen token, for the rows whose request asks (None for the others).
+    logits: [rows, vocab], raw (logprobs.py)."""
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    out: list[TokenLogprobs | None] = [None] * len(requests)
+    if rows:
+        pick = logits[rows] if len(rows) < len(requests) else logits  # [asking rows, vocab]
+        found = logprobs.of_rows(pick, [tokens[i] for i in rows], [requests[i].params.logprobs or 0 for i in rows])
+        for i, lp in zip(rows, found):
+            out[i] = lp
+    return out

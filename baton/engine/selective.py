@@ -33,8 +33,7 @@ from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, 
 from baton.engine.batch import DecodeBatch
 from baton.engine.kv_payload import KVPayload
 from baton.engine.request import Request
-from baton.engine.runner import ForwardPass, ModelRunner
-from baton.engine.sampler import sample_row
+from baton.engine.runner import ForwardPass, ModelRunner, logit_positions, prefill_payloads
 
 
 @dataclass
@@ -61,7 +60,8 @@ def iterate(
     p, n = ends[-1], len(batch)
     ids = torch.tensor([t for r in newcomers for t in r.all_ids], dtype=torch.long, device=dev)  # [p]
     pos = torch.cat([torch.arange(k, device=dev) for k in lens])  # [p]
-    keep = [e - 1 for e in ends]  # each prompt's last position
+    keep, prompt_rows = logit_positions(newcomers, spans)  # each prompt's last position (or all, for logprobs)
+    k = len(keep)
     kwargs: dict[str, Any] = {PACKED_KWARG: spans, LAYER_HOOK_KWARG: layer_hook}
     inputs = None
     useful = attended = 0
@@ -87,11 +87,7 @@ def iterate(
     )
     for seg in batch.segments:
         seg.end_step()  # every row gained its one token
-    logits = out.logits[0]  # [k + n, vocab]: each prompt's last position, then each row's token
-    payloads = []
-    for i, (req, (s, e)) in enumerate(zip(newcomers, spans)):
-        # each layer: [1, kv_heads, p + n, head_dim] -> kv: [layers, 2, kv_heads, prompt_len, head_dim]
-        kv = torch.stack([torch.stack((layer.keys[0, :, s:e], layer.values[0, :, s:e])) for layer in cache.layers])
-        payloads.append(KVPayload(req.id, runner.lm.fingerprint, req.all_ids, sample_row(logits[i], req), kv))
-    rows = None if inputs is None else ForwardPass(logits[len(newcomers):], inputs, useful, attended)
+    logits = out.logits[0]  # [k + n, vocab]: the prompts' kept positions, then each row's token
+    payloads = prefill_payloads(runner.lm, newcomers, spans, logits, prompt_rows, cache)
+    rows = None if inputs is None else ForwardPass(logits[k:], inputs, useful, attended)
     return Iteration(payloads, rows, p)

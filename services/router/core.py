@@ -138,7 +138,8 @@ class Router:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise InvalidRequestError("prompt", "must not be empty")
-        self.spec.check_request(prompt_ids, params.max_new_tokens, stop_token_ids=params.stop_token_ids)
+        self.spec.check_request(prompt_ids, params.max_new_tokens, stop_token_ids=params.stop_token_ids,
+                                logit_bias_ids=[t for t, _ in params.logit_bias])
 
     # ---- generation --------------------------------------------------------------------------------
     async def generate(

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import torch
 
 from baton.bench.exactness import reference  # the one generate() reference
+from baton.engine.models import LoadedModel
 
-__all__ = ["reference", "until", "wait_for"]
+__all__ = ["reference", "reference_logprobs", "until", "wait_for"]
+
+LOGPROB_TOLERANCE = 1e-4  # float32: Baton's batched logprobs against transformers' on the sequence alone
+
+
+@torch.inference_mode()
+def reference_logprobs(lm: LoadedModel, ids: Sequence[int]) -> torch.Tensor:
+    """transformers' own log-probabilities over the sequence alone, one forward pass: [len(ids), vocab], row i
+    the distribution of the token after ids[: i + 1]."""
+    out = lm.model(input_ids=torch.tensor([list(ids)], device=lm.device))
+    return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
