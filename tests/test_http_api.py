@@ -22,9 +22,10 @@ from baton.engine.request import FinishReason, SamplingParams
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Overloaded, Unavailable
 from baton.serve import free_port
+from services.router.core import chat_roles
 from services.router.http_api import CHAT_DEFAULT_MAX_TOKENS, create_app
 from services.router.served import ServedModels
-from services.router.text import Delta
+from services.router.text import Delta, TokenTexts
 from tests.conftest import TINY_SPEC
 from tests.support.oracle import wait_for
 
@@ -60,11 +61,15 @@ class FakeRouter:
         self.calls.clear()
         self.cancelled.clear()
 
+    @property
+    def token_texts(self) -> TokenTexts:
+        return TokenTexts(self.tokenizer)
+
     def encode_prompt(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.tokenizer.apply_chat_template(chat_roles(messages), add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def answer_ids(self) -> list[int]:
@@ -295,11 +300,22 @@ def error_of(server: Served, path: str, body: Any, status: int = 400) -> dict[st
     "body, param",
     [
         ({"prompt": "a", "n": 2}, "n"),
-        ({"prompt": "a", "echo": True}, "echo"),
-        ({"prompt": "a", "logprobs": 2}, "logprobs"),
+        ({"prompt": "a", "echo": "yes"}, "echo"),
+        ({"prompt": "a", "logprobs": 21}, "logprobs"),
+        ({"prompt": "a", "logprobs": -1}, "logprobs"),
+        ({"prompt": "a", "logprobs": "5"}, "logprobs"),
         ({"prompt": "a", "best_of": 3}, "best_of"),
-        ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "a", "frequency_penalty": -3}, "frequency_penalty"),
+        ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"5": "up"}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": [5]}, "logit_bias"),
+        ({"prompt": "a", "min_tokens": 17}, "min_tokens"),
+        ({"prompt": "a", "min_tokens": -1}, "min_tokens"),
+        ({"prompt": ["a", ""]}, "prompt[1]"),
+        ({"prompt": ["a", [1, -2]]}, "prompt[1]"),
+        ({"prompt": ["a"] * 65}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [1, "x"]}, "prompt"),
@@ -332,10 +348,21 @@ def test_completion_refusals(server: Served, router: FakeRouter, body: dict[str,
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
          "messages[0].content[0]"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": -2.1}, "presence_penalty"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": -100.5}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, "response_format"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": "json"}, "response_format"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
          "response_format"),
+        ({"messages": [{"role": "user", "content": "x"}],
+          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}},
+         "response_format"),
+        ({"messages": [{"role": "user", "content": "x"}],
+          "response_format": {"type": "json_object", "schema": {}}}, "response_format"),
         ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
         ({"messages": [{"role": "user", "content": "x" * 3000}]}, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "temprature": 0}, "temprature"),

@@ -152,10 +152,12 @@ class Engine:
 
     # ---- intake ----------------------------------------------------------------------------------------
     def validate(self, req: Request, prompt_field: str = "prompt") -> None:
-        """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest."""
+        """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest. A request
+        with a response_format gets its grammar's state here (Grammars.constrain)."""
         self.lm.spec.check_request(req.prompt_ids, req.params.max_new_tokens, req.output_ids,
                                    req.params.stop_token_ids, prompt_field,
                                    logit_bias_ids=[t for t, _ in req.params.logit_bias])
+        self.lm.grammars.constrain(req)
 
     def _check_new_id(self, req: Request) -> None:
         active = [r.id for r in self.waiting] + [r.id for r, _ in self.prefilled] + [r.id for r in self.batch.requests]
@@ -280,7 +282,7 @@ class Engine:
         t0 = time.perf_counter()
         reqs = self.batch.requests
         it = iterate(self.runner, self.batch, newcomers, self.layer_hook)
-        tokens = sample(it.rows.logits, reqs, self.eos_ids) if it.rows is not None else []
+        tokens = sample(it.rows.logits, reqs, self.eos_ids, self.lm.grammars) if it.rows is not None else []
         lps = with_logprobs(it.rows.logits, reqs, tokens) if it.rows is not None else []
         self._sync()
         self.stats.token_rows += it.prompt_tokens
@@ -302,7 +304,7 @@ class Engine:
         t0 = time.perf_counter()
         res = self.runner.decode(self.batch, self.layer_hook)
         reqs = self.batch.requests
-        tokens = sample(res.logits, reqs, self.eos_ids)
+        tokens = sample(res.logits, reqs, self.eos_ids, self.lm.grammars)
         lps = with_logprobs(res.logits, reqs, tokens)
         self._sync()
         self.stats.decode_s += time.perf_counter() - t0
@@ -349,6 +351,8 @@ class Engine:
         req.output_ids.append(token)
         if lp is not None:
             req.logprobs.append(lp)
+        if req.constraint is not None:
+            req.constraint.advance(token)
         self.stats.output_tokens += 1
         out.tokens.append((req, token))
         reason = self._finish_reason(req, token)
@@ -360,12 +364,14 @@ class Engine:
         Reads only the request and the model's limits: safe outside the decode loop."""
         p = req.params
         return bool(token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids) or p.stop
-                    or len(req.output_ids) + 1 >= p.max_new_tokens)
+                    or p.response_format or len(req.output_ids) + 1 >= p.max_new_tokens)
 
     def _finish_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return FinishReason.STOP
+        if req.constraint is not None and (req.constraint.complete or req.constraint.failed):
+            return FinishReason.STOP  # the document is whole (or, a bug, the grammar broke: logged in advance)
         if p.stop and self.lm.tokenizer is not None:
             text = str(self.lm.tokenizer.decode(req.output_ids, skip_special_tokens=True))
             hits = [text.find(s) for s in p.stop if s in text]

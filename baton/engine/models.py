@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from baton.engine import attention
 from baton.engine.cpu_gemm import CpuGemm, pack_linears, usable
+from baton.engine.grammar import Grammars
 from baton.engine.spec import ModelSpec
 from baton.flags import cache_dir
 
@@ -113,12 +114,14 @@ class LoadedModel:
     cpu_gemm: CpuGemm = CpuGemm.ONEDNN  # how linear layers run on a CPU (cpu_gemm.py); ignored elsewhere
     fingerprint: str = field(init=False)
     spec: ModelSpec = field(init=False)  # its limits and KV shape, as the router knows them too
+    grammars: Grammars = field(init=False)  # structured output over its tokenizer (grammar.py)
 
     def __post_init__(self) -> None:
         self.model.eval()
         attention.install(self.model)
         self.fingerprint = fingerprint(self.model)
         self.spec = ModelSpec.from_config(self.model.config)
+        self.grammars = Grammars(self.tokenizer, self.spec.vocab_size)
         if self.cpu_gemm is CpuGemm.ONEDNN and usable(self.model):
             log.debug("%d linear layers packed for oneDNN", pack_linears(self.model))
 

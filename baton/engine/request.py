@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from baton.engine.grammar import Constraint, ResponseFormat
 from baton.engine.logprobs import MAX_LOGPROBS, TokenLogprobs
 from baton.errors import InvalidRequestError
 
@@ -45,6 +46,7 @@ class SamplingParams:
     # log-probabilities (logprobs.py): None is off; k gives the chosen token's and the k most likely tokens'
     logprobs: int | None = None  # of each output token
     prompt_logprobs: int | None = None  # of each prompt token but the first
+    response_format: ResponseFormat | None = None  # structured output (grammar.py); None: free text
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, what: str) -> None:
@@ -103,6 +105,8 @@ class SamplingParams:
             "min_tokens",
             "must be an integer in [0, max_new_tokens]",
         )
+        check(self.response_format is None or isinstance(self.response_format, ResponseFormat), "response_format",
+              "must be a ResponseFormat")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             check(k is None or (_is_int(k) and 0 <= k <= MAX_LOGPROBS), name,
@@ -112,7 +116,7 @@ class SamplingParams:
     def processes_logits(self) -> bool:
         """Whether anything but temperature, top-k and top-p changes the logits before sampling (sampler.py)."""
         return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.response_format)
 
     @property
     def greedy(self) -> bool:
@@ -155,6 +159,8 @@ class Request:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # with params.prompt_logprobs: one per prompt token (None for the first), set with the first token
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # with params.response_format: the grammar's state on this worker (Grammars.constrain), advanced per token
+    constraint: Constraint | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -56,7 +56,7 @@ def prefill_payloads(lm: LoadedModel, reqs: Sequence[Request], spans: Sequence[t
         # each layer: [1, kv_heads, total, head_dim] -> kv: [layers, 2, kv_heads, prompt_len, head_dim]
         kv = torch.stack([torch.stack((layer.keys[0, :, s:e], layer.values[0, :, s:e])) for layer in cache.layers])
         last = logits[r[-1]]  # [vocab]
-        first = sample_row(last, req, lm.eos_token_ids)
+        first = sample_row(last, req, lm.eos_token_ids, lm.grammars)
         payload = KVPayload(req.id, lm.fingerprint, req.all_ids, first, kv)
         if req.params.logprobs is not None:
             payload.first_logprobs = logprobs.of_rows(last.unsqueeze(0), [first], [req.params.logprobs])[0]

@@ -2,7 +2,8 @@
 
 Each request carries its own parameters, applied in this order to its row's logits alone (so rows with different
 controls share one batch): repetition penalty, presence and frequency penalties (over its output so far),
-logit_bias, min_tokens (end-of-sequence and stop tokens masked until then); then greedy argmax, or temperature,
+logit_bias, min_tokens (end-of-sequence and stop tokens masked until then), the response_format's grammar (only
+the tokens it allows next: grammar.py); then greedy argmax, or temperature,
 top-k, top-p and a draw. Log-probabilities are taken from the raw logits, before any of this (logprobs.py).
 
 A seeded request draws its k-th token from a generator seeded by (seed, k) alone, so its output does not depend
@@ -16,6 +17,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from baton.engine import logprobs
+from baton.engine.grammar import Grammars, apply_mask
 from baton.engine.logprobs import TokenLogprobs
 from baton.engine.request import Request
 
@@ -51,9 +53,10 @@ def _mask(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return logits.index_fill(0, torch.tensor(ids, dtype=torch.long, device=logits.device), float("-inf"))
 
 
-def process(logits: torch.Tensor, req: Request, eos_ids: Collection[int] = ()) -> torch.Tensor:
-    """The row's logits after the request's penalties, biases and min_tokens (module docstring); a new tensor
-    when any applies, never the caller's changed. logits: [vocab] (float)."""
+def process(logits: torch.Tensor, req: Request, eos_ids: Collection[int] = (),
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The row's logits after the request's penalties, biases, min_tokens and grammar `mask` (module docstring);
+    a new tensor when any applies, never the caller's changed. logits: [vocab] (float)."""
     p = req.params
     if p.repetition_penalty != 1.0:
         logits = _apply_repetition_penalty(logits, req.all_ids, p.repetition_penalty)
@@ -67,13 +70,23 @@ def process(logits: torch.Tensor, req: Request, eos_ids: Collection[int] = ()) -
         ends = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
         if ends:
             logits = _mask(logits, ends)
+    if mask is not None:
+        logits = apply_mask(logits, mask)
     return logits
 
 
-def sample_row(logits: torch.Tensor, req: Request, eos_ids: Collection[int] = ()) -> int:
-    """Next token for one request. logits: [vocab] (float)."""
+def sample_row(logits: torch.Tensor, req: Request, eos_ids: Collection[int] = (),
+               grammars: Grammars | None = None) -> int:
+    """Next token for one request. logits: [vocab] (float). `grammars`: to mask a constrained request's row."""
+    mask = None
+    if req.constraint is not None and grammars is not None:
+        mask = grammars.masks([req.constraint], logits.device)[0]
+    return _draw(process(logits.float(), req, eos_ids, mask), req)
+
+
+def _draw(logits: torch.Tensor, req: Request) -> int:
+    """The token from a row's processed logits ([vocab]): greedy, or temperature, top-k, top-p and a draw."""
     p = req.params
-    logits = process(logits.float(), req, eos_ids)
     if p.greedy:
         return int(logits.argmax())
     logits = logits / p.temperature
@@ -90,14 +103,22 @@ def sample_row(logits: torch.Tensor, req: Request, eos_ids: Collection[int] = ()
     return int(torch.multinomial(probs, 1, generator=_generator_for(req, logits.device)))
 
 
-def sample(logits: torch.Tensor, requests: Sequence[Request], eos_ids: Collection[int] = ()) -> list[int]:
-    """Next token for each row. logits: [rows, vocab]; row i belongs to requests[i]."""
+def sample(logits: torch.Tensor, requests: Sequence[Request], eos_ids: Collection[int] = (),
+           grammars: Grammars | None = None) -> list[int]:
+    """Next token for each row. logits: [rows, vocab]; row i belongs to requests[i]. `grammars`: to mask the
+    constrained rows (their masks computed together)."""
     assert logits.shape[0] == len(requests)
     simple = [r.params.greedy and not r.params.processes_logits for r in requests]
     tokens: list[int] = logits.argmax(-1).tolist() if any(simple) else [0] * len(requests)
+    constrained = [i for i, r in enumerate(requests) if r.constraint is not None] if grammars is not None else []
+    masks: dict[int, torch.Tensor] = {}
+    if constrained:
+        assert grammars is not None
+        found = grammars.masks([requests[i].constraint for i in constrained], logits.device)  # type: ignore[misc]
+        masks = dict(zip(constrained, found))  # row -> [ceil(vocab / 32)]
     for i, req in enumerate(requests):
         if not simple[i]:
-            tokens[i] = sample_row(logits[i], req, eos_ids)
+            tokens[i] = _draw(process(logits[i].float(), req, eos_ids, masks.get(i)), req)
     return tokens
 
 

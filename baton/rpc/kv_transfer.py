@@ -15,6 +15,12 @@ import torch
 
 from baton.engine.kv_payload import DTYPE_NAMES, DTYPES, KVPayload
 from baton.errors import PayloadError
+from baton.rpc.convert import (
+    logprobs_from_proto,
+    logprobs_to_proto,
+    prompt_logprobs_from_proto,
+    prompt_logprobs_to_proto,
+)
 from baton.v1 import baton_pb2 as pb
 
 CHUNK_BYTES = 2 << 20  # 2 MiB: far below gRPC's 4 MiB default message limit
@@ -24,21 +30,23 @@ def payload_messages(payload: KVPayload, chunk_bytes: int = CHUNK_BYTES) -> Iter
     """The header, then the tensor bytes in chunks. kv: [layers, 2, kv_heads, tokens, head_dim]."""
     raw = memoryview(payload.kv.detach().contiguous().cpu().view(torch.uint8).numpy().data).cast("B")
     per_layer = max(1, len(raw) // max(1, payload.num_layers))
-    yield pb.PushKvRequest(
-        header=pb.KvHeader(
-            request_id=payload.request_id,
-            model_fingerprint=payload.model_fingerprint,
-            num_layers=payload.num_layers,
-            kv_heads=payload.kv_heads,
-            head_dim=payload.head_dim,
-            num_tokens=payload.num_tokens,
-            dtype=DTYPE_NAMES[payload.dtype],
-            prompt_ids=payload.prompt_ids,
-            first_token=payload.first_token,
-            total_bytes=len(raw),
-            crc32=zlib.crc32(raw),
-        )
+    header = pb.KvHeader(
+        request_id=payload.request_id,
+        model_fingerprint=payload.model_fingerprint,
+        num_layers=payload.num_layers,
+        kv_heads=payload.kv_heads,
+        head_dim=payload.head_dim,
+        num_tokens=payload.num_tokens,
+        dtype=DTYPE_NAMES[payload.dtype],
+        prompt_ids=payload.prompt_ids,
+        first_token=payload.first_token,
+        total_bytes=len(raw),
+        crc32=zlib.crc32(raw),
+        prompt_logprobs=prompt_logprobs_to_proto(payload.prompt_logprobs or []),
     )
+    if payload.first_logprobs is not None:
+        header.first_logprobs.CopyFrom(logprobs_to_proto(payload.first_logprobs))
+    yield pb.PushKvRequest(header=header)
     for off in range(0, len(raw), chunk_bytes):
         yield pb.PushKvRequest(
             chunk=pb.KvChunk(layer=off // per_layer, offset=off, data=bytes(raw[off : off + chunk_bytes]))
@@ -101,4 +109,6 @@ async def payload_from_messages(
         prompt_ids=list(header.prompt_ids),
         first_token=header.first_token,
         kv=kv,
+        first_logprobs=logprobs_from_proto(header.first_logprobs) if header.HasField("first_logprobs") else None,
+        prompt_logprobs=prompt_logprobs_from_proto(header.prompt_logprobs),
     )

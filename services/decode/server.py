@@ -9,7 +9,14 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
-from baton.rpc.convert import finish_to_proto, request_from_proto
+from baton.rpc.convert import (
+    finish_to_proto,
+    logprobs_from_proto,
+    logprobs_to_proto,
+    prompt_logprobs_from_proto,
+    prompt_logprobs_to_proto,
+    request_from_proto,
+)
 from baton.rpc.kv_transfer import payload_from_messages
 from baton.rpc.server import Service
 from baton.v1 import baton_pb2 as pb
@@ -39,7 +46,8 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
         try:
             yield pb.DecodeResponse()  # the row is reserved: the caller may have the KV pushed now (or prefill_here)
             async for ev in res.events():
-                msg = pb.DecodeResponse(token_ids=ev.token_ids)
+                msg = pb.DecodeResponse(token_ids=ev.token_ids, logprobs=[logprobs_to_proto(lp) for lp in ev.logprobs],
+                                        prompt_logprobs=prompt_logprobs_to_proto(ev.prompt_logprobs or []))
                 msg.finish_reason = finish_to_proto(ev.finish_reason)
                 if ev.stop_text is not None:
                     msg.stop_text = ev.stop_text
@@ -66,7 +74,9 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
         """Refuse a push from its header alone when this worker waits for no such KV (before its bytes come)."""
         res = self.worker.expect_kv(h.request_id, h.model_fingerprint, (h.num_layers, h.kv_heads, h.head_dim),
                                     list(h.prompt_ids), h.first_token)
-        self.worker.announce_first_token(res, h.first_token)
+        self.worker.announce_first_token(
+            res, h.first_token, logprobs_from_proto(h.first_logprobs) if h.HasField("first_logprobs") else None,
+            prompt_logprobs_from_proto(h.prompt_logprobs))
 
     async def Cancel(  # noqa: N802
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext

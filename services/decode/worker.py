@@ -28,6 +28,7 @@ import torch
 
 from baton.engine.engine import Engine, StepOutput
 from baton.engine.kv_payload import KVPayload
+from baton.engine.logprobs import TokenLogprobs
 from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, Request
 from baton.errors import (
@@ -63,6 +64,17 @@ class DecodeEvent:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     stop_text: str | None = None  # the output text before the stop string, when one ended the request
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when the request asks
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the event of the first token, when asked
+
+    def then(self, nxt: DecodeEvent) -> DecodeEvent:
+        """This event and the next one as one."""
+        return DecodeEvent(self.token_ids + nxt.token_ids, nxt.finish_reason, nxt.stop_text,
+                           self.logprobs + nxt.logprobs, self.prompt_logprobs or nxt.prompt_logprobs)
+
+    def without_first(self) -> DecodeEvent:
+        """Less its first token (streamed already, with the prompt's logprobs: announce_first_token)."""
+        return DecodeEvent(self.token_ids[1:], self.finish_reason, self.stop_text, self.logprobs[1:])
 
 
 class Reservation:
@@ -94,7 +106,7 @@ class Reservation:
                 if isinstance(nxt, Exception):
                     yield item
                     raise nxt
-                item = DecodeEvent(item.token_ids + nxt.token_ids, nxt.finish_reason, nxt.stop_text)
+                item = item.then(nxt)
             yield item
             if item.finish_reason is not None:
                 return
@@ -263,7 +275,8 @@ class DecodeWorker:
         Raises NotFound (no reservation) or PayloadError (KV this worker cannot use); the reservation stays."""
         res = self.expect_kv(payload.request_id, payload.model_fingerprint, payload.dims, payload.prompt_ids,
                              payload.first_token)
-        self.announce_first_token(res, payload.first_token)  # if its push's header has not already
+        self.announce_first_token(res, payload.first_token, payload.first_logprobs,
+                                  payload.prompt_logprobs)  # if its push's header has not already
         if res.lease is not None:
             res.lease.cancel()
         res.state, res.kv_at = SlotState.QUEUED, time.perf_counter()
@@ -272,7 +285,8 @@ class DecodeWorker:
         self.metrics.kv_wait.observe(res.kv_at - res.reserved_at)
         self._publish()
 
-    def announce_first_token(self, res: Reservation, token: int) -> None:
+    def announce_first_token(self, res: Reservation, token: int, lp: TokenLogprobs | None = None,
+                             prompt_lps: list[TokenLogprobs | None] | None = None) -> None:
         """Stream a reserved request's first token now, as its KV push announces it (header first, bytes after):
         under baton the prefill sampled it already, so the client need not wait for the KV bytes, the next
         iteration boundary and a step (time to first token). The engine emits it again at the splice; _on_report
@@ -283,7 +297,7 @@ class DecodeWorker:
                 or not self.engine.policy.splices_prefilled_kv or self.engine.may_end(res.request, token)):
             return
         res.early_token = token
-        res._push(DecodeEvent([token]))
+        res._push(DecodeEvent([token], logprobs=[lp] if lp is not None else [], prompt_logprobs=prompt_lps))
 
     def expect_kv(
         self, request_id: str, fingerprint: str, dims: tuple[int, int, int], token_ids: list[int], first_token: int
@@ -356,12 +370,14 @@ class DecodeWorker:
             res = self._live.get(req.id)
             if res is None or res.request is not req or res.ended:
                 continue  # cancelled meanwhile
-            if res.state is not SlotState.RUNNING and res.kv_at is not None:
-                self.metrics.queue.observe(time.perf_counter() - res.kv_at)
+            if res.state is not SlotState.RUNNING:  # its first event: with the prompt's logprobs, when asked
+                if res.kv_at is not None:
+                    self.metrics.queue.observe(time.perf_counter() - res.kv_at)
+                ev.prompt_logprobs = req.prompt_logprobs
             res.state = SlotState.RUNNING
             if res.early_token is not None:  # streamed when its KV came
                 assert ev.token_ids[:1] == [res.early_token], "the engine's first token is the prefill's"
-                ev, res.early_token = DecodeEvent(ev.token_ids[1:], ev.finish_reason, ev.stop_text), None
+                ev, res.early_token = ev.without_first(), None
                 if not ev.token_ids and ev.finish_reason is None:
                     continue
             if ev.finish_reason is None:
@@ -455,6 +471,9 @@ class DecodeWorker:
         by_request: dict[int, tuple[Request, DecodeEvent]] = {}
         for req, tok in out.tokens:
             by_request.setdefault(id(req), (req, DecodeEvent([])))[1].token_ids.append(tok)
+        for req, ev in by_request.values():
+            if req.params.logprobs is not None:  # the step's tokens are the request's last ones
+                ev.logprobs = req.logprobs[len(req.logprobs) - len(ev.token_ids):]
         for req in out.finished:
             ev = by_request.setdefault(id(req), (req, DecodeEvent([])))[1]
             ev.finish_reason, ev.stop_text = req.finish_reason, req.stop_text

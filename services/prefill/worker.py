@@ -149,6 +149,7 @@ class PrefillWorker:
         """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest."""
         self.lm.spec.check_request(req.prompt_ids, req.params.max_new_tokens, req.output_ids,
                                    req.params.stop_token_ids, logit_bias_ids=[t for t, _ in req.params.logit_bias])
+        self.lm.grammars.constrain(req)
 
     def submit(self, req: Request) -> asyncio.Future[PrefillResult]:
         """Queue a prefill; the returned future gives its result (or raises Cancelled, or the compute's error).

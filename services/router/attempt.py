@@ -75,6 +75,7 @@ def resumed_request(request: pb.WorkerRequest, sent: list[int]) -> pb.WorkerRequ
     again = pb.WorkerRequest()
     again.CopyFrom(request)
     again.output_ids[:] = sent
+    again.parameters.ClearField("prompt_logprobs")  # they came with the first token, already relayed
     return again
 
 

@@ -27,18 +27,27 @@ from baton.engine.request import FinishReason, SamplingParams, is_unicode
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Unavailable
 from baton.metrics import RouterMetrics
-from baton.rpc.convert import finish_from_proto, params_to_proto
+from baton.rpc.convert import finish_from_proto, logprobs_from_proto, params_to_proto, prompt_logprobs_from_proto
 from baton.v1 import baton_pb2 as pb
 from services.router.attempt import Attempt, Background, Recoverable, resumed_request
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler
 from services.router.served import ServedModels
-from services.router.text import Delta, TextStream
+from services.router.text import Delta, TextStream, TokenTexts
 from services.router.trace import Trace
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 256
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # developer is taken as system
+
+
+def chat_roles(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with their roles checked (InvalidRequestError naming the message) and developer as system."""
+    for i, m in enumerate(messages):
+        if m["role"] not in CHAT_ROLES:
+            raise InvalidRequestError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
+    return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
 
 
 class Router:
@@ -55,6 +64,7 @@ class Router:
         local_prefill_tokens: int = 0,
     ) -> None:
         self.tokenizer, self.model_name = tokenizer, model_name
+        self.token_texts = TokenTexts(tokenizer)  # each token's own text and bytes (logprobs, echo)
         # the names clients may ask for (the `model` of a request; served.py): by default model_name alone
         self.served = served or ServedModels((model_name,))
         self.spec = spec  # the model's limits, from its config alone
@@ -119,6 +129,7 @@ class Router:
             and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
         ):
             raise InvalidRequestError("messages", "must be a non-empty list of objects with a role and a content")
+        messages = chat_roles(messages)
         self._check_chars("messages", sum(len(str(m.get("content") or "")) for m in messages))
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -177,15 +188,22 @@ class Router:
                         async for msg in messages:
                             ids = list(msg.token_ids)
                             trace.tokens(len(ids), self.metrics)
+                            first = not sent
                             sent += ids
                             reason = finish_from_proto(msg.finish_reason)
+                            delta = Delta(ids, text.add(ids), logprobs=[logprobs_from_proto(m) for m in msg.logprobs])
+                            if first and params.prompt_logprobs is not None:  # they come with the first token
+                                delta.prompt_logprobs = (prompt_logprobs_from_proto(msg.prompt_logprobs)
+                                                         or [None] * len(prompt_ids))
                             if reason is None:
-                                yield Delta(ids, text.add(ids))
+                                yield delta
                                 continue
                             trace.finish_reason = reason.value
                             stop_text = msg.stop_text if msg.HasField("stop_text") else None
-                            yield Delta(ids, text.add(ids) + text.finish(stop_text), reason, len(prompt_ids),
-                                        trace.completion_tokens)
+                            delta.text += text.finish(stop_text)
+                            delta.finish_reason = reason
+                            delta.prompt_tokens, delta.completion_tokens = len(prompt_ids), trace.completion_tokens
+                            yield delta
                             return
                 except Recoverable as e:
                     self._recover(request_id, str(e), sent, trace)

@@ -15,7 +15,7 @@ import grpc
 
 from baton.engine.request import MAX_TIMEOUT_S, SamplingParams
 from baton.errors import InvalidRequestError
-from baton.rpc.convert import finish_to_proto, params_from_proto
+from baton.rpc.convert import finish_to_proto, logprobs_to_proto, params_from_proto
 from baton.rpc.server import Service
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
@@ -38,9 +38,19 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
             prompt_ids = self.router.encode_prompt(request.text)
         elif which == "token_ids":
             prompt_ids = list(request.token_ids.ids)
+        elif which == "messages":
+            prompt_ids = self.router.encode_chat([{"role": m.role, "content": m.content}
+                                                  for m in request.messages.messages])
         else:
             raise InvalidRequestError("prompt", "give text or token_ids")
         return request.request_id or uuid.uuid4().hex, prompt_ids, params_from_proto(request.parameters)
+
+    def _logprobs(self, ev: Delta, msg: pb.GenerateResponse | pb.GenerateStreamResponse) -> None:
+        """The event's logprobs into the response, each token with its text."""
+        text = self.router.token_texts.text
+        msg.logprobs.extend(logprobs_to_proto(lp, text) for lp in ev.logprobs)
+        if ev.prompt_logprobs is not None:
+            msg.prompt_logprobs.extend(logprobs_to_proto(lp, text) for lp in ev.prompt_logprobs[1:] if lp is not None)
 
     def _events(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -61,6 +71,7 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
             async for ev in events:
                 response.token_ids.extend(ev.token_ids)
                 texts.append(ev.text)
+                self._logprobs(ev, response)
                 if ev.finish_reason is not None:
                     response.finish_reason = finish_to_proto(ev.finish_reason)
                     response.usage.prompt_tokens = ev.prompt_tokens
@@ -75,6 +86,7 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
         async with generation as events:
             async for ev in events:
                 msg = pb.GenerateStreamResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
+                self._logprobs(ev, msg)
                 if ev.finish_reason is not None:
                     msg.finish_reason = finish_to_proto(ev.finish_reason)
                     msg.usage.prompt_tokens = ev.prompt_tokens

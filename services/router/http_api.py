@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -44,9 +44,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from baton.engine.logprobs import TokenLogprobs
 from baton.engine.request import SamplingParams
 from baton.metrics import RouterMetrics
 from baton.rpc.server import bearer_ok
+from services.router.openai_logprobs import CompletionLogprobs, chat_logprobs
 from services.router.openai_schema import (
     CHAT_DEFAULT_MAX_TOKENS,
     COMPLETION_DEFAULT_MAX_TOKENS,
@@ -56,14 +58,15 @@ from services.router.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIBody,
+    Prompt,
     api_error,
     chat_messages,
-    completion_prompt,
+    completion_prompts,
     refuse_unsupported,
     request_timeout,
     sampling_params,
 )
-from services.router.text import Delta
+from services.router.text import Delta, TokenTexts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,63 +74,120 @@ T = TypeVar("T")
 # ---- one generation ------------------------------------------------------------------------------------
 @dataclass
 class Job:
-    """A parsed request, ready for the core."""
+    """A parsed request, ready for the core: one choice per prompt (several prompts: one choice each, in order)."""
 
     id: str
     kind: str  # "completion" or "chat"
     model: str
-    prompt_ids: list[int]
+    prompts: list[Prompt]
     params: SamplingParams
     stream: bool
     include_usage: bool
     field_names: dict[str, str]  # engine field -> this request's field, for error messages
     timeout: float | None = None  # seconds the request may take
     created: int = field(default_factory=lambda: int(time.time()))
+    echo: bool = False  # completions: the prompt (and, with logprobs, its logprobs) comes before the output
+    echo_only: bool = False  # max_tokens 0 with echo: the prompt is scored, the one token computed is dropped
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
+    def request_id(self, index: int) -> str:
+        """The core's id of choice `index`: the job's own when it has one choice."""
+        return self.id if len(self.prompts) == 1 else f"{self.id}-{index}"
 
-def _usage(event: Delta) -> dict[str, int]:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+class Choice:
+    """One choice of a job as it is answered: its text and logprobs so far, in the job's shape."""
+
+    def __init__(self, job: Job, index: int, texts: TokenTexts) -> None:
+        self.job, self.index, self.texts = job, index, texts
+        self.prompt = job.prompts[index]
+        self.completion_lps = CompletionLogprobs(texts) if job.params.logprobs is not None else None
+        self.started = False
+
+    def prompt_text(self) -> str:
+        if self.prompt.text is not None:
+            return self.prompt.text
+        return b"".join(self.texts.bytes(t) for t in self.prompt.ids).decode("utf-8", errors="replace")
+
+    def take(self, event: Delta) -> tuple[str, Any]:
+        """The text and logprobs object an event adds to this choice (echo's prompt on the first); None when the
+        choice carries no logprobs."""
+        job, first = self.job, not self.started
+        self.started = True
+        text, tokens, lps = event.text, event.token_ids, event.logprobs
+        if job.echo_only:
+            text, tokens, lps = "", [], []
+        prompt_lps: list[TokenLogprobs | None] = []
+        if job.echo and first:
+            text = self.prompt_text() + text
+            if job.params.prompt_logprobs is not None:
+                prompt_lps = event.prompt_logprobs or [None] * len(self.prompt.ids)
+        if job.params.logprobs is None:
+            return text, None
+        if job.kind == "chat":
+            return text, chat_logprobs(self.texts, lps)
+        assert self.completion_lps is not None
+        prompt_part = self.prompt.ids if prompt_lps else []
+        return text, self.completion_lps.part(list(prompt_part) + tokens, [*prompt_lps, *lps])
+
+    def completion_tokens(self, last: Delta) -> int:
+        return 0 if self.job.echo_only else last.completion_tokens
+
+
+def _usage(job: Job, choices: list[Choice], lasts: list[Delta]) -> dict[str, int]:
+    """What was computed: each prompt once, each choice's output."""
+    prompt = sum(len(p.ids) for p in job.prompts)
+    completion = sum(c.completion_tokens(last) for c, last in zip(choices, lasts))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _finish(event: Delta) -> str | None:
     return None if event.finish_reason is None else str(event.finish_reason.value)
 
 
-def whole_response(job: Job, text: str, last: Delta) -> dict[str, Any]:
-    if job.kind == "completion":
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(last)}
-        return {**job.head("text_completion"), "choices": [choice], "usage": _usage(last)}
-    message = {"role": "assistant", "content": text, "refusal": None}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(last)}
-    return {**job.head("chat.completion"), "choices": [choice], "usage": _usage(last)}
+def whole_response(job: Job, choices: list[Choice], events: list[list[Delta]]) -> dict[str, Any]:
+    out = []
+    for choice, evs in zip(choices, events):
+        taken = [choice.take(ev) for ev in evs]
+        text = "".join(t for t, _ in taken)
+        logprobs: Any = None
+        if job.params.logprobs is not None:
+            parts = [lp for _, lp in taken]
+            logprobs = ({"content": [x for p in parts for x in p["content"]], "refusal": None} if job.kind == "chat"
+                        else CompletionLogprobs.join(parts))
+        if job.kind == "completion":
+            out.append({"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": _finish(evs[-1])})
+        else:
+            message = {"role": "assistant", "content": text, "refusal": None}
+            out.append({"index": choice.index, "message": message, "logprobs": logprobs,
+                        "finish_reason": _finish(evs[-1])})
+    obj = "text_completion" if job.kind == "completion" else "chat.completion"
+    return {**job.head(obj), "choices": out, "usage": _usage(job, choices, [evs[-1] for evs in events])}
 
 
-def stream_chunks(job: Job, event: Delta, first: bool) -> list[dict[str, Any]]:
-    """The SSE chunks for one core event, as OpenAI sends them: (chat only) a first chunk with the role, a
-    chunk per text delta, a last chunk with the finish reason and no text; then, if asked, one with the usage."""
+def stream_chunks(job: Job, choice: Choice, event: Delta) -> list[dict[str, Any]]:
+    """The SSE chunks for one core event of one choice, as OpenAI sends them: (chat only) a first chunk with the
+    role, a chunk per text delta (with its tokens' logprobs), a last chunk with the finish reason and no text."""
     chat = job.kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(payload: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        choice = {"index": 0, **payload, "logprobs": None, "finish_reason": finish}
+    def chunk(payload: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+        c = {"index": choice.index, **payload, "logprobs": logprobs, "finish_reason": finish}
         extra = {"usage": None} if job.include_usage else {}
-        return {**job.head(obj), "choices": [choice], **extra}
+        return {**job.head(obj), "choices": [c], **extra}
 
     chunks = []
-    if chat and first:
+    if chat and not choice.started:
         chunks.append(chunk({"delta": {"role": "assistant", "content": ""}}, None))
-    if event.text:
-        chunks.append(chunk({"delta": {"content": event.text}} if chat else {"text": event.text}, None))
+    text, logprobs = choice.take(event)
+    if text or (logprobs is not None and (logprobs.get("content") or logprobs.get("tokens"))):
+        chunks.append(chunk({"delta": {"content": text}} if chat else {"text": text}, None, logprobs))
     finish = _finish(event)
     if finish is not None:
         chunks.append(chunk({"delta": {}} if chat else {"text": ""}, finish))
-        if job.include_usage:
-            chunks.append({**job.head(obj), "choices": [], "usage": _usage(event)})
     return chunks
 
 
@@ -167,53 +227,88 @@ async def _close(events: AsyncIterator[Delta]) -> None:
         await aclose()
 
 
+async def _firsts(streams: list[AsyncIterator[Delta]]) -> list[Delta]:
+    """Every stream's first event; the first error of any, once all have answered."""
+    got = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+    for g in got:
+        if isinstance(g, BaseException):
+            raise g
+    return [g for g in got if isinstance(g, Delta)]
+
+
 async def run(router: Backend, job: Job, request: Request) -> Response:
-    """Run the job on the core. Errors before its first event become an HTTP error status; a stream answers
-    as soon as the first event is there."""
+    """Run the job on the core, a generation per choice. Errors before the first events become an HTTP error
+    status; a stream answers as soon as every choice's first event is there."""
     t0 = time.perf_counter()
-    events = router.generate(job.id, job.prompt_ids, job.params, job.timeout)
+    streams = [router.generate(job.request_id(i), p.ids, job.params, job.timeout) for i, p in enumerate(job.prompts)]
+    choices = [Choice(job, i, router.token_texts) for i in range(len(job.prompts))]
     handed_off = False
     try:
-        first = await _unless_gone(request, anext(events))
+        firsts = await _unless_gone(request, _firsts(streams))
         if job.stream:
             handed_off = True
-            return StreamingResponse(_stream(job, first, events, t0), media_type="text/event-stream",
+            return StreamingResponse(_stream(job, choices, firsts, streams, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, last = await _unless_gone(request, _collect(first, events))
+        events = await _unless_gone(request, asyncio.gather(*(_collect(f, s) for f, s in zip(firsts, streams))))
     except ClientGone:
         log.debug("%s: client disconnected; cancelled", job.id)
         return Response(status_code=499)
     finally:
         if not handed_off:
-            await _close(events)
-    _log_done(job, last, t0)
-    return JSONResponse(whole_response(job, text, last))
+            for s in streams:
+                await _close(s)
+    _log_done(job, [evs[-1] for evs in events], t0)
+    return JSONResponse(whole_response(job, choices, events))
 
 
-async def _collect(first: Delta, events: AsyncIterator[Delta]) -> tuple[str, Delta]:
-    parts, last = [first.text], first
-    while last.finish_reason is None:
+async def _collect(first: Delta, events: AsyncIterator[Delta]) -> list[Delta]:
+    out = [first]
+    while out[-1].finish_reason is None:
         try:
-            last = await anext(events)
+            out.append(await anext(events))
         except StopAsyncIteration:
             log.warning("the core's stream ended without a finish reason")
             break
-        parts.append(last.text)
-    return "".join(parts), last
+    return out
 
 
-async def _stream(job: Job, first: Delta, events: AsyncIterator[Delta], t0: float) -> AsyncIterator[str]:
-    """The SSE body. When the client goes away Starlette cancels the response task; the cancellation runs
-    through the core's generator, and _close ends it in every case."""
+async def _merged(firsts: list[Delta], streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice, event) from every stream as they come, each stream up to its event with a finish reason."""
+    for i, ev in enumerate(firsts):
+        yield i, ev
+    pending = {asyncio.ensure_future(anext(s)): i for i, (s, ev) in enumerate(zip(streams, firsts))
+               if ev.finish_reason is None}
     try:
-        event, is_first = first, True
-        while True:
-            for chunk in stream_chunks(job, event, is_first):
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: pending[t]):
+                i = pending.pop(task)
+                ev = task.result()  # StopAsyncIteration or an error ends the stream
+                yield i, ev
+                if ev.finish_reason is None:
+                    pending[asyncio.ensure_future(anext(streams[i]))] = i
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+async def _stream(job: Job, choices: list[Choice], firsts: list[Delta], streams: list[AsyncIterator[Delta]],
+                  t0: float) -> AsyncIterator[str]:
+    """The SSE body; after the last choice's finish, the usage (when asked). When the client goes away Starlette
+    cancels the response task; the cancellation runs through the core's generators, and _close ends each."""
+    lasts: list[Delta | None] = [None] * len(streams)
+    try:
+        async for i, event in _merged(firsts, streams):
+            for chunk in stream_chunks(job, choices[i], event):
                 yield _sse(chunk)
             if event.finish_reason is not None:
-                _log_done(job, event, t0)
-                break
-            event, is_first = await anext(events), False
+                lasts[i] = event
+        done = [last for last in lasts if last is not None]
+        if len(done) == len(lasts):
+            _log_done(job, done, t0)
+            if job.include_usage:
+                obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+                yield _sse({**job.head(obj), "choices": [], "usage": _usage(job, choices, done)})
     except StopAsyncIteration:
         log.warning("%s: the core's stream ended without a finish reason", job.id)
     except asyncio.CancelledError:
@@ -222,14 +317,16 @@ async def _stream(job: Job, first: Delta, events: AsyncIterator[Delta], t0: floa
     except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
         yield _sse(api_error(e, job.field_names).body())
     finally:
-        await _close(events)
+        for s in streams:
+            await _close(s)
     yield "data: [DONE]\n\n"
 
 
-def _log_done(job: Job, last: Delta, t0: float) -> None:
+def _log_done(job: Job, lasts: list[Delta], t0: float) -> None:
     """Debug only: the core logs one line per request already (with this id)."""
-    log.debug("%s: %s%s prompt=%d completion=%d finish=%s %.3fs", job.id, job.kind, " stream" if job.stream else "",
-             last.prompt_tokens, last.completion_tokens, _finish(last), time.perf_counter() - t0)
+    log.debug("%s: %s%s choices=%d prompt=%d completion=%d finish=%s %.3fs", job.id, job.kind,
+              " stream" if job.stream else "", len(lasts), sum(x.prompt_tokens for x in lasts),
+              sum(x.completion_tokens for x in lasts), [_finish(x) for x in lasts], time.perf_counter() - t0)
 
 
 # ---- the app -------------------------------------------------------------------------------------------
@@ -341,24 +438,32 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        names = {"max_new_tokens": "max_tokens", "input_ids": "prompt"}
+        names = {"max_new_tokens": "max_tokens", "input_ids": "prompt", "prompt_logprobs": "logprobs"}
 
         def job() -> Job:
             model = router.served.resolve(body.model)
             refuse_unsupported(body)
-            prompt_ids = completion_prompt(router, body.prompt)
+            prompts = completion_prompts(router, body.prompt)
             max_new = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-            router.spec.check_request(prompt_ids, max_new)
-            return Job(f"cmpl-{uuid.uuid4().hex}", "completion", model, prompt_ids,
-                       sampling_params(body, max_new), bool(body.stream), _include_usage(body), names,
-                       request_timeout(body))
+            echo_only = max_new == 0 and bool(body.echo)  # score the prompt: one token computed, dropped
+            if max_new == 0 and not echo_only:
+                raise ApiError.invalid("max_tokens", "0 asks for nothing unless echo is true")
+            max_new = max(1, max_new)
+            for i, p in enumerate(prompts):
+                router.spec.check_request(p.ids, max_new, prompt_field=f"prompt[{i}]" if len(prompts) > 1 else "prompt")
+            k = body.logprobs
+            params = replace(sampling_params(body, max_new), logprobs=k,
+                             prompt_logprobs=k if body.echo and k is not None else None)
+            return Job(f"cmpl-{uuid.uuid4().hex}", "completion", model, prompts, params, bool(body.stream),
+                       _include_usage(body), names, request_timeout(body), echo=bool(body.echo), echo_only=echo_only)
 
         return await answer(job, request, names)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        names = {"max_new_tokens": max_field, "input_ids": "messages", "prompt": "messages"}
+        names = {"max_new_tokens": max_field, "input_ids": "messages", "prompt": "messages",
+                 "logprobs": "top_logprobs"}
 
         def job() -> Job:
             model = router.served.resolve(body.model)
@@ -371,9 +476,12 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
                     raise ApiError.invalid("messages", f"the conversation ({len(prompt_ids)} tokens) fills the "
                                                        f"model's context of {router.spec.max_context} tokens")
             router.spec.check_request(prompt_ids, max_new)
-            return Job(f"chatcmpl-{uuid.uuid4().hex}", "chat", model, prompt_ids,
-                       sampling_params(body, max_new), bool(body.stream), _include_usage(body), names,
-                       request_timeout(body))
+            if body.top_logprobs is not None and not body.logprobs:
+                raise ApiError.invalid("top_logprobs", "needs logprobs: true")
+            params = replace(sampling_params(body, max_new),
+                             logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+            return Job(f"chatcmpl-{uuid.uuid4().hex}", "chat", model, [Prompt(prompt_ids)], params,
+                       bool(body.stream), _include_usage(body), names, request_timeout(body))
 
         return await answer(job, request, names)
 

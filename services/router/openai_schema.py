@@ -8,16 +8,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from baton.engine.grammar import FormatKind, ResponseFormat
 from baton.engine.request import MAX_TIMEOUT_S, SamplingParams
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Reason, ServiceError, reason_of
 from services.router.served import ServedModels
-from services.router.text import Delta
+from services.router.text import Delta, TokenTexts
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,6 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Chat without max_tokens: this many, or the rest of the context if less. Not the whole context, as OpenAI
 # does: a decode worker reserves KV for prompt + max_tokens, so a large default would cut its concurrency.
 CHAT_DEFAULT_MAX_TOKENS = 1024
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 # ---- what the API needs from the router core -------------------------------------------------------------
@@ -35,6 +36,9 @@ class Backend(Protocol):
 
     served: ServedModels  # the names clients may ask for, and the check of a request's `model`
     spec: ModelSpec  # the model's limits
+
+    @property
+    def token_texts(self) -> TokenTexts: ...  # each token's text and bytes (logprobs, echo)
 
     def encode_prompt(self, text: str) -> list[int]: ...
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
@@ -127,7 +131,9 @@ class OpenAIBody(BaseModel):
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None  # token id (a string of digits) -> bias in [-100, 100]
+    min_tokens: int | None = None  # extension, as in vLLM
+    response_format: Any = None  # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
     timeout: float | None = None  # extension: seconds the whole request may take (then 504, or an error event)
 
 
@@ -154,14 +160,11 @@ class ChatCompletionRequest(OpenAIBody):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: Any = None
 
 
 # Fields Baton cannot honour, with the values that ask for nothing (and so are accepted).
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "tools": (None, []),
+    "n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
 }
 
@@ -184,9 +187,6 @@ def refuse_unsupported(body: OpenAIBody) -> None:
     for name, ok in NEUTRAL.items():
         if name in type(body).model_fields and getattr(body, name) not in ok:
             raise ApiError.invalid(name, f"{_shown(getattr(body, name))} is not supported by Baton")
-    fmt = getattr(body, "response_format", None)
-    if fmt is not None and fmt != {"type": "text"}:
-        raise ApiError.invalid("response_format", "only {\"type\": \"text\"} is supported by Baton")
 
 
 def sampling_params(body: OpenAIBody, max_new_tokens: int) -> SamplingParams:
@@ -200,6 +200,11 @@ def sampling_params(body: OpenAIBody, max_new_tokens: int) -> SamplingParams:
         raise ApiError.invalid("stop", "must be a string or a list of strings")
     top_k = 0 if body.top_k in (None, -1) else body.top_k
     return SamplingParams(
+        presence_penalty=0.0 if body.presence_penalty is None else body.presence_penalty,
+        frequency_penalty=0.0 if body.frequency_penalty is None else body.frequency_penalty,
+        logit_bias=logit_bias(body.logit_bias),
+        min_tokens=body.min_tokens or 0,
+        response_format=response_format(body.response_format),
         max_new_tokens=max_new_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -212,6 +217,38 @@ def sampling_params(body: OpenAIBody, max_new_tokens: int) -> SamplingParams:
     )
 
 
+def response_format(raw: Any) -> ResponseFormat | None:
+    """OpenAI's response_format as the engine's (which checks that the schema can be enforced)."""
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text" and set(raw) == {"type"}:
+        return None
+    if kind == "json_object" and set(raw) == {"type"}:
+        return ResponseFormat(FormatKind.JSON_OBJECT)
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        extra = set(raw) - {"type", "json_schema"}
+        if not isinstance(spec, dict) or extra or not isinstance(spec.get("schema"), dict):
+            raise ApiError.invalid("response_format", "json_schema needs {\"json_schema\": {\"name\": ..., "
+                                                      "\"schema\": {...}}}")
+        return ResponseFormat.json_schema(spec["schema"])
+    raise ApiError.invalid("response_format", "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                              "{\"type\": \"json_schema\", \"json_schema\": {...}}")
+
+
+def logit_bias(raw: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as the engine's pairs (their range and the ids' vocabulary are checked there)."""
+    out = []
+    for key, bias in (raw or {}).items():
+        if not key.isdigit() or not key.isascii():
+            raise ApiError.invalid("logit_bias", f"keys must be token ids, got {_shown(key)}")
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool):
+            raise ApiError.invalid("logit_bias", f"the bias of token {key} must be a number")
+        out.append((int(key), float(bias)))
+    return tuple(sorted(out))
+
+
 def request_timeout(body: OpenAIBody) -> float | None:
     t = body.timeout
     if t is not None and not (math.isfinite(t) and 0 < t <= MAX_TIMEOUT_S):
@@ -219,30 +256,44 @@ def request_timeout(body: OpenAIBody) -> float | None:
     return t
 
 
-def completion_prompt(router: Backend, prompt: Any) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+@dataclass
+class Prompt:
+    """One prompt of a request: its token ids, and its text when it came as text (what echo returns)."""
+
+    ids: list[int]
+    text: str | None = None
+
+
+MAX_PROMPTS = 64  # prompts one completions request may hold
+
+
+def completion_prompts(router: Backend, prompt: Any) -> list[Prompt]:
+    """A completions `prompt`: a string, a list of token ids, or a list of either (one choice per prompt)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise ApiError.invalid("prompt", f"at most {MAX_PROMPTS} prompts per request")
+        return [_one_prompt(router, p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [_one_prompt(router, prompt, "prompt")]
+
+
+def _one_prompt(router: Backend, prompt: Any, name: str) -> Prompt:
     if isinstance(prompt, str):
         if not prompt:
-            raise ApiError.invalid("prompt", "must not be empty")
-        return router.encode_prompt(prompt)
+            raise ApiError.invalid(name, "must not be empty")
+        return Prompt(router.encode_prompt(prompt), prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if min(prompt) < 0:
-            raise ApiError.invalid("prompt", "token ids must be >= 0")
-        return list(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise ApiError.invalid("prompt", "one prompt per request; send several requests for several prompts")
-    raise ApiError.invalid("prompt", "must be a non-empty string or a non-empty list of token ids")
+            raise ApiError.invalid(name, "token ids must be >= 0")
+        return Prompt(list(prompt))
+    raise ApiError.invalid(name, "must be a non-empty string or a non-empty list of token ids")
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template takes them: a role and a text content."""
+    """Messages as Router.encode_chat takes them: a role (checked there) and a text content."""
     if not messages:
         raise ApiError.invalid("messages", "must not be empty")
     out = []
     for i, m in enumerate(messages):
-        if m.role not in CHAT_ROLES:
-            raise ApiError.invalid(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
         content = m.content
         if content is None:
             content = ""
@@ -255,5 +306,5 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             content = "\n".join(texts)
         elif not isinstance(content, str):
             raise ApiError.invalid(f"messages[{i}].content", "must be a string or a list of text parts")
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        out.append({"role": m.role, "content": content})
     return out

@@ -3,11 +3,14 @@ incremental detokenization that makes the text."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from baton.engine.logprobs import TokenLogprobs
 from baton.engine.request import FinishReason
 
 log = logging.getLogger(__name__)
@@ -22,6 +25,28 @@ class Delta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when the request asks
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first event, when asked (first: None)
+
+
+class TokenTexts:
+    """Each token's own text and bytes, for logprobs: a token alone may be part of a UTF-8 character, so its
+    bytes come from the tokenizer's byte-level alphabet where it has one (GPT-2 style), and its text is those
+    bytes decoded with replacement characters, as OpenAI shows such tokens."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._byte_of = {ch: b for b, ch in bytes_to_unicode().items()}  # GPT-2's printable stand-ins for bytes
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one per router, lives as long as it
+    def bytes(self, token: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str) and piece and all(ch in self._byte_of for ch in piece):
+            return bytes(self._byte_of[ch] for ch in piece)
+        return str(self.tokenizer.decode([token])).encode("utf-8")  # not byte-level: its decoded text
+
+    def text(self, token: int) -> str:
+        return self.bytes(token).decode("utf-8", errors="replace")
 
 
 class TextStream:

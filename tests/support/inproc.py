@@ -68,6 +68,7 @@ class Options:
     api_key: str | None = None  # on the router's public APIs
     tls: TlsConfig | None = None  # mutual TLS between router and workers (the public port stays plaintext)
     max_body_bytes: int = 64 << 10
+    local_prefill_tokens: int = 0  # the router's --local-prefill-tokens: prompts this short skip the prefill worker
 
 
 @dataclass
@@ -133,7 +134,7 @@ def running_stack(tokenizer: PreTrainedTokenizerBase, options: Options | None = 
         stops.append(stop_prefill)
         await serve([prefill_service(prefill)], prefill_addr, tls=opts.tls)
         pool = WorkerPool(Scheduler(opts.max_queue), [decode_addr], [prefill_addr], poll_s=0.05, tls=opts.tls)
-        router = Router(tokenizer, "tiny-llama", TINY_SPEC, pool)
+        router = Router(tokenizer, "tiny-llama", TINY_SPEC, pool, local_prefill_tokens=opts.local_prefill_tokens)
         await router.start()
         stops.append(router.close)
         await serve([router_service(router)], router_addr, api_key=opts.api_key,
