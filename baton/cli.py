@@ -25,6 +25,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "decode"), "baton.bench.microbench", "decode step vs a bare dense loop, and splice cost"),
     (("bench", "serve"), "baton.bench.serve_bench", "load a running service at arrival rates; client latencies"),
     (("bench", "costs"), "baton.bench.costs", "cost curves: decode step vs batch and context, splice, KV shipping"),
+    (("bench", "structured"), "baton.bench.structured", "a batch's throughput with some rows under a JSON schema"),
     (("bench", "requests"), "baton.bench.export", "write a named workload's requests as `baton run` input (JSONL)"),
     (("bench", "plot"), "baton.bench.plot", "plot benchmark result files"),
     (("bench", "gpu"), "baton.bench.gpu", "the prepared GPU run: exactness, engine, decode, service in one budget"),

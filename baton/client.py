@@ -8,9 +8,12 @@
             print(chunk.text, end="", flush=True)
 
 AsyncBatonClient has the same methods, as a coroutine (generate) and an async iterator (stream). The prompt is
-a string (tokenized by the router) or a list of token ids; keyword arguments are the fields of
-baton.engine.request.SamplingParams (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-stop, stop_token_ids, ignore_eos), checked before anything is sent; `model` names one of the router's served model
+a string (tokenized by the router), a list of token ids, or a conversation: a list of {"role", "content"} dicts
+(written by the model's chat template). Keyword arguments are the fields of baton.engine.request.SamplingParams
+(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, stop_token_ids, ignore_eos,
+presence_penalty, frequency_penalty, logit_bias as {token id: bias}, min_tokens, logprobs, prompt_logprobs, and
+response_format as OpenAI writes it, e.g. {"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}}),
+checked before anything is sent; `model` names one of the router's served model
 names (empty: its model; another name fails with NOT_FOUND). Every failure, local validation included,
 is raised as BatonError(code, message) with the gRPC status code. Leaving a stream early cancels the request.
 """
@@ -18,12 +21,13 @@ is raised as BatonError(code, message) with the gRPC status code. Leaving a stre
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import grpc
 
+from baton.engine.grammar import ResponseFormat
 from baton.engine.request import SamplingParams
 from baton.errors import InvalidRequestError, Reason
 from baton.rpc.convert import finish_from_proto, params_to_proto
@@ -34,7 +38,7 @@ from baton.v1 import baton_pb2_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 _OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
 
 class BatonError(Exception):
@@ -58,6 +62,30 @@ class BatonError(Exception):
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A token, its text and its log-probability under the model's raw distribution."""
+
+    token: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One position: the token there and the most likely tokens at it, most likely first."""
+
+    chosen: Logprob
+    top: list[Logprob]
+
+
+def _logprobs(ms: Sequence[pb.TokenLogprobs]) -> list[TokenLogprobs]:
+    def one(m: pb.Logprob) -> Logprob:
+        return Logprob(m.token, m.text, m.logprob)
+
+    return [TokenLogprobs(one(m.chosen), [one(t) for t in m.top]) for m in ms]
+
+
+@dataclass(frozen=True)
 class Completion:
     """A whole generation."""
 
@@ -67,6 +95,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     request_id: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # with logprobs=k: one per token
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # with prompt_logprobs=k: all but the first
 
 
 @dataclass(frozen=True)
@@ -78,6 +108,8 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # with logprobs=k: one per token
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # on the first chunk, with prompt_logprobs
 
 
 def build_request(prompt: Prompt, request_id: str = "", model: str = "", **sampling: Any) -> pb.GenerateRequest:
@@ -89,16 +121,26 @@ def build_request(prompt: Prompt, request_id: str = "", model: str = "", **sampl
         if isinstance(sampling.get(key), (list, tuple)):
             sampling[key] = tuple(sampling[key])
     try:
+        if isinstance(sampling.get("logit_bias"), dict):
+            sampling["logit_bias"] = tuple(sorted(sampling["logit_bias"].items()))
+        if not isinstance(sampling.get("response_format"), (ResponseFormat, type(None))):
+            sampling["response_format"] = ResponseFormat.from_openai(sampling["response_format"])
         params = SamplingParams(**sampling)
     except InvalidRequestError as e:
         raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.reason, e.field) from None
     request = pb.GenerateRequest(request_id=request_id, parameters=params_to_proto(params), model=model)
     if isinstance(prompt, str):
         request.text = prompt
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):  # type: ignore[union-attr]
+            raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, "messages: each needs a string role and content")
+        request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"])  # type: ignore[index]
+                                         for m in prompt)
     elif isinstance(prompt, Sequence) and all(isinstance(t, int) and 0 <= t < 2**32 for t in prompt):
-        request.token_ids.ids.extend([int(t) for t in prompt])
+        request.token_ids.ids.extend([int(t) for t in prompt])  # type: ignore[arg-type]
     else:
-        raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must be a string or a list of token ids >= 0")
+        raise BatonError(grpc.StatusCode.INVALID_ARGUMENT,
+                         "prompt: must be a string, a list of token ids >= 0 or a list of chat messages")
     return request
 
 
@@ -113,12 +155,12 @@ def _reason(value: int) -> str | None:
 
 def _completion(m: pb.GenerateResponse) -> Completion:
     return Completion(m.text, list(m.token_ids), _reason(m.finish_reason) or "", m.usage.prompt_tokens,
-                      m.usage.completion_tokens, m.request_id)
+                      m.usage.completion_tokens, m.request_id, _logprobs(m.logprobs), _logprobs(m.prompt_logprobs))
 
 
 def _chunk(m: pb.GenerateStreamResponse) -> Chunk:
     return Chunk(m.text, list(m.token_ids), _reason(m.finish_reason), m.usage.prompt_tokens,
-                 m.usage.completion_tokens)
+                 m.usage.completion_tokens, _logprobs(m.logprobs), _logprobs(m.prompt_logprobs))
 
 
 class BatonClient:

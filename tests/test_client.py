@@ -11,6 +11,7 @@ import http.client
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from baton.client import AsyncBatonClient, BatonClient, BatonError, Chunk, Completion
+from baton.engine.grammar import ResponseFormat
 from baton.engine.models import LoadedModel
 from baton.engine.request import SamplingParams
 from baton.errors import Overloaded, Reason
@@ -29,10 +31,9 @@ from baton.rpc.server import create_server
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from services.router.grpc_api import router_service
-from services.router.http_api import create_app
 from tests.support.inproc import Loop, Stack, running_stack
 from tests.support.oracle import reference
-from tests.test_http_api import ANSWER, FakeRouter, Served, answer_text, free_port, serve, wait_for
+from tests.test_http_api import ANSWER, FakeRouter, answer_text, free_port, wait_for
 
 
 class GrpcThread:
@@ -210,25 +211,33 @@ def test_cli_errors(address: str, router: FakeRouter, capsys: pytest.CaptureFixt
     assert f"cannot reach Baton at 127.0.0.1:{port}" in err and "baton serve" in err
 
 
-@pytest.fixture(scope="module")
-def http_api(fake: FakeRouter) -> Iterator[Served]:
-    yield from serve(create_app(fake))
-
-
 @pytest.mark.parametrize("stream", [[], ["--stream"]])
-def test_cli_chat(http_api: Served, router: FakeRouter, capsys: pytest.CaptureFixture[str], stream: list[str]) -> None:
-    url = f"http://{http_api.host}:{http_api.port}"
-    assert run_cli(["-v", "Hi!", "--chat", "--http-url", url, "--max-new-tokens", "3", *stream]) == 0
+def test_cli_chat(address: str, router: FakeRouter, capsys: pytest.CaptureFixture[str], stream: list[str]) -> None:
+    assert run_cli(["-v", "Hi!", "--chat", "--url", address, "--max-new-tokens", "3", *stream]) == 0
     out = capsys.readouterr()
     assert out.out == answer_text(router, 3) + "\n" and "3 completion tokens" in out.err
     assert router.calls[0].prompt_ids == router.encode_chat([{"role": "user", "content": "Hi!"}])
     router.reset()
-    assert run_cli(["Hi!", "--chat", "--http-url", url, "--max-new-tokens", "0", *stream]) == 1
-    assert "invalid request: max_tokens" in capsys.readouterr().err
-    assert run_cli(["Hi!", "--chat", "--http-url", url, "--model-name", "nope", *stream]) == 1
+    assert run_cli(["Hi!", "--chat", "--url", address, "--max-new-tokens", "0", *stream]) == 1
+    assert "invalid request: max_new_tokens" in capsys.readouterr().err
+    assert run_cli(["Hi!", "--chat", "--url", address, "--model-name", "nope", *stream]) == 1
     assert "unknown model" in capsys.readouterr().err and not router.calls
-    assert run_cli(["Hi!", "--chat", "--http-url", f"http://127.0.0.1:{free_port()}"]) == 1
-    assert "cannot reach Baton's HTTP API" in capsys.readouterr().err
+    assert run_cli(["Hi!", "--chat", "--url", f"127.0.0.1:{free_port()}"]) == 1
+    assert "cannot reach Baton" in capsys.readouterr().err
+
+
+def test_cli_controls_reach_the_router(address: str, router: FakeRouter, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    assert run_cli(["Hi", "--url", address, "--json-schema", str(schema), "--presence-penalty", "0.5",
+                    "--min-tokens", "2", "--logprobs", "2", "--max-new-tokens", "4"]) == 0
+    p = router.calls[0].params
+    assert p.response_format == ResponseFormat.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
+    assert (p.presence_penalty, p.min_tokens, p.logprobs) == (0.5, 2, 2)
+    schema.write_text('{"type": "wat"}')
+    assert run_cli(["Hi", "--url", address, "--json-schema", str(schema)]) == 1
+    assert "invalid request: response_format" in capsys.readouterr().err
 
 
 # ---- the real router core, workers and model, all in this process --------------------------------------------

@@ -4,6 +4,7 @@ prefix that another cluster sharing the Redis would read."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import httpx
+import jsonschema
+import openai
 import pytest
 import redis
 
@@ -22,7 +25,7 @@ from baton.serve import free_port
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from tests.support.metrics import Scrape
-from tests.support.oracle import reference
+from tests.support.oracle import LOGPROB_TOLERANCE, reference, reference_logprobs
 from tests.support.processes import ROOT, processes, worker_channel
 from tests.support.serve import Serve
 
@@ -79,7 +82,33 @@ def test_baton_serve_under_a_redis_prefix(tiny_llama_dir: Path, tiny_llama: Load
             assert decode_metrics.value("baton_decode_local_prefills_total") == len(prompts) + 1
             assert decode_metrics.value("baton_decode_kv_received_bytes_total") == 0
             assert prefill_metrics.value("baton_prefill_prompt_tokens_total") == 0
+            check_openai_surface(http, tiny_llama_dir.name, prompts, tiny_llama)
         finally:
             serve.send_signal(signal.SIGTERM)
             assert serve.wait(timeout=60) == 0
             log.close()
+
+
+def check_openai_surface(http: str, model: str, prompts: list[list[int]], lm: LoadedModel) -> None:
+    """What evaluation harnesses, samplers and extractors send, through `baton serve`: several prompts with echo
+    and logprobs (equal to transformers'), and a chat held to a JSON schema."""
+    with openai.OpenAI(base_url=f"{http}/v1", api_key="x", max_retries=0, timeout=60) as oa:
+        out = oa.completions.create(model=model, prompt=prompts[:2], max_tokens=3, echo=True, logprobs=2,
+                                    temperature=0, extra_body={"ignore_eos": True})
+        assert sorted(c.index for c in out.choices) == [0, 1]
+        for choice in out.choices:
+            ids = prompts[choice.index]
+            lp = choice.logprobs
+            assert lp is not None and lp.token_logprobs is not None and len(lp.token_logprobs) == len(ids) + 3
+            full = ids + reference(lm, ids, 3)
+            dist = reference_logprobs(lm, full)
+            assert lp.token_logprobs[0] is None
+            for i in range(1, len(full)):
+                assert abs(lp.token_logprobs[i] - float(dist[i - 1, full[i]])) < LOGPROB_TOLERANCE
+        schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                  "required": ["n"], "additionalProperties": False}
+        chat = oa.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "A digit in JSON, please."}], max_tokens=40,
+            response_format={"type": "json_schema", "json_schema": {"name": "digit", "schema": schema}})
+        assert chat.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(chat.choices[0].message.content or ""), schema)

@@ -81,6 +81,27 @@ class ResponseFormat:
         """From a schema as parsed JSON (a dict)."""
         return cls(FormatKind.JSON_SCHEMA, json.dumps(schema, separators=(",", ":"), sort_keys=True))
 
+    @classmethod
+    def from_openai(cls, raw: Any) -> ResponseFormat | None:
+        """OpenAI's `response_format` object: {"type": "text"} (None), {"type": "json_object"} or
+        {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}."""
+        if raw is None:
+            return None
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind == "text" and set(raw) == {"type"}:
+            return None
+        if kind == "json_object" and set(raw) == {"type"}:
+            return cls(FormatKind.JSON_OBJECT)
+        if kind == "json_schema":
+            spec = raw.get("json_schema")
+            if set(raw) != {"type", "json_schema"} or not isinstance(spec, dict) or \
+                    not isinstance(spec.get("schema"), dict):
+                raise InvalidRequestError("response_format", 'json_schema needs {"json_schema": {"name": ..., '
+                                                             '"schema": {...}}}')
+            return cls.json_schema(spec["schema"])
+        raise InvalidRequestError("response_format", 'must be {"type": "text"}, {"type": "json_object"} or '
+                                                     '{"type": "json_schema", "json_schema": {...}}')
+
     @property
     def grammar(self) -> str:
         """The format as an llguidance grammar."""

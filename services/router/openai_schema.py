@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from baton.engine.grammar import FormatKind, ResponseFormat
+from baton.engine.grammar import ResponseFormat
 from baton.engine.request import MAX_TIMEOUT_S, SamplingParams
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Reason, ServiceError, reason_of
@@ -204,7 +204,7 @@ def sampling_params(body: OpenAIBody, max_new_tokens: int) -> SamplingParams:
         frequency_penalty=0.0 if body.frequency_penalty is None else body.frequency_penalty,
         logit_bias=logit_bias(body.logit_bias),
         min_tokens=body.min_tokens or 0,
-        response_format=response_format(body.response_format),
+        response_format=ResponseFormat.from_openai(body.response_format),
         max_new_tokens=max_new_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -215,26 +215,6 @@ def sampling_params(body: OpenAIBody, max_new_tokens: int) -> SamplingParams:
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=bool(body.ignore_eos),
     )
-
-
-def response_format(raw: Any) -> ResponseFormat | None:
-    """OpenAI's response_format as the engine's (which checks that the schema can be enforced)."""
-    if raw is None:
-        return None
-    kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind == "text" and set(raw) == {"type"}:
-        return None
-    if kind == "json_object" and set(raw) == {"type"}:
-        return ResponseFormat(FormatKind.JSON_OBJECT)
-    if kind == "json_schema":
-        spec = raw.get("json_schema")
-        extra = set(raw) - {"type", "json_schema"}
-        if not isinstance(spec, dict) or extra or not isinstance(spec.get("schema"), dict):
-            raise ApiError.invalid("response_format", "json_schema needs {\"json_schema\": {\"name\": ..., "
-                                                      "\"schema\": {...}}}")
-        return ResponseFormat.json_schema(spec["schema"])
-    raise ApiError.invalid("response_format", "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
-                                              "{\"type\": \"json_schema\", \"json_schema\": {...}}")
 
 
 def logit_bias(raw: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
