@@ -13,8 +13,9 @@ a string (tokenized by the router), a list of token ids, or a conversation: a li
 (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, stop_token_ids, ignore_eos,
 presence_penalty, frequency_penalty, logit_bias as {token id: bias}, min_tokens, logprobs, prompt_logprobs, and
 response_format as OpenAI writes it, e.g. {"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}}),
-checked before anything is sent; `model` names one of the router's served model
-names (empty: its model; another name fails with NOT_FOUND). Every failure, local validation included,
+checked before anything is sent; `n` asks for several choices of one prefill (Completion.choices; each Chunk names
+its choice by `index`) and `echo` begins each choice's text with the prompt's; `model` names one of the router's
+served model names (empty: its model; another name fails with NOT_FOUND). Every failure, local validation included,
 is raised as BatonError(code, message) with the gRPC status code. Leaving a stream early cancels the request.
 """
 
@@ -29,6 +30,7 @@ import grpc
 
 from baton.engine.grammar import ResponseFormat
 from baton.engine.request import SamplingParams
+from baton.engine.sampler import MAX_CHOICES
 from baton.errors import InvalidRequestError, Reason
 from baton.rpc.convert import finish_from_proto, params_to_proto
 from baton.rpc.status import error_from_rpc
@@ -97,6 +99,18 @@ class Completion:
     request_id: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # with logprobs=k: one per token
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # with prompt_logprobs=k: all but the first
+    choices: list[Choice] = field(default_factory=list)  # with n > 1: every choice (the fields above: choice 0's)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of the n choices of a request."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,9 +124,11 @@ class Chunk:
     completion_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # with logprobs=k: one per token
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # on the first chunk, with prompt_logprobs
+    index: int = 0  # the choice these tokens belong to (n > 1); the usage comes on the last chunk of all
 
 
-def build_request(prompt: Prompt, request_id: str = "", model: str = "", **sampling: Any) -> pb.GenerateRequest:
+def build_request(prompt: Prompt, request_id: str = "", model: str = "", n: int = 1, echo: bool = False,
+                  **sampling: Any) -> pb.GenerateRequest:
     """The GenerateRequest for a prompt; raises BatonError(INVALID_ARGUMENT) naming a bad field, TypeError for
     a keyword that is not a sampling parameter."""
     if isinstance(sampling.get("stop"), str):
@@ -128,7 +144,11 @@ def build_request(prompt: Prompt, request_id: str = "", model: str = "", **sampl
         params = SamplingParams(**sampling)
     except InvalidRequestError as e:
         raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.reason, e.field) from None
-    request = pb.GenerateRequest(request_id=request_id, parameters=params_to_proto(params), model=model)
+    if not (isinstance(n, int) and 1 <= n <= MAX_CHOICES):
+        raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, f"n: must be 1 to {MAX_CHOICES}", Reason.INVALID_REQUEST,
+                         "n")
+    request = pb.GenerateRequest(request_id=request_id, parameters=params_to_proto(params), model=model, n=n,
+                                 echo=echo)
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
@@ -154,13 +174,16 @@ def _reason(value: int) -> str | None:
 
 
 def _completion(m: pb.GenerateResponse) -> Completion:
+    choices = [Choice(c.index, c.text, list(c.token_ids), _reason(c.finish_reason) or "", _logprobs(c.logprobs))
+               for c in m.choices]
     return Completion(m.text, list(m.token_ids), _reason(m.finish_reason) or "", m.usage.prompt_tokens,
-                      m.usage.completion_tokens, m.request_id, _logprobs(m.logprobs), _logprobs(m.prompt_logprobs))
+                      m.usage.completion_tokens, m.request_id, _logprobs(m.logprobs), _logprobs(m.prompt_logprobs),
+                      choices)
 
 
 def _chunk(m: pb.GenerateStreamResponse) -> Chunk:
     return Chunk(m.text, list(m.token_ids), _reason(m.finish_reason), m.usage.prompt_tokens,
-                 m.usage.completion_tokens, _logprobs(m.logprobs), _logprobs(m.prompt_logprobs))
+                 m.usage.completion_tokens, _logprobs(m.logprobs), _logprobs(m.prompt_logprobs), m.index)
 
 
 class BatonClient:

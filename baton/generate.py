@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--min-tokens", type=int, default=0, help="no end of sequence before this many tokens")
+    p.add_argument("-n", "--choices", type=int, default=1, metavar="N",
+                   help="N completions of the prompt from one prefill, printed one after another (not with --stream)")
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="print each token's log-probability and the K most likely tokens (to stderr)")
     fmt = p.add_mutually_exclusive_group()
@@ -122,9 +124,14 @@ def _generate(args: argparse.Namespace, prompt: Any, sampling: dict[str, Any]) -
     try:
         with BatonClient(args.url, timeout=args.timeout, api_key=args.api_key) as client:
             model = args.model_name or ""
+            if args.choices > 1 and args.stream:
+                raise Failed("--stream prints one choice: leave out -n, or --stream")
             if not args.stream:
-                c = client.generate(prompt, model=model, **sampling)
-                _write(c.text)
+                c = client.generate(prompt, model=model, n=args.choices, **sampling)
+                if not c.choices:
+                    _write(c.text)
+                for choice in c.choices:
+                    _write(f"{chr(10) * 2 if choice.index else ''}[choice {choice.index}] {choice.text}")
                 _print_logprobs(c.logprobs)
                 return c.finish_reason, (c.prompt_tokens, c.completion_tokens)
             finish, usage = "", (0, 0)

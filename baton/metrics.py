@@ -153,6 +153,13 @@ class PrefillMetrics(MetricsRegistry):
             "baton_prefill_kv_transfer_seconds", "time to push one prompt's KV to its decode worker", FAST_BUCKETS
         )
         self.push_failures = self._counter("baton_prefill_kv_push_failures", "KV pushes that failed")
+        self.prefix_hit_tokens = self._counter("baton_prefill_prefix_hit_tokens",
+                                               "prompt tokens whose KV came from the prefix cache (not computed)")
+        self.prefix_miss_tokens = self._counter("baton_prefill_prefix_miss_tokens",
+                                                "prompt tokens looked up in the prefix cache and computed")
+        self.prefix_evictions = self._counter("baton_prefill_prefix_evicted_blocks",
+                                              "prefix cache blocks evicted to stay within its budget")
+        self.prefix_bytes = self._gauge("baton_prefill_prefix_cache_bytes", "bytes of KV the prefix cache holds")
 
     def track(self, *, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the live gauges at scrape time (from the metrics server's thread: the callables must be thread-safe)."""
@@ -182,6 +189,9 @@ class EngineCounts(Protocol):
     recent_splice_s: deque[float]
     decode_s: float
     output_tokens: int
+    prefix_hit_tokens: int
+    prefix_miss_tokens: int
+    prefix_cache_bytes: int
 
 
 class DecodeMetrics(MetricsRegistry):
@@ -210,6 +220,11 @@ class DecodeMetrics(MetricsRegistry):
         self.kv_refused = c("baton_decode_kv_refused", "KV pushes refused (unknown request, corrupt or foreign KV)")
         self.local_prefills = c("baton_decode_local_prefills", "requests prefilled here (prefill_here), not pushed")
         self.local_prefill_tokens = c("baton_decode_local_prefill_tokens", "prompt tokens prefilled here")
+        self.prefix_hit_tokens = c("baton_decode_prefix_hit_tokens",
+                                   "prompt tokens prefilled here whose KV came from the prefix cache (not computed)")
+        self.prefix_miss_tokens = c("baton_decode_prefix_miss_tokens",
+                                    "prompt tokens prefilled here, looked up in the prefix cache and computed")
+        self.prefix_bytes = g("baton_decode_prefix_cache_bytes", "bytes of KV the prefix cache holds")
         h = self._histogram
         self.step = h("baton_decode_step_seconds", "one iteration of the decode batch", FAST_BUCKETS)
         self.splice = h("baton_decode_splice_seconds", "splicing one request's KV into the batch", FAST_BUCKETS)
@@ -244,6 +259,8 @@ class DecodeMetrics(MetricsRegistry):
                 ("attended_kv", self.attended_kv),
                 ("masked_kv", self.masked_kv),
                 ("output_tokens", self.tokens),
+                ("prefix_hit_tokens", self.prefix_hit_tokens),
+                ("prefix_miss_tokens", self.prefix_miss_tokens),
             ):
                 value = float(getattr(stats, name))
                 delta = value - self._seen.get(name, 0.0)
@@ -258,6 +275,7 @@ class DecodeMetrics(MetricsRegistry):
             for s in list(stats.recent_splice_s)[-new:] if new > 0 else []:
                 self.splice.observe(s)
             self._splices_seen = stats.splices
+            self.prefix_bytes.set(stats.prefix_cache_bytes)
             if stats.token_rows:
                 self.idle_ratio.set(stats.idle_rows / stats.token_rows)
             if stats.attended_kv:

@@ -19,7 +19,7 @@ import pytest
 from baton.bench import costs, plot, serve_bench
 from baton.bench.loadgen import plan, poisson_arrivals
 from baton.bench.openai_load import spread_itl
-from baton.bench.workloads import draw, get_workload
+from baton.bench.workloads import draw, draw_conversations, get_workload
 from tests.support.processes import free_port, processes
 
 PCT = ("p50", "p90", "p99")
@@ -318,3 +318,30 @@ def test_plot_refuses_costs_mixed_with_throughput(tmp_path: Path) -> None:
                              "ttft_s": pct, "tpot_s": pct, "e2e_s": pct}))
     assert plot.main(_parse(plot, [str(c), str(t), "-o", str(tmp_path / "x.png")])) == 2
     assert plot.main(_parse(plot, [str(c), "-o", str(tmp_path / "c.png")])) == 0
+
+
+def test_chat_conversations_carry_their_answers(router: Stack, tiny_llama_dir: Path, tokenizer: Any,
+                                                tmp_path: Path) -> None:
+    """Each turn's prompt is the conversation so far: the last prompt, the service's answer to it, and the next
+    user turn; turns of one conversation go one after another."""
+    out = tmp_path / "chat.json"
+    args = _parse(serve_bench, ["--url", router.grpc, "--model", str(tiny_llama_dir), "--workload", "chat",
+                                "--requests", "3", "--rate", "20", "--prompt-min", "4", "--prompt-max", "8",
+                                "--output-min", "2", "--output-max", "4", "--out", str(out), "--no-warmup"])
+    assert serve_bench.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["workload"] == "chat" and r["conversations"] == 3 and r["requests_failed"] == 0
+    spec = get_workload("chat", num_requests=3, rate=20.0, prompt_min=4, prompt_max=8, output_min=2, output_max=4)
+    convs = draw_conversations(spec, tokenizer)
+    assert r["num_requests"] == sum(len(c.turns) for c in convs)
+    turns = iter(r["requests"])
+    for c in convs:
+        prompt_len = len(c.system)
+        end = 0.0
+        for user, answer in c.turns:
+            q = next(turns)
+            prompt_len += len(user)
+            assert q["prompt_len"] == prompt_len and q["output_tokens"] == answer
+            assert q["scheduled_s"] >= end - 0.01  # sent once the previous answer ended
+            end = q["sent_s"] + q["e2e_s"]
+            prompt_len += answer

@@ -76,7 +76,8 @@ class FakeRouter:
         return list(self.tokenizer.encode(ANSWER))
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None,
+        n: int = 1,
     ) -> AsyncIterator[Delta]:
         self.calls.append(Call(request_id, prompt_ids, params))
         if self.fail is not None:
@@ -299,7 +300,8 @@ def error_of(server: Served, path: str, body: Any, status: int = 400) -> dict[st
 @pytest.mark.parametrize(
     "body, param",
     [
-        ({"prompt": "a", "n": 2}, "n"),
+        ({"prompt": "a", "n": 0}, "n"),
+        ({"prompt": "a", "n": 17}, "n"),
         ({"prompt": "a", "echo": "yes"}, "echo"),
         ({"prompt": "a", "logprobs": 21}, "logprobs"),
         ({"prompt": "a", "logprobs": -1}, "logprobs"),

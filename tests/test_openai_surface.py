@@ -288,3 +288,128 @@ def test_grpc_bad_response_format(stub: baton_pb2_grpc.RouterStub, fmt: pb.Respo
         stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]),
                                          parameters=pb.SamplingParameters(response_format=fmt)), timeout=30)
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "response_format" in (e.value.details() or "")
+
+
+# ---- several choices ----------------------------------------------------------------------------------------
+def test_n_choices_come_from_one_prefill_and_a_seed_fixes_them(stack: Stack, client: openai.OpenAI,
+                                                               tiny_llama: LoadedModel) -> None:
+    def ask() -> list[str]:
+        out = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=6, n=4, temperature=1.0,
+                                        seed=99, extra_body={"ignore_eos": True})
+        assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+        assert out.usage is not None and out.usage.prompt_tokens == len(PROMPTS[0])
+        assert out.usage.completion_tokens == 24
+        return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+
+    def prefilled() -> tuple[float, float, float]:  # the metrics that count prefills, on both workers
+        return (stack.prefill.metrics.value("baton_prefill_requests_total", outcome="completed"),
+                stack.prefill.metrics.value("baton_prefill_prompt_tokens_total"),
+                stack.decode.metrics.value("baton_decode_local_prefills_total"))
+
+    before = stack.loop.call(prefilled)
+    alone = ask()
+    after = stack.loop.call(prefilled)
+    assert [a - b for a, b in zip(after, before)] == [1, len(PROMPTS[0]), 0]  # one prefill for the four choices
+    assert len(set(alone)) > 1  # each choice sampled on its own
+
+    async def crowded() -> list[str]:  # the same request while others share the decode batch
+        async with openai.AsyncOpenAI(base_url=stack.http + "/v1", api_key="x", max_retries=0, timeout=60) as c:
+            others = [c.completions.create(model="tiny-llama", prompt=p, max_tokens=12, temperature=0.5,
+                                           extra_body={"ignore_eos": True}) for p in PROMPTS[1:]]
+            mine = c.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=6, n=4, temperature=1.0,
+                                        seed=99, extra_body={"ignore_eos": True})
+            *_, out = await asyncio.gather(*others, mine)
+            return [ch.text for ch in sorted(out.choices, key=lambda ch: ch.index)]
+
+    assert asyncio.run(crowded()) == alone
+
+
+def test_several_prompts_with_several_choices_stream(client: openai.OpenAI, tiny_llama: LoadedModel) -> None:
+    chunks = list(client.completions.create(model="tiny-llama", prompt=PROMPTS[:2], max_tokens=4, n=2,
+                                            temperature=0, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    texts: dict[int, str] = {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    decode = tiny_llama.tokenizer.decode  # type: ignore[union-attr]
+    greedy = [decode(reference(tiny_llama, p, 4), skip_special_tokens=True) for p in PROMPTS[:2]]
+    assert texts == {0: greedy[0], 1: greedy[0], 2: greedy[1], 3: greedy[1]}  # greedy: choices agree
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+
+
+def test_chat_n_choices(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=5, n=3, temperature=1.0, seed=5, logprobs=True)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    for c in out.choices:
+        assert c.logprobs is not None and len(c.logprobs.content or []) == 5
+
+
+def test_grpc_n_choices_and_echo(stub: baton_pb2_grpc.RouterStub, tiny_llama: LoadedModel) -> None:
+    req = pb.GenerateRequest(text="Once upon a", n=3, echo=True, parameters=pb.SamplingParameters(
+        max_new_tokens=4, temperature=1.0, seed=8, ignore_eos=True, logprobs=0))
+    whole = stub.Generate(req, timeout=60)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert all(c.text.startswith("Once upon a") and len(c.token_ids) == 4 and len(c.logprobs) == 4
+               for c in whole.choices)
+    assert whole.usage.completion_tokens == 12 and whole.text == whole.choices[0].text
+    streamed = list(stub.GenerateStream(req, timeout=60))
+    by_index: dict[int, list[int]] = {}
+    for m in streamed:
+        by_index.setdefault(m.index, []).extend(m.token_ids)
+    assert by_index == {c.index: list(c.token_ids) for c in whole.choices}  # seeded: the same choices
+    assert streamed[-1].usage.completion_tokens == 12
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(pb.GenerateRequest(text="x", n=17), timeout=30)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "n" in (e.value.details() or "")
+
+
+@pytest.mark.parametrize(("path", "extra", "param"), [
+    ("completions", {"logprobs": 21}, "logprobs"),
+    ("completions", {"logprobs": "2"}, "logprobs"),
+    ("completions", {"echo": 1}, "echo"),
+    ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
+    ("completions", {"n": 0}, "n"),
+    ("completions", {"n": "2"}, "n"),
+    ("completions", {"presence_penalty": 9}, "presence_penalty"),
+    ("completions", {"frequency_penalty": "x"}, "frequency_penalty"),
+    ("completions", {"logit_bias": {"7": 100.5}}, "logit_bias"),
+    ("completions", {"logit_bias": {"seven": 1}}, "logit_bias"),
+    ("completions", {"min_tokens": 99}, "min_tokens"),  # more than max_tokens
+    ("completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 3}}}},
+     "response_format"),
+    ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    ("chat/completions", {"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ("chat/completions", {"logprobs": "yes"}, "logprobs"),
+    ("chat/completions", {"n": 99}, "n"),
+    ("chat/completions", {"response_format": {"type": "json_object", "json_schema": {}}}, "response_format"),
+    ("chat/completions", {"min_tokens": -1}, "min_tokens"),
+])
+def test_http_bad_inputs_are_400_naming_the_field_and_it_still_serves(stack: Stack, path: str,
+                                                                      extra: dict[str, Any], param: str) -> None:
+    body: dict[str, Any] = {"model": "tiny-llama", "max_tokens": 4}
+    body |= {"prompt": [5, 6, 7]} if path == "completions" else {"messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(f"{stack.http}/v1/{path}", json=body | extra, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    ok = httpx.post(f"{stack.http}/v1/{path}", json=body, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def test_the_python_client_carries_choices_echo_chat_and_formats(stack: Stack, tiny_llama: LoadedModel) -> None:
+    from baton.client import BatonClient
+
+    with BatonClient(stack.grpc, timeout=60) as c:
+        out = c.generate("Once upon a", n=2, echo=True, max_new_tokens=3, temperature=1.0, seed=4, logprobs=1,
+                         ignore_eos=True)
+        assert [ch.index for ch in out.choices] == [0, 1]
+        assert all(ch.text.startswith("Once upon a") and len(ch.logprobs) == 3 for ch in out.choices)
+        chunks = list(c.stream("Once upon a", n=2, max_new_tokens=3, temperature=1.0, seed=4, ignore_eos=True))
+        assert {ch.index for ch in chunks} == {0, 1} and chunks[-1].completion_tokens == 6
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        j = c.generate([{"role": "user", "content": "ok?"}], max_new_tokens=20, presence_penalty=0.5,
+                       logit_bias={5: -1.0}, response_format={"type": "json_schema",
+                                                              "json_schema": {"name": "ok", "schema": schema}})
+        jsonschema.validate(json.loads(j.text), schema)

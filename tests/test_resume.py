@@ -22,6 +22,7 @@ from baton.engine.engine import Engine
 from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.engine.runner import ModelRunner
+from baton.engine.sampler import choice_seed
 from baton.errors import InvalidRequestError, KvLeaseExpired, KvPushFailed, Reason, Unavailable
 from baton.rpc.load import DecodeLoad, Role
 from baton.rpc.registry import RedisRegistry, WorkerInfo
@@ -94,9 +95,9 @@ def test_resumed_requests_are_checked() -> None:
 
 
 # ---- the router against fake workers ---------------------------------------------------------------------
-def token(prompt_ids: list[int], i: int) -> int:
-    """The fake model: the i-th output token of a prompt."""
-    return (sum(prompt_ids) * 31 + i * 17) % 1000 + 3
+def token(prompt_ids: list[int], i: int, seed: int | None = None) -> int:
+    """The fake model: the i-th output token of a prompt (sampled with `seed`)."""
+    return (sum(prompt_ids) * 31 + i * 17 + (seed or 0) % 97) % 1000 + 3
 
 
 def expected(prompt_ids: list[int], n: int) -> list[int]:
@@ -128,6 +129,17 @@ class FakeDecode(baton_pb2_grpc.DecodeWorkerServicer):
             await abort_with(context, KvLeaseExpired(self.lease_text), "Decode")
         self.kv.pop(wr.request_id, None)
         prompt_ids, start, end = list(wr.prompt_ids), len(wr.output_ids), wr.parameters.max_new_tokens
+        seed = wr.parameters.seed if wr.parameters.HasField("seed") else None
+        if wr.n > 1:  # choice j samples with choice_seed(seed, j), a step of every choice at a time
+            for i in range(end):
+                if self.fail_after is not None and i >= self.fail_after:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "worker went away")
+                for j in range(wr.n):
+                    yield pb.DecodeResponse(token_ids=[token(prompt_ids, i, choice_seed(seed, j))], index=j,
+                                            finish_reason=pb.FINISH_REASON_LENGTH if i == end - 1
+                                            else pb.FINISH_REASON_UNSPECIFIED)
+                await asyncio.sleep(0.005)
+            return
         for i in range(start, end):
             if self.fail_after is not None and i - start >= self.fail_after:
                 if self.stall:
@@ -137,7 +149,7 @@ class FakeDecode(baton_pb2_grpc.DecodeWorkerServicer):
                 if self.failure == "cancelled":
                     yield pb.DecodeResponse(finish_reason=pb.FINISH_REASON_CANCELLED)
                 return
-            msg = pb.DecodeResponse(token_ids=[token(prompt_ids, i)])
+            msg = pb.DecodeResponse(token_ids=[token(prompt_ids, i, seed)])
             if i == end - 1:
                 msg.finish_reason = pb.FINISH_REASON_LENGTH
             yield msg
@@ -231,6 +243,25 @@ async def test_a_request_resumes_where_its_decode_worker_failed(fakes: Fakes, fa
     assert [list(r.output_ids) for r in fakes.decode(0).seen] == [[]]
     assert [(list(r.prompt_ids), list(r.output_ids)) for r in fakes.decode(1).seen] == [(ids, expected(ids, 5))]
     assert recovered(fakes.router, "resumed") == 1 and fakes.router.in_flight == 0
+
+
+@pytest.mark.asyncio
+async def test_choices_whose_decode_worker_failed_go_on_on_their_own(fakes: Fakes) -> None:
+    """n = 3 from one prefill on worker 0, which dies 4 steps in: each choice goes on as a request of its own
+    (seed choice_seed(seed, j)) from the tokens it streamed, so every choice is the one an undisturbed run gives."""
+    fakes.decode(0).fail_after = 4
+    ids = [21, 22]
+    events = [ev async for ev in fakes.router.generate("c", ids, SamplingParams(max_new_tokens=10, seed=5,
+                                                                                temperature=1.0), n=3)]
+    for j in range(3):
+        mine = [ev for ev in events if ev.index == j]
+        assert tokens_of(mine) == [token(ids, i, choice_seed(5, j)) for i in range(10)], f"choice {j}"
+        assert mine[-1].finish_reason is FinishReason.LENGTH and mine[-1].completion_tokens == 10
+    assert [r.n for r in fakes.decode(0).seen] == [3]
+    resumed = sorted((r.request_id.rsplit("/", 1)[1], len(r.output_ids), r.parameters.seed)
+                     for r in fakes.decode(1).seen)
+    assert resumed == [(str(j), 4, choice_seed(5, j)) for j in range(3)]
+    assert fakes.router.in_flight == 0
 
 
 @pytest.mark.asyncio

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 
 import jsonschema
 import pytest
@@ -19,6 +20,7 @@ from baton.engine.logprobs import TokenLogprobs
 from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.engine.runner import ModelRunner
+from baton.engine.sampler import choice_seed
 from baton.errors import InvalidRequestError
 from tests.support.oracle import LOGPROB_TOLERANCE, reference, reference_logprobs
 from tests.test_splice import prompts_for, tiny_model
@@ -213,7 +215,7 @@ def test_constrained_and_free_rows_share_a_batch(how: str, tiny_llama: LoadedMod
         if how == "spliced":
             engine.validate(req)  # as a decode worker's reserve() does: the grammar's state for this worker
             other = Request(req.id, req.prompt_ids, req.params)
-            elsewhere.lm.grammars.constrain(other)  # and the prefill worker's own
+            other.constrain(elsewhere.lm.grammars)  # and the prefill worker's own
             engine.add_prefilled(req, elsewhere.prefill(other))
         else:
             engine.add_request(req)
@@ -246,3 +248,31 @@ def test_a_schema_that_cannot_be_enforced_is_refused(schema: dict[str, object]) 
     with pytest.raises(InvalidRequestError) as e:
         ResponseFormat.json_schema(schema)
     assert e.value.field == "response_format"
+
+
+# ---- several choices from one prefill ---------------------------------------------------------------------
+@pytest.mark.parametrize("prompt_len", [1, 2, 9])
+def test_choices_forked_from_one_prefill_equal_requests_alone(prompt_len: int) -> None:
+    """n choices spliced from ONE prefill: choice i samples exactly as a request of its own seeded
+    choice_seed(seed, i) would alone, whatever else shares the batch; logprobs stay transformers'."""
+    lm = tiny_model("llama")
+    prompt = list(prompts_for(21, [prompt_len])[0])
+    params = SamplingParams(max_new_tokens=6, temperature=0.9, seed=77, ignore_eos=True, logprobs=1)
+    engine = Engine(lm, max_batch=6)
+    other = Request("other", list(prompts_for(22, [5])[0]), SamplingParams(max_new_tokens=9, ignore_eos=True))
+    engine.add_request(other)
+    engine.step()
+    choices = [Request("c" if i == 0 else f"c/{i}", prompt, replace(params, seed=choice_seed(77, i)))
+               for i in range(4)]
+    payload = ModelRunner(lm).prefill(choices[0])
+    engine.add_prefilled(choices[0], payload, forks=choices[1:])
+    engine.run_until_done()
+    assert other.output_ids == reference(lm, other.prompt_ids, 9)
+    for i, c in enumerate(choices):
+        alone = Engine(lm)
+        solo = Request("solo", prompt, replace(params, seed=choice_seed(77, i)))
+        alone.add_request(solo)
+        alone.run_until_done()
+        assert c.output_ids == solo.output_ids, f"choice {i}"
+        check_request(lm, c)
+    assert len({tuple(c.output_ids) for c in choices}) > 1  # they sampled on streams of their own

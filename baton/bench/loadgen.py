@@ -17,6 +17,7 @@ there). Each request is timed on arrival of its streamed chunks:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import time
@@ -25,7 +26,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from baton.bench.workloads import BenchRequest
+from baton.bench.workloads import BenchRequest, Conversation
 from baton.client import AsyncBatonClient, BatonError
 
 MIN_PROGRESS_INTERVAL_S = 0.2
@@ -54,6 +55,8 @@ class Outcome:
     finish_reason: str | None = None
     error: str | None = None  # a gRPC status name (RESOURCE_EXHAUSTED ...), HTTP_<status>, or an exception's type
     detail: str | None = None  # what the error said (not in the results: the first of each kind is printed)
+    output_ids: list[int] = field(default_factory=list)  # the answer's tokens, where the API gives them (grpc)
+    conversation: int | None = None  # chat: the conversation this turn belongs to
 
     @property
     def ok(self) -> bool:
@@ -131,6 +134,7 @@ class GrpcSender:
                                                   ignore_eos=True):
                 now = time.perf_counter()
                 n = len(chunk.token_ids)
+                out.output_ids.extend(chunk.token_ids)
                 if n:
                     if last is None:
                         out.ttft_s = now - sent
@@ -202,6 +206,48 @@ async def run_load(connect: Connect, planned: list[Planned], request_timeout_s: 
         elapsed = time.perf_counter() - start
     bar.close()
     return outcomes, elapsed
+
+
+async def run_conversations(connect: Connect, conversations: list[Conversation],
+                            request_timeout_s: float | None = None, progress: bool = False,
+                            desc: str = "") -> tuple[list[Outcome], float]:
+    """Closed-loop conversations: each starts at its arrival time and sends its turns one after another, each
+    turn's prompt the conversation so far (system prompt, earlier user turns and the answers the service gave,
+    token for token) and the new user turn. Returns every turn's outcome (conversation by conversation) and the
+    seconds until the last answer ended. A failed turn ends its conversation."""
+    from tqdm import tqdm
+
+    turns = sum(len(c.turns) for c in conversations)
+    bar = tqdm(total=turns, unit="turn", desc=desc, disable=not progress, dynamic_ncols=True,
+               mininterval=MIN_PROGRESS_INTERVAL_S)
+    outcomes: list[list[Outcome]] = [[] for _ in conversations]
+    index = itertools.count()
+    async with connect(request_timeout_s, len(conversations)) as sender:
+        start = time.perf_counter()
+
+        async def talk(c: Conversation) -> None:
+            delay = start + c.arrival_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            history = list(c.system)
+            for user, answer in c.turns:
+                prompt = history + list(user)
+                i = next(index)
+                out = Outcome(i, len(prompt), answer, time.perf_counter() - start, conversation=c.index)
+                outcomes[c.index].append(out)
+                await _one(sender, Planned(i, BenchRequest(i, tuple(prompt), answer, 0.0),
+                                           out.scheduled_s), start, out)
+                bar.update(1)
+                if not out.ok or len(out.output_ids) != out.output_tokens:
+                    if out.ok:
+                        out.error, out.detail = "NO_TOKEN_IDS", "the API did not give the answer's token ids"
+                    return
+                history = prompt + out.output_ids
+
+        await asyncio.gather(*(talk(c) for c in conversations))
+        elapsed = time.perf_counter() - start
+    bar.close()
+    return [o for per in outcomes for o in per], elapsed
 
 
 async def warm_up(connect: Connect, pool: list[BenchRequest], timeout_s: float = 120.0) -> None:

@@ -17,6 +17,10 @@ timed the same way as far as the stream allows (openai_load.py). Arrivals:
 - `--rate R --requests N` (or neither, for the workload's own count): N Poisson arrivals, the same requests and
   arrival times as `baton bench engine --rate R --num-requests N`;
 - `--rate R --duration S`: Poisson arrivals for S seconds, cycling through the workload's requests.
+- `chat` (a conversation workload): --rate is conversations/s (default 0.5) and --requests their number; each
+  conversation sends its turns one after another, each prompt the conversation so far with the answers the service
+  gave (loadgen.run_conversations; gRPC only, which returns the answers' token ids). Every turn is a request of
+  the results.
 
 Each rate ends when its last request has; throughput is over that time. `--rates` runs several rates one after
 another. Results: one JSON object per rate (--out FILE.json holds one object, or a list for several rates;
@@ -56,10 +60,11 @@ from baton.bench.loadgen import (
     grpc_connect,
     plan,
     poisson_arrivals,
+    run_conversations,
     run_load,
     warm_up,
 )
-from baton.bench.workloads import WORKLOADS, WorkloadSpec, draw, get_workload
+from baton.bench.workloads import WORKLOADS, WorkloadSpec, draw, draw_conversations, get_workload
 from baton.flags import env_default
 
 APIS = ("grpc", "openai")
@@ -177,6 +182,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("give --out or --out-dir, not both")
         if args.duration is not None and not args.duration > 0:
             raise ValueError("--duration must be > 0 seconds")
+        if WORKLOADS[args.workload].turns is not None and (args.duration is not None or args.api != "grpc"):
+            raise ValueError(f"--workload {args.workload}: conversations take --rate and --requests, over --api grpc")
         spec = get_workload(args.workload, num_requests=args.requests, seed=args.seed, prompt_min=args.prompt_min,
                             prompt_max=args.prompt_max, output_min=args.output_min, output_max=args.output_max)
         rates = parse_rates(args, spec)
@@ -230,6 +237,14 @@ async def sweep(args: argparse.Namespace, target: Target, spec: WorkloadSpec, ra
 
 async def run_rate(args: argparse.Namespace, target: Target, spec: WorkloadSpec, rate: float, tokenizer: Any,
                    vocab: int) -> dict[str, Any]:
+    desc = "all at t=0" if math.isinf(rate) else f"{rate:g} req/s"
+    before = await asyncio.to_thread(breakdown.scrape, args.metrics) if args.metrics else None
+    if spec.turns is not None:  # conversations, closed loop
+        conversations = draw_conversations(dataclasses.replace(spec, rate=None if math.isinf(rate) else rate),
+                                           tokenizer, vocab)
+        outcomes, elapsed = await run_conversations(connect(target), conversations, args.request_timeout,
+                                                    progress=not args.no_progress, desc=desc)
+        return finish_rate(args, target, spec, rate, outcomes, elapsed, before)
     if math.isinf(rate):
         planned = plan(draw(dataclasses.replace(spec, rate=None), tokenizer, vocab))
     elif args.duration is not None:
@@ -238,14 +253,18 @@ async def run_rate(args: argparse.Namespace, target: Target, spec: WorkloadSpec,
     else:
         pool = draw(dataclasses.replace(spec, rate=rate), tokenizer, vocab)
         planned = plan(pool, [r.arrival_s for r in pool])
-    desc = "all at t=0" if math.isinf(rate) else f"{rate:g} req/s"
-    before = await asyncio.to_thread(breakdown.scrape, args.metrics) if args.metrics else None
     outcomes, elapsed = await run_load(connect(target), planned, args.request_timeout,
                                        progress=not args.no_progress, desc=desc)
+    return finish_rate(args, target, spec, rate, outcomes, elapsed, before)
+
+
+def finish_rate(args: argparse.Namespace, target: Target, spec: WorkloadSpec, rate: float, outcomes: list[Outcome],
+                elapsed: float, before: breakdown.Snapshot | None) -> dict[str, Any]:
+    """The rate's report, with the breakdown since `before` when the services' metrics were given."""
     print_errors(outcomes)
     report = make_report(outcomes, elapsed, args, spec, rate, target)
     if before is not None:
-        report["breakdown"] = breakdown.difference(before, await asyncio.to_thread(breakdown.scrape, args.metrics))
+        report["breakdown"] = breakdown.difference(before, breakdown.scrape(args.metrics))
         print(breakdown.table(report["breakdown"]), flush=True)
     return report
 
@@ -294,7 +313,8 @@ def make_report(outcomes: list[Outcome], elapsed: float, args: argparse.Namespac
         "seed": spec.seed,
         "policy": args.policy,
         "model": args.model,
-        "num_requests": len(outcomes),
+        "num_requests": len(outcomes),  # for chat: turns
+        "conversations": len({o.conversation for o in outcomes}) if spec.turns is not None else None,
         "requests_completed": len(ok),
         "requests_failed": len(outcomes) - len(ok),
         "errors": dict(Counter(o.error or "INCOMPLETE" for o in outcomes if not o.ok)),

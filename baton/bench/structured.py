@@ -51,7 +51,7 @@ def _batch(lm: LoadedModel, batch: int, constrained: int, context: int) -> Engin
     for req in engine.batch.requests[:constrained]:
         req.params = dataclasses.replace(req.params, response_format=fmt, ignore_eos=False)
         req.output_ids[:] = bracket
-        lm.grammars.constrain(req)
+        req.constrain(lm.grammars)
     return engine
 
 

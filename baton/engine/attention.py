@@ -4,7 +4,9 @@ Registered with transformers' AttentionInterface, so any model that dispatches a
 Qwen, Mistral, GPT-2, ...) works unchanged. When a forward call carries `baton_batch=<DecodeBatch>`, each
 layer writes this step's keys/values into the batch's slabs and attends, segment by segment, over each
 segment's column window with its mask. When it carries `baton_packed=[(start, end), ...]` (a packed prefill:
-several prompts end to end in row 0), each prompt attends causally to itself alone. With both (a selective-
+several prompts end to end in row 0), each prompt attends causally to itself alone; with `baton_past=[kv or None,
+...]` as well, a prompt whose first tokens were cached (prefix_cache.py) holds only its new tokens in row 0 and
+attends over its cached prefix's KV ([layers, 2, kv_heads, cached, head_dim]) before them. With both (a selective-
 batching iteration, selective.py), row 0 holds the prompts' spans and then one token per row of the batch: the
 spans attend as a packed prefill, the tokens after them as a decode step. Without either (a single prompt's
 prefill, `generate()`), this is plain SDPA.
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 NAME = "baton"
 BATCH_KWARG = "baton_batch"
 PACKED_KWARG = "baton_packed"
+PAST_KWARG = "baton_past"  # with PACKED_KWARG: per span, the KV of its cached prefix, or None
 LAYER_HOOK_KWARG = "baton_layer_hook"  # called before each layer's attention of a decode step
 
 
@@ -44,15 +47,17 @@ def baton_attention(
     if hook is not None:
         hook()
     spans: list[tuple[int, int]] | None = kwargs.pop(PACKED_KWARG, None)
+    pasts: list[torch.Tensor | None] | None = kwargs.pop(PAST_KWARG, None)
     if spans is not None and batch is not None:  # selective batching: [1, *, spans..., one token per row, *]
         p = spans[-1][1]
-        prompts = _packed(module, query[:, :, :p], key[:, :, :p], value[:, :, :p], spans, scaling)  # [1, p, heads, d]
+        prompts = _packed(module, query[:, :, :p], key[:, :, :p], value[:, :, :p], spans, scaling,
+                          pasts)  # [1, p, heads, d]
         # the rows' tokens: [1, *, rows, d] -> [rows, *, 1, d], one query per row, as in a decode step
         q, k, v = (t[0, :, p:].transpose(0, 1).unsqueeze(2) for t in (query, key, value))
         rows = _batched(module, batch, q, k, v, scaling)  # [rows, 1, heads, d]
         return torch.cat([prompts, rows.transpose(0, 1)], dim=1), None  # [1, p + rows, heads, d]
     if spans is not None:  # query/key/value: [1, heads or kv_heads, total, head_dim]
-        return _packed(module, query, key, value, spans, scaling), None
+        return _packed(module, query, key, value, spans, scaling, pasts), None
     if batch is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -62,16 +67,24 @@ def baton_attention(
 
 def _packed(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    spans: list[tuple[int, int]], scaling: float | None,
+    spans: list[tuple[int, int]], scaling: float | None, pasts: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Packed prompts (query/key/value [1, heads or kv_heads, total, head_dim]), each attending causally to its
-    own span alone: [1, total, heads, head_dim]."""
-    per_prompt = [
-        sdpa_attention_forward(
-            module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, scaling=scaling, is_causal=True
-        )[0]
-        for s, e in spans
-    ]
+    own span alone, after its cached prefix when `pasts` gives one: [1, total, heads, head_dim]."""
+    per_prompt = []
+    for i, (s, e) in enumerate(spans):
+        past = pasts[i] if pasts is not None else None
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if past is None:
+            out = sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=True)[0]
+        else:  # the span's tokens sit after the P cached ones: token j sees keys 0 .. P + j
+            layer = past[int(module.layer_idx)]  # type: ignore[arg-type]  # [2, kv_heads, P, head_dim]
+            k = torch.cat([layer[0].unsqueeze(0), k], dim=2)  # [1, kv_heads, P + L, head_dim]
+            v = torch.cat([layer[1].unsqueeze(0), v], dim=2)
+            n, total = e - s, k.shape[2]
+            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)  # [L, P + L]
+            out = sdpa_attention_forward(module, q, k, v, mask[None, None], scaling=scaling, is_causal=False)[0]
+        per_prompt.append(out)
     return per_prompt[0] if len(per_prompt) == 1 else torch.cat(per_prompt, dim=1)
 
 

@@ -107,6 +107,14 @@ class DecodeBatch:
             assert self.free_rows > 0, "add to a full batch"
             seg.insert(req, None)
 
+    def row_kv(self, req: Request) -> torch.Tensor:
+        """A copy of a row's KV: [layers, 2, kv_heads, tokens, head_dim] (its tokens but the last sampled)."""
+        for seg in self.segments:
+            for i, r in enumerate(seg.requests):
+                if r is req:
+                    return seg.row_kv(i)
+        raise KeyError(req.id)
+
     def evict(self, done: set[str]) -> None:
         """Evict the requests whose ids are in `done` (the ids given leave, unlike TGI's `filter`, which keeps
         them), and drop emptied segments."""
@@ -135,8 +143,8 @@ class DecodeBatch:
         for req, n in zip(reqs, lens):
             if n == 0:  # prompt not computed yet (with the tokens a resumed request already has)
                 feeds.append(req.all_ids)
-            else:
-                feeds.append([req.output_ids[-1]])
+            else:  # its last token: an output's, or, for a choice forked from a prefill, the prompt's last
+                feeds.append([req.all_ids[-1]])
                 idle += req.finished  # static batches keep computing finished rows
             starts.append(n)
         q = max(len(f) for f in feeds)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +34,7 @@ import torch
 from baton.engine.kv_payload import KVPayload
 from baton.engine.logprobs import TokenLogprobs
 from baton.engine.models import LoadedModel
+from baton.engine.prefix_cache import PrefixCache
 from baton.engine.request import FinishReason, Request, RequestStatus
 from baton.engine.runner import PREFILL_TOKEN_BUDGET, ForwardPass, ModelRunner, pack_for_prefill
 from baton.engine.sampler import sample, with_logprobs
@@ -95,6 +96,9 @@ class EngineStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     output_tokens: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefix_miss_tokens: int = 0  # prompt tokens looked up there and computed
+    prefix_cache_bytes: int = 0
 
     def record_splice(self, seconds: float) -> None:
         self.splices += 1
@@ -131,6 +135,7 @@ class Engine:
         segment_cost: int = 32,
         compact_threshold: float = 0.1,
         fuse_prefill: bool = False,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if not isinstance(policy, Policy) and policy not in POLICIES:
             raise ValueError(f"policy: {policy!r} is not one of {POLICIES}")
@@ -138,12 +143,16 @@ class Engine:
         # baton: run local prompts inside the batch's iteration (selective batching), at most a prefill pass's
         # worth of tokens per iteration, instead of in a pass of their own (module docstring)
         self.fuse_prefill = fuse_prefill and self.policy.splices_prefilled_kv
-        self.runner = ModelRunner(lm)
+        # with a prefix cache, prompts this engine prefills start from the KV of earlier ones, and a finished row's
+        # KV (its prompt and output) stays there for the next turn of its conversation (prefix_cache.py)
+        self.runner = ModelRunner(lm, prefix_cache)
         segments = 1 if self.policy.pads_prompts else max_segments
         self.batch = self.runner.new_batch(max_batch, segments, segment_cost)
         self.compact_threshold = compact_threshold
         self.waiting: deque[Request] = deque()  # not prefilled yet, in arrival order
         self.prefilled: deque[tuple[Request, KVPayload]] = deque()  # waiting to be spliced
+        # choices 1..n-1 of a prefilled request (add_prefilled's forks), by its id: spliced with it
+        self.forks: dict[str, list[Request]] = {}
         self.stats = EngineStats()
         self.eos_ids = lm.eos_token_ids
         # run before each layer of a decode step: a decode worker that shares its cores yields them there
@@ -153,14 +162,15 @@ class Engine:
     # ---- intake ----------------------------------------------------------------------------------------
     def validate(self, req: Request, prompt_field: str = "prompt") -> None:
         """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest. A request
-        with a response_format gets its grammar's state here (Grammars.constrain)."""
+        with a response_format gets its grammar's state here (Request.constrain)."""
         self.lm.spec.check_request(req.prompt_ids, req.params.max_new_tokens, req.output_ids,
                                    req.params.stop_token_ids, prompt_field,
                                    logit_bias_ids=[t for t, _ in req.params.logit_bias])
-        self.lm.grammars.constrain(req)
+        req.constrain(self.lm.grammars)
 
     def _check_new_id(self, req: Request) -> None:
         active = [r.id for r in self.waiting] + [r.id for r, _ in self.prefilled] + [r.id for r in self.batch.requests]
+        active += [f.id for fs in self.forks.values() for f in fs]
         if req.id in active:
             raise InvalidRequestError("id", f"request id {req.id!r} is already in use")
 
@@ -172,15 +182,27 @@ class Engine:
         self._check_new_id(req)
         self.waiting.append(req)
 
-    def add_prefilled(self, req: Request, payload: KVPayload) -> None:
+    def add_prefilled(self, req: Request, payload: KVPayload, forks: Sequence[Request] = ()) -> None:
         """Queue a request prefilled elsewhere; it is spliced in at the next iteration boundary (baton only).
-        A resumed request (output_ids already set) comes with the KV of its prompt and those tokens."""
+        A resumed request (output_ids already set) comes with the KV of its prompt and those tokens.
+
+        `forks`: more choices of the same prompt (n > 1), from this one prefill. Each joins the batch with the
+        prompt's KV less its last token, and feeds that token in its first step, which samples its first token
+        (the prefill sampled the request's own): n rows from one prefill, each sampling on its own."""
         if not self.policy.splices_prefilled_kv:
             raise ValueError(f"policy {self.policy.value} cannot splice prefilled KV")
         self.validate(req)
         self._check_new_id(req)
         self.lm.spec.check_kv(payload.model_fingerprint, self.lm.fingerprint, payload.dims, payload.prompt_ids,
                               req.all_ids, payload.first_token)
+        for fork in forks:
+            self.validate(fork)
+            self._check_new_id(fork)
+            if fork.prompt_ids != req.prompt_ids or fork.output_ids or req.output_ids:
+                raise InvalidRequestError("n", "the choices of a request share its prompt and start from nothing")
+            fork.status = RequestStatus.PREFILLED
+        if forks:
+            self.forks[req.id] = list(forks)
         req.status = RequestStatus.PREFILLED
         self.prefilled.append((req, payload))
 
@@ -196,7 +218,15 @@ class Engine:
             if item[0].id == request_id:
                 self.prefilled.remove(item)
                 item[0].finish(FinishReason.CANCELLED)
+                for fork in self.forks.pop(request_id, []):  # choices not yet spliced go with it
+                    fork.finish(FinishReason.CANCELLED)
                 return True
+        for forks in self.forks.values():
+            for fork in forks:
+                if fork.id == request_id:
+                    forks.remove(fork)
+                    fork.finish(FinishReason.CANCELLED)
+                    return True
         for req in self.batch.requests:
             if req.id == request_id:
                 if not req.finished:
@@ -255,10 +285,13 @@ class Engine:
                 req.status = RequestStatus.PREFILLED
                 self.prefilled.append((req, payload))
         items: list[tuple[Request, torch.Tensor]] = []
-        while self.prefilled and len(items) < self.batch.free_rows:
+        while self.prefilled and len(items) + 1 + len(self.forks.get(self.prefilled[0][0].id, ())) \
+                <= self.batch.free_rows:
             req, payload = self.prefilled.popleft()
             if self._emit_first(req, payload, out):
                 items.append((req, payload.kv))
+            for fork in self.forks.pop(req.id, []):  # kv less the last prompt token, which its first step feeds
+                items.append((fork, payload.kv[:, :, :, :-1]))
         for item in sorted(items, key=lambda it: -int(it[1].shape[3])):
             t0 = time.perf_counter()
             self.batch.concatenate([item])
@@ -332,6 +365,15 @@ class Engine:
         if not self.policy.evicts_at_once and not all(r.finished for r in reqs):
             return  # run to completion: finished rows stay in the batch
         done = {r.id for r in reqs if r.finished}
+        cache = self.runner.prefix_cache
+        if cache is not None:
+            for r in reqs:
+                if r.finished and r.finish_reason is not FinishReason.CANCELLED:
+                    kv = self.batch.row_kv(r)  # [layers, 2, kv_heads, tokens, head_dim]
+                    cache.insert(r.all_ids[: kv.shape[3]], kv)
+            self.stats.prefix_hit_tokens = cache.stats.hit_tokens
+            self.stats.prefix_miss_tokens = cache.stats.miss_tokens
+            self.stats.prefix_cache_bytes = cache.bytes
         if done:
             self.batch.evict(done)
             self.batch.compact(self.compact_threshold)

@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
     from transformers import PreTrainedTokenizerBase
 
-    from baton.engine.request import Request
-
 log = logging.getLogger(__name__)
 
 MAX_SCHEMA_CHARS = 64 << 10
@@ -148,18 +146,15 @@ class Grammars:
     def _executor(self) -> llguidance.LLExecutor:
         return llguidance.LLExecutor()
 
-    def constrain(self, req: Request) -> None:
-        """Give a request with a response_format its Constraint, advanced over its output so far (a resumed
-        request's). Raises InvalidRequestError when the format cannot be enforced or the output already breaks it."""
-        fmt = req.params.response_format
-        if fmt is None or req.constraint is not None:
-            return
+    def constraint(self, fmt: ResponseFormat, output_ids: Sequence[int] = ()) -> Constraint:
+        """A request's Constraint, advanced over its output so far (a resumed request's). Raises
+        InvalidRequestError when the format cannot be enforced or the output already breaks it."""
         matcher = llguidance.LLMatcher(self.tokenizer, fmt.grammar)
         if matcher.is_error():
             raise InvalidRequestError("response_format", f"the schema cannot be enforced: {matcher.get_error()}")
-        if req.output_ids and not matcher.consume_tokens(req.output_ids):
+        if output_ids and not matcher.consume_tokens(list(output_ids)):
             raise InvalidRequestError("output_ids", "the output so far does not follow the response_format")
-        req.constraint = Constraint(matcher)
+        return Constraint(matcher)
 
     def masks(self, constraints: Sequence[Constraint], device: torch.device) -> torch.Tensor:
         """The allowed next tokens of each constraint, as llguidance's packed bitmask: [rows, ceil(vocab / 32)]."""

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from baton.engine.grammar import Constraint, ResponseFormat
+from baton.engine.grammar import Constraint, Grammars, ResponseFormat
 from baton.engine.logprobs import MAX_LOGPROBS, TokenLogprobs
 from baton.errors import InvalidRequestError
 
@@ -159,7 +159,7 @@ class Request:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # with params.prompt_logprobs: one per prompt token (None for the first), set with the first token
     prompt_logprobs: list[TokenLogprobs | None] | None = None
-    # with params.response_format: the grammar's state on this worker (Grammars.constrain), advanced per token
+    # with params.response_format: the grammar's state on this worker (Request.constrain), advanced per token
     constraint: Constraint | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -189,6 +189,11 @@ class Request:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def constrain(self, grammars: Grammars) -> None:
+        """With a response_format: this worker's grammar state for the request, over its output so far (once)."""
+        if self.params.response_format is not None and self.constraint is None:
+            self.constraint = grammars.constraint(self.params.response_format, self.output_ids)
 
     def finish(self, reason: FinishReason) -> None:
         self.status = RequestStatus.FINISHED

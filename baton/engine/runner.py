@@ -10,10 +10,11 @@ import torch
 from transformers import DynamicCache
 
 from baton.engine import logprobs
-from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, no_mask
+from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, PAST_KWARG, no_mask
 from baton.engine.batch import DecodeBatch, StepInputs
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
+from baton.engine.prefix_cache import PrefixCache
 from baton.engine.request import Request
 from baton.engine.sampler import sample_row
 
@@ -48,13 +49,18 @@ def logit_positions(reqs: Sequence[Request], spans: Sequence[tuple[int, int]]) -
 
 
 def prefill_payloads(lm: LoadedModel, reqs: Sequence[Request], spans: Sequence[tuple[int, int]],
-                     logits: torch.Tensor, rows: Sequence[range], cache: DynamicCache) -> list[KVPayload]:
-    """Each prefilled request's payload: its span of the cache's KV, its first token sampled from its last kept
-    row of `logits` ([kept, vocab], rows as logit_positions gives them), and the logprobs it asks for."""
+                     logits: torch.Tensor, rows: Sequence[range], cache: DynamicCache,
+                     pasts: Sequence[torch.Tensor | None] | None = None) -> list[KVPayload]:
+    """Each prefilled request's payload: its cached prefix's KV (pasts) and its span of the cache's KV, its first
+    token sampled from its last kept row of `logits` ([kept, vocab], rows as logit_positions gives them), and the
+    logprobs it asks for."""
     payloads = []
-    for req, (s, e), r in zip(reqs, spans, rows):
-        # each layer: [1, kv_heads, total, head_dim] -> kv: [layers, 2, kv_heads, prompt_len, head_dim]
+    for i, (req, (s, e), r) in enumerate(zip(reqs, spans, rows)):
+        # each layer: [1, kv_heads, total, head_dim] -> kv: [layers, 2, kv_heads, span, head_dim]
         kv = torch.stack([torch.stack((layer.keys[0, :, s:e], layer.values[0, :, s:e])) for layer in cache.layers])
+        past = pasts[i] if pasts is not None else None
+        if past is not None:
+            kv = torch.cat([past, kv], dim=3)  # [layers, 2, kv_heads, prompt_len, head_dim]
         last = logits[r[-1]]  # [vocab]
         first = sample_row(last, req, lm.eos_token_ids, lm.grammars)
         payload = KVPayload(req.id, lm.fingerprint, req.all_ids, first, kv)
@@ -76,9 +82,11 @@ class ForwardPass:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel) -> None:
+    def __init__(self, lm: LoadedModel, prefix_cache: PrefixCache | None = None) -> None:
         self.lm = lm
         self.model = lm.model
+        # prompts' KV kept for the next prompts that start the same way (prefix_cache.py); None: none kept
+        self.prefix_cache = prefix_cache
 
     def new_batch(self, max_rows: int, max_segments: int = 8, segment_cost: int = 32) -> DecodeBatch:
         pad = self.lm.config.pad_token_id
@@ -102,34 +110,53 @@ class ModelRunner:
     def prefill_many(self, reqs: Sequence[Request], token_budget: int = PREFILL_TOKEN_BUDGET) -> list[KVPayload]:
         """Prefill several prompts, packed end to end into as few forward passes as token_budget allows. No
         padding: each prompt keeps its own positions and attends to itself alone, so each result is that
-        prompt's prefill; the packing only makes the matrix products larger (faster per token on a CPU)."""
+        prompt's prefill; the packing only makes the matrix products larger (faster per token on a CPU). With a
+        prefix cache, a prompt whose first blocks are cached runs only its other tokens, attending over them."""
+        cached = [self.cached(r) for r in reqs]
         out: list[KVPayload] = []
-        for run in pack_for_prefill([len(r.all_ids) for r in reqs], token_budget):
-            out.extend(self._prefill_packed([reqs[i] for i in run]))
+        for run in pack_for_prefill([len(r.all_ids) - c[0] for r, c in zip(reqs, cached)], token_budget):
+            out.extend(self._prefill_packed([reqs[i] for i in run], [cached[i] for i in run]))
+        self.remember(out)
         return out
 
-    def _prefill_packed(self, reqs: list[Request]) -> list[KVPayload]:
+    def cached(self, req: Request) -> tuple[int, torch.Tensor | None]:
+        """The tokens of the request's prompt found in the prefix cache and their KV (none when it asks for the
+        prompt's logprobs: those need every position's logits)."""
+        if self.prefix_cache is None or req.params.prompt_logprobs is not None:
+            return 0, None
+        return self.prefix_cache.lookup(req.all_ids)
+
+    def remember(self, payloads: Sequence[KVPayload]) -> None:
+        """Keep prefilled prompts' KV in the prefix cache, if there is one."""
+        if self.prefix_cache is not None:
+            for payload in payloads:
+                self.prefix_cache.insert(payload.prompt_ids, payload.kv)
+
+    def _prefill_packed(self, reqs: list[Request], cached: list[tuple[int, torch.Tensor | None]]) -> list[KVPayload]:
         dev = self.lm.device
-        lens = [len(r.all_ids) for r in reqs]
+        starts = [c[0] for c in cached]  # tokens of each prompt already cached: its span holds the rest
+        lens = [len(r.all_ids) - p for r, p in zip(reqs, starts)]
         ends = list(itertools.accumulate(lens))
         spans = [(e - n, e) for e, n in zip(ends, lens)]
-        ids = torch.tensor([[t for r in reqs for t in r.all_ids]], dtype=torch.long, device=dev)  # [1, total]
+        ids = torch.tensor([[t for r, p in zip(reqs, starts) for t in r.all_ids[p:]]], dtype=torch.long,
+                           device=dev)  # [1, total]
         cache = DynamicCache(config=self.lm.config)
         keep, rows = logit_positions(reqs, spans)
-        if len(reqs) == 1 and keep == [lens[0] - 1]:
+        pasts = [c[1] for c in cached]
+        if len(reqs) == 1 and keep == [lens[0] - 1] and pasts[0] is None:
             out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         else:
-            positions = torch.cat([torch.arange(n, device=dev) for n in lens]).unsqueeze(0)  # [1, total]
+            positions = torch.cat([torch.arange(p, p + n, device=dev) for p, n in zip(starts, lens)]).unsqueeze(0)
             out = self.model(
                 input_ids=ids,
-                position_ids=positions,
+                position_ids=positions,  # [1, total]
                 attention_mask=no_mask(1, dev),  # the packed attention masks by spans; none is built
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=torch.tensor(keep, device=dev),
-                **{PACKED_KWARG: spans},
+                **{PACKED_KWARG: spans, PAST_KWARG: pasts},
             )
-        return prefill_payloads(self.lm, reqs, spans, out.logits[0], rows, cache)
+        return prefill_payloads(self.lm, reqs, spans, out.logits[0], rows, cache, pasts)
 
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch, layer_hook: Callable[[], None] | None = None) -> ForwardPass:

@@ -24,6 +24,18 @@ from baton.engine.request import Request
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant used to spread (seed, step) over the generator's seed space
 
 
+MAX_CHOICES = 16  # choices (n) one request may ask for
+_CHOICE_MIX = 0xD1B54A32D192ED03  # spreads a choice's index over the seed space
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request seeded `seed` (n > 1): choice 0 samples as the request alone would,
+    the others on streams of their own, the same on every run and whatever else shares the batch."""
+    if seed is None or index == 0:
+        return seed
+    return (seed ^ (index * _CHOICE_MIX)) % (2**63)
+
+
 def _generator_for(req: Request, device: torch.device) -> torch.Generator | None:
     if req.params.seed is None:
         return None

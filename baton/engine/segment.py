@@ -103,6 +103,11 @@ class KVSegment:
         self.requests.append(req)
         self.lens.append(tokens)
 
+    def row_kv(self, r: int) -> torch.Tensor:
+        """A copy of row r's KV in position order: [layers, 2, kv_heads, lens[r], head_dim]."""
+        cols = self.valid[r, self.lo : self.hi].nonzero().squeeze(1) + self.lo
+        return self.kv[:, :, r, :, cols]
+
     def remove(self, done: set[int]) -> None:
         """Drop the rows whose indices are in `done`: the last live row moves into each hole."""
         if not done:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, no_mask
+from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, PAST_KWARG, no_mask
 from baton.engine.batch import DecodeBatch
 from baton.engine.kv_payload import KVPayload
 from baton.engine.request import Request
@@ -54,15 +54,19 @@ def iterate(
     `batch`, in one forward pass. The newcomers are not added to the batch here."""
     assert newcomers, "a selective iteration without newcomers is a plain decode step (ModelRunner.decode)"
     dev = runner.lm.device
-    lens = [len(r.all_ids) for r in newcomers]  # a resumed request runs its prompt and the tokens it has
+    cached = [runner.cached(r) for r in newcomers]  # each prompt's first tokens found in the prefix cache
+    starts = [c[0] for c in cached]
+    lens = [len(r.all_ids) - s for r, s in zip(newcomers, starts)]  # a resumed request runs the tokens it has too
     ends = list(itertools.accumulate(lens))
     spans = [(e - n, e) for e, n in zip(ends, lens)]
     p, n = ends[-1], len(batch)
-    ids = torch.tensor([t for r in newcomers for t in r.all_ids], dtype=torch.long, device=dev)  # [p]
-    pos = torch.cat([torch.arange(k, device=dev) for k in lens])  # [p]
+    ids = torch.tensor([t for r, s in zip(newcomers, starts) for t in r.all_ids[s:]], dtype=torch.long,
+                       device=dev)  # [p]
+    pos = torch.cat([torch.arange(s, s + k, device=dev) for s, k in zip(starts, lens)])  # [p]
     keep, prompt_rows = logit_positions(newcomers, spans)  # each prompt's last position (or all, for logprobs)
     k = len(keep)
-    kwargs: dict[str, Any] = {PACKED_KWARG: spans, LAYER_HOOK_KWARG: layer_hook}
+    pasts = [c[1] for c in cached]
+    kwargs: dict[str, Any] = {PACKED_KWARG: spans, PAST_KWARG: pasts, LAYER_HOOK_KWARG: layer_hook}
     inputs = None
     useful = attended = 0
     if n:
@@ -88,6 +92,7 @@ def iterate(
     for seg in batch.segments:
         seg.end_step()  # every row gained its one token
     logits = out.logits[0]  # [k + n, vocab]: the prompts' kept positions, then each row's token
-    payloads = prefill_payloads(runner.lm, newcomers, spans, logits, prompt_rows, cache)
+    payloads = prefill_payloads(runner.lm, newcomers, spans, logits, prompt_rows, cache, pasts)
+    runner.remember(payloads)
     rows = None if inputs is None else ForwardPass(logits[k:], inputs, useful, attended)
     return Iteration(payloads, rows, p)

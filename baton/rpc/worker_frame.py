@@ -74,6 +74,8 @@ def load_worker_model(args: argparse.Namespace) -> WorkerSetup | int:
         log.error("%s", e)
         return 2
     log.info("model %s loaded on %s (%s), fingerprint %s", args.model, lm.device, lm.dtype, lm.fingerprint[:12])
+    if lm.tokenizer is not None:  # structured output's view of the tokenizer, now rather than on the event loop
+        lm.grammars.tokenizer  # noqa: B018 - about a second, once
     return WorkerSetup(lm, tls, token, SharedCores(args.shared_cores) if args.shared_cores else None)
 
 

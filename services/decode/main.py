@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from baton.engine.engine import POLICIES
+from baton.engine.prefix_cache import DEFAULT_MAX_BYTES, PREFIX_CACHE_HELP
 from baton.flags import add_worker_arguments, flag
 from baton.metrics import DECODE_METRICS_PORT
 from baton.rpc.main_thread import MainThread
@@ -24,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_worker_arguments(p, port=50061, metrics_port=DECODE_METRICS_PORT, drain_s=60.0,
                          drain_help="on SIGTERM, seconds live requests may take before they are handed off")
     flag(p, "--max-batch", 32, int, help="rows of the decode batch")
+    flag(p, "--prefix-cache-bytes", DEFAULT_MAX_BYTES, int,
+         help=PREFIX_CACHE_HELP + "; here for the prompts this worker prefills itself, and a finished request's KV "
+              "stays for its conversation's next turn")
     flag(p, "--max-kv-tokens", 0, int,
          help="KV tokens the worker may promise (0: max-batch x min(model context, 2048))")
     flag(p, "--policy", "baton", choices=POLICIES,
@@ -40,7 +44,8 @@ def main(args: argparse.Namespace) -> int:
         return setup
     main_thread = MainThread()  # the decode loop gets the main thread, asyncio another (main_thread.py)
     worker = DecodeWorker(setup.lm, args.policy, args.max_batch, args.max_kv_tokens or None, args.kv_timeout_s,
-                          setup.shared_cores, args.max_kv_timeout_s, spawn=main_thread.spawn)
+                          setup.shared_cores, args.max_kv_timeout_s, spawn=main_thread.spawn,
+                          prefix_cache_bytes=args.prefix_cache_bytes)
     return main_thread.run(lambda: serve(worker, args, setup, main_thread))
 
 

@@ -37,7 +37,7 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
     ) -> AsyncIterator[pb.DecodeResponse]:
         try:
             res = self.worker.reserve(request_from_proto(request.request), request.kv_timeout_seconds,
-                                      request.prefill_here)
+                                      request.prefill_here, max(1, request.request.n))
         except Exception as e:
             log.info("request %s refused: %s", request.request.request_id, e,
                      extra={"request_id": request.request.request_id})
@@ -47,7 +47,8 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
             yield pb.DecodeResponse()  # the row is reserved: the caller may have the KV pushed now (or prefill_here)
             async for ev in res.events():
                 msg = pb.DecodeResponse(token_ids=ev.token_ids, logprobs=[logprobs_to_proto(lp) for lp in ev.logprobs],
-                                        prompt_logprobs=prompt_logprobs_to_proto(ev.prompt_logprobs or []))
+                                        prompt_logprobs=prompt_logprobs_to_proto(ev.prompt_logprobs or []),
+                                        index=ev.index)
                 msg.finish_reason = finish_to_proto(ev.finish_reason)
                 if ev.stop_text is not None:
                     msg.stop_text = ev.stop_text

@@ -11,6 +11,10 @@ A request's life on this worker:  reserve() -> RESERVED  --deliver_kv()-->  QUEU
 --finished or cancelled--> gone. A reservation whose KV does not arrive within its lease is dropped. A request
 reserved with prefill_here (a short prompt, as the router decides) skips RESERVED: it is QUEUED at once, and the
 engine runs its prompt inside the batch's next iteration (Engine fuse_prefill), so nothing travels.
+
+A request with n choices (n > 1) holds n rows: its one KV payload is spliced into all of them (Engine.add_prefilled's
+forks), choice i an engine request of its own (id `<id>/<i>`, seed choice_seed(seed, i)); its stream carries each
+choice's tokens by index and ends after the last choice's finish.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import queue
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,7 +34,9 @@ from baton.engine.engine import Engine, StepOutput
 from baton.engine.kv_payload import KVPayload
 from baton.engine.logprobs import TokenLogprobs
 from baton.engine.models import LoadedModel
+from baton.engine.prefix_cache import PrefixCache
 from baton.engine.request import FinishReason, Request
+from baton.engine.sampler import MAX_CHOICES, choice_seed
 from baton.errors import (
     InvalidRequestError,
     KvLeaseExpired,
@@ -66,22 +72,29 @@ class DecodeEvent:
     stop_text: str | None = None  # the output text before the stop string, when one ended the request
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when the request asks
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the event of the first token, when asked
+    index: int = 0  # the choice (n > 1)
 
     def then(self, nxt: DecodeEvent) -> DecodeEvent:
-        """This event and the next one as one."""
+        """This event and the next one (of the same choice) as one."""
         return DecodeEvent(self.token_ids + nxt.token_ids, nxt.finish_reason, nxt.stop_text,
-                           self.logprobs + nxt.logprobs, self.prompt_logprobs or nxt.prompt_logprobs)
+                           self.logprobs + nxt.logprobs, self.prompt_logprobs or nxt.prompt_logprobs, self.index)
 
     def without_first(self) -> DecodeEvent:
         """Less its first token (streamed already, with the prompt's logprobs: announce_first_token)."""
-        return DecodeEvent(self.token_ids[1:], self.finish_reason, self.stop_text, self.logprobs[1:])
+        return DecodeEvent(self.token_ids[1:], self.finish_reason, self.stop_text, self.logprobs[1:],
+                           index=self.index)
 
 
 class Reservation:
     """A live request on this worker, as its caller sees it: the events to stream, and a way to cancel it."""
 
-    def __init__(self, worker: DecodeWorker, request: Request, kv_budget: int) -> None:
+    def __init__(self, worker: DecodeWorker, request: Request, kv_budget: int, n: int = 1) -> None:
         self.worker, self.request, self.kv_budget = worker, request, kv_budget
+        # choice i's engine request (choice 0: the request itself)
+        self.choices = [request] + [Request(f"{request.id}/{i}", request.prompt_ids,
+                                            replace(request.params, seed=choice_seed(request.params.seed, i)))
+                                    for i in range(1, n)]
+        self.open = set(range(n))  # choices not finished
         self.state = SlotState.RESERVED
         self.reserved_at = time.perf_counter()
         self.kv_at: float | None = None
@@ -94,22 +107,31 @@ class Reservation:
     def id(self) -> str:
         return self.request.id
 
+    @property
+    def rows(self) -> int:
+        return len(self.choices)
+
     async def events(self) -> AsyncIterator[DecodeEvent]:
         """New tokens as they are sampled (several coalesced when the reader falls behind), ending with the event
         that carries the finish reason. Raises the error that ended the request, if one did."""
+        open_choices = len(self.choices)
+        pending: DecodeEvent | Exception | None = None
         while True:
-            item = await self._events.get()
+            item = pending if pending is not None else await self._events.get()
+            pending = None
             if isinstance(item, Exception):
                 raise item
             while item.finish_reason is None and not self._events.empty():
                 nxt = self._events.get_nowait()
-                if isinstance(nxt, Exception):
-                    yield item
-                    raise nxt
+                if isinstance(nxt, Exception) or nxt.index != item.index:
+                    pending = nxt
+                    break
                 item = item.then(nxt)
             yield item
             if item.finish_reason is not None:
-                return
+                open_choices -= 1
+                if open_choices == 0 or item.finish_reason is FinishReason.CANCELLED:
+                    return
 
     def cancel(self) -> bool:
         """Cancel this request wherever it is; False when it had already ended."""
@@ -124,6 +146,7 @@ class Reservation:
 class _Add:
     request: Request
     payload: KVPayload | None  # None: the engine prefills the request itself (prefill_here)
+    forks: list[Request] = field(default_factory=list)  # its other choices, spliced from the same payload
 
 
 @dataclass
@@ -162,12 +185,15 @@ class DecodeWorker:
         shared_cores: SharedCores | None = None,
         max_kv_timeout_s: float = MAX_KV_TIMEOUT_S,
         spawn: Spawn = in_new_thread,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.lm = lm
         self._spawn = spawn  # where the decode loop runs: the main thread in a worker process (main_thread.py)
         self.shared_cores = shared_cores  # when set, each step waits its turn on the cores (prefills go first)
         # the prompts the router sends here to prefill (prefill_here) run inside the batch's iteration
-        self.engine = Engine(lm, policy=policy, max_batch=max_batch, fuse_prefill=True)
+        # with a prefix cache (prefix_cache.py), those prompts start from earlier prompts' and finished requests' KV
+        cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.engine = Engine(lm, policy=policy, max_batch=max_batch, fuse_prefill=True, prefix_cache=cache)
         if shared_cores is not None:
             self.engine.layer_hook = shared_cores.yield_to_prefill
         self.max_batch = max_batch
@@ -178,6 +204,7 @@ class DecodeWorker:
         self.metrics = DecodeMetrics()
         # event-loop side
         self._live: dict[str, Reservation] = {}
+        self._choice: dict[str, tuple[Reservation, int]] = {}  # every live engine request id -> its choice
         self._completed = self._kv_received = self._tokens_generated = 0
         self._batch_kv_tokens = 0  # as last reported by the decode loop
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -229,9 +256,10 @@ class DecodeWorker:
             self._thread = None
 
     # ---- the event-loop side ---------------------------------------------------------------------------
-    def reserve(self, request: Request, kv_timeout_s: float | None = None, prefill_here: bool = False) -> Reservation:
-        """Promise a row and KV room to a request whose KV will come through deliver_kv within the lease, or,
-        with prefill_here, that this worker prefills itself (queued at once, no lease).
+    def reserve(self, request: Request, kv_timeout_s: float | None = None, prefill_here: bool = False,
+                n: int = 1) -> Reservation:
+        """Promise a row (n rows, for n choices) and KV room to a request whose KV will come through deliver_kv
+        within the lease, or, with prefill_here, that this worker prefills itself (queued at once, no lease).
         Raises InvalidRequestError (cannot be served here at all), Overloaded (full now) or Unavailable."""
         if self.draining:
             raise Unavailable("decode worker is draining: it takes no new requests")
@@ -240,23 +268,34 @@ class DecodeWorker:
         if request.id in self._live:
             raise InvalidRequestError("request_id", f"request id {request.id!r} is already live on this worker")
         self.engine.validate(request)  # reads only the model's limits: safe outside the decode loop
-        budget = request.prompt_len + request.params.max_new_tokens
+        if not 1 <= n <= MAX_CHOICES:
+            raise InvalidRequestError("n", f"must be 1 to {MAX_CHOICES}")
+        if n > 1 and (prefill_here or request.output_ids or not self.engine.policy.splices_prefilled_kv):
+            raise InvalidRequestError("n", "several choices come from a pushed prefill, new, under the baton policy")
+        budget = n * (request.prompt_len + request.params.max_new_tokens)
         if budget > self.max_kv_tokens:
             raise InvalidRequestError(
                 "max_new_tokens",
                 f"prompt + max_new_tokens ({budget} tokens) exceeds this worker's KV budget of {self.max_kv_tokens}",
             )
         occ = self.occupancy()
-        if occ.free_rows <= 0:
-            raise Overloaded(f"decode worker is full: all {self.max_batch} rows are taken", retry_after_s=0.1)
+        if n > self.max_batch:
+            raise InvalidRequestError("n", f"{n} choices cannot fit this worker's {self.max_batch} rows")
+        if occ.free_rows < n:
+            raise Overloaded(f"decode worker is full: {occ.free_rows} of {self.max_batch} rows free, {n} asked",
+                             retry_after_s=0.1)
         if budget > occ.kv_tokens_free:
             raise Overloaded(
                 f"decode worker's KV budget is taken: {budget} tokens asked, {occ.kv_tokens_free} free",
                 retry_after_s=0.1,
             )
         assert self._loop is not None and self._idle is not None, "start() first"
-        res = Reservation(self, request, budget)
+        res = Reservation(self, request, budget, n)
+        for choice in res.choices[1:]:
+            self.engine.validate(choice)
         self._live[request.id] = res
+        for i, choice in enumerate(res.choices):
+            self._choice[choice.id] = (res, i)
         self._idle.clear()
         if prefill_here:
             res.state, res.kv_at = SlotState.QUEUED, time.perf_counter()
@@ -281,7 +320,7 @@ class DecodeWorker:
             res.lease.cancel()
         res.state, res.kv_at = SlotState.QUEUED, time.perf_counter()
         self._kv_received += 1
-        self._inbox.put(_Add(res.request, payload))
+        self._inbox.put(_Add(res.request, payload, res.choices[1:]))
         self.metrics.kv_wait.observe(res.kv_at - res.reserved_at)
         self._publish()
 
@@ -293,7 +332,7 @@ class DecodeWorker:
         drops that copy. A token that could end the request waits for the engine, which decides the end. Should
         the push fail after this, the router resumes the request from this token elsewhere
         (services/router/attempt.py)."""
-        if (res.state is not SlotState.RESERVED or res.early_token is not None
+        if (res.state is not SlotState.RESERVED or res.early_token is not None or res.rows > 1
                 or not self.engine.policy.splices_prefilled_kv or self.engine.may_end(res.request, token)):
             return
         res.early_token = token
@@ -322,10 +361,11 @@ class DecodeWorker:
         live = self._live.values()
         waiting = [r for r in live if r.state is not SlotState.RUNNING]
         promised = sum(r.kv_budget for r in live)
-        queued_kv = sum(r.request.num_tokens for r in live if r.state is SlotState.QUEUED)
-        rows = 0 if self.draining else max(0, self.max_batch - len(self._live))  # a draining worker takes nothing
+        queued_kv = sum(r.rows * r.request.num_tokens for r in live if r.state is SlotState.QUEUED)
+        taken = sum(r.rows for r in live)
+        rows = 0 if self.draining else max(0, self.max_batch - taken)  # a draining worker takes nothing
         return DecodeLoad(
-            active_rows=len(self._live),
+            active_rows=taken,
             free_rows=rows,
             kv_tokens_used=self._batch_kv_tokens + queued_kv,
             kv_tokens_free=0 if self.draining else max(0, self.max_kv_tokens - promised),
@@ -348,9 +388,11 @@ class DecodeWorker:
         if res.ended or self._live.get(res.id) is not res:
             return False
         if res.state is SlotState.RESERVED:
-            res.request.finish(FinishReason.CANCELLED)
+            for choice in res.choices:
+                choice.finish(FinishReason.CANCELLED)
         else:
-            self._inbox.put(_Cancel(res.id))  # the decode loop frees the row before its next step
+            for i in sorted(res.open):
+                self._inbox.put(_Cancel(res.choices[i].id))  # the decode loop frees the row before its next step
         if error is None:
             self._end(res, DecodeEvent([], FinishReason.CANCELLED), "cancelled")
         else:
@@ -367,8 +409,8 @@ class DecodeWorker:
         """Runs on the event loop: deliver one iteration's tokens and endings."""
         self._batch_kv_tokens, self._tokens_generated = report.kv_tokens, report.tokens_generated
         for req, ev in report.events:
-            res = self._live.get(req.id)
-            if res is None or res.request is not req or res.ended:
+            res, ev.index = self._choice.get(req.id, (None, 0))
+            if res is None or res.choices[ev.index] is not req or res.ended:
                 continue  # cancelled meanwhile
             if res.state is not SlotState.RUNNING:  # its first event: with the prompt's logprobs, when asked
                 if res.kv_at is not None:
@@ -382,12 +424,16 @@ class DecodeWorker:
                     continue
             if ev.finish_reason is None:
                 res._push(ev)
+                continue
+            res.open.discard(ev.index)
+            if res.open:  # other choices go on
+                res._push(ev)
             else:
                 self._completed += 1
                 self._end(res, ev, ev.finish_reason.value)
         for req, exc in report.failed:
-            res = self._live.get(req.id)
-            if res is not None and res.request is req and not res.ended:
+            res, i = self._choice.get(req.id, (None, 0))
+            if res is not None and res.choices[i] is req and not res.ended:
                 self._end(res, exc, "failed")
         self._publish()
 
@@ -396,6 +442,8 @@ class DecodeWorker:
         if res.lease is not None:
             res.lease.cancel()
         del self._live[res.id]
+        for choice in res.choices:
+            self._choice.pop(choice.id, None)
         res._push(last)
         now = time.perf_counter()
         kv_wait = f"{res.kv_at - res.reserved_at:.3f}s" if res.kv_at is not None else "-"
@@ -444,13 +492,13 @@ class DecodeWorker:
         elif isinstance(cmd, _Add):
             try:
                 if cmd.payload is not None and engine.policy.splices_prefilled_kv:
-                    engine.add_prefilled(cmd.request, cmd.payload)
+                    engine.add_prefilled(cmd.request, cmd.payload, cmd.forks)
                 else:  # prefill_here, or orca, padded and static, which cannot splice KV: prefill locally
                     cmd.request.arrival_time = time.perf_counter()
                     engine.add_request(cmd.request)
             except Exception as e:  # noqa: BLE001 - checked before queueing; reaching here is a bug, not a crash
                 log.exception("request %s could not be queued", cmd.request.id)
-                report.failed.append((cmd.request, e))
+                report.failed.extend((r, e) for r in [cmd.request, *cmd.forks])
 
     def _step(self, report: _Iteration) -> None:
         engine = self.engine
@@ -460,6 +508,8 @@ class DecodeWorker:
         except Exception as e:  # noqa: BLE001 - fail what the engine holds, keep serving
             log.exception("decode step failed")
             everyone = list(engine.waiting) + [r for r, _ in engine.prefilled] + engine.batch.requests
+            everyone += [f for forks in engine.forks.values() for f in forks]
+            engine.forks.clear()
             err = ServiceError(f"decode step failed: {type(e).__name__}: {e}")
             for req in everyone:
                 try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from baton.engine.prefix_cache import DEFAULT_MAX_BYTES, PREFIX_CACHE_HELP
 from baton.flags import add_worker_arguments, addresses_from_env, flag
 from baton.metrics import PREFILL_METRICS_PORT
 from baton.rpc.main_thread import MainThread
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          drain_help="on SIGTERM, seconds allowed for accepted prefills to finish")
     flag(p, "--max-queue", 1024, int, help="queued prefills beyond which new ones are refused (RESOURCE_EXHAUSTED)")
     flag(p, "--push-timeout-s", 60.0, float, help="seconds allowed for shipping one KV payload to a decode worker")
+    flag(p, "--prefix-cache-bytes", DEFAULT_MAX_BYTES, int, help=PREFIX_CACHE_HELP)
     p.add_argument("--decode", nargs="+", action="extend", default=addresses_from_env("decode"), metavar="HOST:PORT",
                    help="decode workers KV may be pushed to (BATON_DECODE; with --redis, also those registered)")
 
@@ -43,5 +45,6 @@ def main(args: argparse.Namespace) -> int:
     main_thread = MainThread()  # the compute loop gets the main thread, asyncio another (main_thread.py)
     worker = PrefillWorker(setup.lm, max_queue=args.max_queue, shared_cores=setup.shared_cores,
                            push_timeout_s=args.push_timeout_s, tls=setup.tls, internal_token=setup.internal_token,
-                           destinations=DecodeDirectory(args.decode, registry), spawn=main_thread.spawn)
+                           destinations=DecodeDirectory(args.decode, registry), spawn=main_thread.spawn,
+                           prefix_cache_bytes=args.prefix_cache_bytes)
     return main_thread.run(lambda: run_worker(worker, [prefill_service(worker)], args, setup, main_thread.on_signal))

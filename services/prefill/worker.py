@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import threading
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
+from baton.engine.prefix_cache import PrefixCache
 from baton.engine.request import Request
 from baton.engine.runner import ModelRunner, pack_for_prefill
 from baton.errors import Cancelled, InvalidRequestError, Overloaded, Unavailable
@@ -90,11 +92,15 @@ class PrefillWorker:
         internal_token: str | None = None,
         destinations: DecodeDirectory | None = None,
         spawn: Spawn = in_new_thread,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.lm = lm
+        # prompts' KV kept for the next prompts that start the same way (prefix_cache.py); 0 bytes: none
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.shared_cores = shared_cores  # when set, each forward pass waits for the decode layer in progress
         self.max_queue = max_queue
-        self._prefill = prefill_fn or ModelRunner(lm).prefill_many  # tests wrap it to hold the compute thread
+        # tests wrap it to hold the compute thread
+        self._prefill = prefill_fn or ModelRunner(lm, self.prefix_cache).prefill_many
         self._lock = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._batch: list[_Job] = []  # taken by the compute thread, not yet finished
@@ -104,6 +110,9 @@ class PrefillWorker:
         self._completed = 0  # prefills computed and handed out
         self.metrics = PrefillMetrics()
         self.metrics.track(running=lambda: self.occupancy().running, waiting=lambda: self.occupancy().queued)
+        if self.prefix_cache is not None:
+            cache = self.prefix_cache
+            self.metrics.prefix_bytes.set_function(lambda: cache.bytes)
         self.shipper = KvShipper(self.metrics, push_timeout_s, tls, internal_token)
         # The decode workers KV may go to (the command line always gives them; None: any, for in-process tests).
         self.destinations = destinations
@@ -149,7 +158,7 @@ class PrefillWorker:
         """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest."""
         self.lm.spec.check_request(req.prompt_ids, req.params.max_new_tokens, req.output_ids,
                                    req.params.stop_token_ids, logit_bias_ids=[t for t, _ in req.params.logit_bias])
-        self.lm.grammars.constrain(req)
+        req.constrain(self.lm.grammars)
 
     def submit(self, req: Request) -> asyncio.Future[PrefillResult]:
         """Queue a prefill; the returned future gives its result (or raises Cancelled, or the compute's error).
@@ -279,6 +288,7 @@ class PrefillWorker:
         if not jobs:
             return
         start = time.perf_counter()
+        before = dataclasses.replace(self.prefix_cache.stats) if self.prefix_cache is not None else None
         try:
             with self.shared_cores.prefill() if self.shared_cores else contextlib.nullcontext():
                 payloads = self._prefill([job.request for job in jobs])
@@ -294,6 +304,11 @@ class PrefillWorker:
             return
         seconds = time.perf_counter() - start  # the run's compute time, which each of its requests waited
         self.metrics.busy.inc(seconds)
+        if self.prefix_cache is not None and before is not None:
+            now = self.prefix_cache.stats
+            self.metrics.prefix_hit_tokens.inc(now.hit_tokens - before.hit_tokens)
+            self.metrics.prefix_miss_tokens.inc(now.miss_tokens - before.miss_tokens)
+            self.metrics.prefix_evictions.inc(now.evicted_blocks - before.evicted_blocks)
         for job, payload in zip(jobs, payloads, strict=True):
             with self._lock:
                 if job.state is not JobState.RUNNING:  # cancelled during the compute: drop the KV

@@ -140,9 +140,12 @@ class Attempt:
         self.pool, self.request, self.need_tokens, self.deadline = pool, request, need_tokens, deadline
         self.trace, self.metrics, self.background = trace, metrics, background
         self.kv_timeout_s, self.queue_timeout_s, self.max_retries = kv_timeout_s, queue_timeout_s, max_retries
+        self.choices = max(1, request.n)  # rows: n choices spliced from one prefill
         # short enough for the decode worker to prefill inside its batch's iteration (a resumed request counts
-        # the tokens it has streamed: they are prefilled too)
-        self.prefill_here = len(request.prompt_ids) + len(request.output_ids) <= local_prefill_tokens
+        # the tokens it has streamed: they are prefilled too); several choices fork from a pushed prefill
+        self.prefill_here = (len(request.prompt_ids) + len(request.output_ids) <= local_prefill_tokens
+                             and self.choices == 1)
+        self._open = set(range(self.choices))  # choices not finished
         self.ticket: Ticket | None = None
         self.call: grpc.aio.UnaryStreamCall | None = None
         self.prefill: asyncio.Task[pb.PrefillResponse | None] | None = None
@@ -185,7 +188,7 @@ class Attempt:
         for _ in range(MAX_RESERVE_ATTEMPTS):
             wait = remaining(self.deadline, self.queue_timeout_s)
             try:
-                ticket = await self.scheduler.acquire(self.need_tokens, wait, retry)
+                ticket = await self.scheduler.acquire(self.need_tokens, wait, retry, rows=self.choices)
             except Overloaded:
                 if self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline - 0.01:
                     passed = "the request's deadline passed while it waited for a decode worker"
@@ -274,9 +277,9 @@ class Attempt:
 
     # ---- the stream ------------------------------------------------------------------------------------
     async def messages(self) -> AsyncGenerator[pb.DecodeResponse, None]:
-        """The decode worker's messages that carry tokens, ending with the one that carries the finish reason.
-        Raises Recoverable when the attempt failed in a way another can repair, or the error that ends the
-        request."""
+        """The decode worker's messages that carry tokens, ending with the one that carries the (last choice's)
+        finish reason. Raises Recoverable when the attempt failed in a way another can repair, or the error that
+        ends the request."""
         assert self.call is not None and self.prefill is not None and self._gone is not None
         streamed = False  # a token came: the KV reached the decode worker, a prefill error no longer matters
         read: asyncio.Future[Any] | None = None
@@ -296,7 +299,8 @@ class Attempt:
                             yield pb.DecodeResponse(token_ids=msg.token_ids)
                         raise Recoverable(f"decode worker {self.address} cancelled the request")
                     if reason is not None:
-                        self.finished = True
+                        self._open.discard(msg.index)
+                        self.finished = not self._open
                     if msg.token_ids or reason is not None:
                         yield msg
                     if self.finished:

@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from baton.engine.models import DEFAULT_MODEL, resolve_model_path
 from baton.engine.request import FinishReason, SamplingParams, is_unicode
+from baton.engine.sampler import MAX_CHOICES, choice_seed
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Unavailable
 from baton.metrics import RouterMetrics
@@ -33,6 +35,7 @@ from services.router.attempt import Attempt, Background, Recoverable, resumed_re
 from services.router.pool import WorkerPool
 from services.router.scheduler import Scheduler
 from services.router.served import ServedModels
+from services.router.streams import merge
 from services.router.text import Delta, TextStream, TokenTexts
 from services.router.trace import Trace
 
@@ -48,6 +51,16 @@ def chat_roles(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if m["role"] not in CHAT_ROLES:
             raise InvalidRequestError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
     return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+
+
+@dataclass
+class _Choice:
+    """One choice of a request as the router relays it: its text so far and the tokens it streamed."""
+
+    index: int
+    text: TextStream
+    sent: list[int] = field(default_factory=list)  # relayed to the client: what another attempt resumes from
+    finished: bool = False
 
 
 class Router:
@@ -139,7 +152,7 @@ class Router:
             raise InvalidRequestError("messages", "must be valid Unicode (a message holds a lone surrogate)")
         return list(self.tokenizer.encode(text, add_special_tokens=False))  # the template wrote the special tokens
 
-    def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> None:
         """Raises InvalidRequestError naming the field when the request cannot be served by this model."""
         if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequestError("request_id", f"must be 1 to {MAX_REQUEST_ID_CHARS} characters")
@@ -149,19 +162,26 @@ class Router:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise InvalidRequestError("prompt", "must not be empty")
+        if not (isinstance(n, int) and 1 <= n <= MAX_CHOICES):
+            raise InvalidRequestError("n", f"must be 1 to {MAX_CHOICES}")
         self.spec.check_request(prompt_ids, params.max_new_tokens, stop_token_ids=params.stop_token_ids,
                                 logit_bias_ids=[t for t, _ in params.logit_bias])
 
     # ---- generation --------------------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None,
+        n: int = 1,
     ) -> AsyncGenerator[Delta, None]:
         """Stream a request's tokens, one attempt after another (attempt.py) until one finishes it. Stopping the
         iteration early (aclose, cancellation) cancels the request on its workers. `timeout`: seconds the whole
-        request may take (the client's deadline)."""
+        request may take (the client's deadline).
+
+        With n > 1: n choices (Delta.index), from one prefill that one decode worker splices into n rows (choice i
+        sampling with choice_seed(seed, i)). Should that attempt fail, each unfinished choice goes on as a request
+        of its own from the tokens it has streamed, exactly as one request resumes (attempt.py)."""
         trace = Trace(request_id, time.perf_counter(), len(prompt_ids), worker_id=uuid.uuid4().hex)
         try:
-            self.validate(request_id, prompt_ids, params)
+            self.validate(request_id, prompt_ids, params, n)
         except InvalidRequestError as e:
             trace.error = str(e)
             trace.log(self.metrics)
@@ -169,48 +189,15 @@ class Router:
         self._active.add(request_id)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         request = pb.WorkerRequest(request_id=trace.worker_id, prompt_ids=prompt_ids,
-                                   parameters=params_to_proto(params))
-        text = TextStream(self.tokenizer, params.stop)
-        sent: list[int] = []  # tokens relayed to the client: what another attempt resumes from (attempt.py)
+                                   parameters=params_to_proto(params), n=n if n > 1 else 0)
+        choices = [_Choice(i, TextStream(self.tokenizer, params.stop)) for i in range(n)]
         try:
-            while len(sent) < params.max_new_tokens:  # (a worker ends a request with its last token: a guard)
-                attempt = Attempt(self.pool, resumed_request(request, sent) if sent else request,
-                                  len(prompt_ids) + params.max_new_tokens, deadline, trace, self.metrics,
-                                  self._background, kv_timeout_s=self.kv_timeout_s,
-                                  queue_timeout_s=self.queue_timeout_s, max_retries=self.max_retries,
-                                  local_prefill_tokens=self.local_prefill_tokens)
-                try:
-                    await attempt.start(resuming=bool(trace.recoveries))
-                    trace.decode = attempt.address
-                    if trace.queue_s is None:
-                        trace.queue_s = time.perf_counter() - trace.start
-                    async with contextlib.aclosing(attempt.messages()) as messages:
-                        async for msg in messages:
-                            ids = list(msg.token_ids)
-                            trace.tokens(len(ids), self.metrics)
-                            first = not sent
-                            sent += ids
-                            reason = finish_from_proto(msg.finish_reason)
-                            delta = Delta(ids, text.add(ids), logprobs=[logprobs_from_proto(m) for m in msg.logprobs])
-                            if first and params.prompt_logprobs is not None:  # they come with the first token
-                                delta.prompt_logprobs = (prompt_logprobs_from_proto(msg.prompt_logprobs)
-                                                         or [None] * len(prompt_ids))
-                            if reason is None:
-                                yield delta
-                                continue
-                            trace.finish_reason = reason.value
-                            stop_text = msg.stop_text if msg.HasField("stop_text") else None
-                            delta.text += text.finish(stop_text)
-                            delta.finish_reason = reason
-                            delta.prompt_tokens, delta.completion_tokens = len(prompt_ids), trace.completion_tokens
-                            yield delta
-                            return
-                except Recoverable as e:
-                    self._recover(request_id, str(e), sent, trace)
-                finally:
-                    attempt.close()
-            trace.finish_reason = FinishReason.LENGTH.value
-            yield Delta([], text.finish(None), FinishReason.LENGTH, len(prompt_ids), len(sent))
+            if n == 1:
+                async for delta in self._attempts(request, params, deadline, trace, choices[0]):
+                    yield delta
+            else:
+                async for delta in self._choices(request, params, deadline, trace, choices):
+                    yield delta
         except BaseException as e:
             if trace.finish_reason is None:  # (closing the stream after its last event is not an error)
                 trace.error = "cancelled" if isinstance(e, (asyncio.CancelledError, GeneratorExit)) else str(e)
@@ -218,6 +205,91 @@ class Router:
         finally:
             self._active.discard(request_id)
             trace.log(self.metrics)
+
+    def _attempt(self, request: pb.WorkerRequest, params: SamplingParams, deadline: float | None,
+                 trace: Trace) -> Attempt:
+        rows = max(1, request.n)
+        return Attempt(self.pool, request, rows * (len(request.prompt_ids) + params.max_new_tokens), deadline, trace,
+                       self.metrics, self._background, kv_timeout_s=self.kv_timeout_s,
+                       queue_timeout_s=self.queue_timeout_s, max_retries=self.max_retries,
+                       local_prefill_tokens=self.local_prefill_tokens)
+
+    async def _start(self, attempt: Attempt, trace: Trace) -> None:
+        await attempt.start(resuming=bool(trace.recoveries))
+        trace.decode = attempt.address
+        if trace.queue_s is None:
+            trace.queue_s = time.perf_counter() - trace.start
+
+    async def _attempts(self, request: pb.WorkerRequest, params: SamplingParams, deadline: float | None,
+                        trace: Trace, choice: _Choice) -> AsyncGenerator[Delta, None]:
+        """One choice (the request's one) through attempts until one finishes it, resuming from its tokens."""
+        while len(choice.sent) < params.max_new_tokens:  # (a worker ends a request with its last token: a guard)
+            attempt = self._attempt(resumed_request(request, choice.sent) if choice.sent else request, params,
+                                    deadline, trace)
+            try:
+                await self._start(attempt, trace)
+                async with contextlib.aclosing(attempt.messages()) as messages:
+                    async for msg in messages:
+                        delta = self._delta(msg, choice, params, len(request.prompt_ids), trace)
+                        yield delta
+                        if delta.finish_reason is not None:
+                            return
+            except Recoverable as e:
+                self._recover(trace.id, str(e), choice.sent, trace)
+            finally:
+                attempt.close()
+        trace.finish_reason = FinishReason.LENGTH.value
+        yield Delta([], choice.text.finish(None), FinishReason.LENGTH, len(request.prompt_ids), len(choice.sent),
+                    index=choice.index)
+
+    async def _choices(self, request: pb.WorkerRequest, params: SamplingParams, deadline: float | None,
+                       trace: Trace, choices: list[_Choice]) -> AsyncGenerator[Delta, None]:
+        """n choices from one prefill on one decode worker; after a failure, the unfinished ones on their own."""
+        attempt = self._attempt(request, params, deadline, trace)
+        try:
+            await self._start(attempt, trace)
+            async with contextlib.aclosing(attempt.messages()) as messages:
+                async for msg in messages:
+                    yield self._delta(msg, choices[msg.index], params, len(request.prompt_ids), trace)
+            return
+        except Recoverable as e:
+            self._recover(trace.id, str(e), [t for c in choices for t in c.sent], trace)
+        finally:
+            attempt.close()
+        own = []
+        for c in choices:
+            if c.finished:
+                continue
+            p = replace(params, seed=choice_seed(params.seed, c.index),
+                        prompt_logprobs=params.prompt_logprobs if c.index == 0 else None)
+            alone = pb.WorkerRequest(request_id=f"{request.request_id}/{c.index}", prompt_ids=request.prompt_ids,
+                                     parameters=params_to_proto(p))
+            own.append(contextlib.aclosing(self._attempts(alone, p, deadline, trace, c)))
+        async with contextlib.AsyncExitStack() as stack:
+            streams = [await stack.enter_async_context(s) for s in own]
+            async for _, delta in merge(streams):
+                yield delta
+
+    def _delta(self, msg: pb.DecodeResponse, choice: _Choice, params: SamplingParams, prompt_len: int,
+               trace: Trace) -> Delta:
+        """A decode worker's message as the Delta of its choice (text, logprobs; usage with its finish)."""
+        ids = list(msg.token_ids)
+        trace.tokens(len(ids), self.metrics)
+        first = not choice.sent
+        choice.sent += ids
+        reason = finish_from_proto(msg.finish_reason)
+        delta = Delta(ids, choice.text.add(ids), logprobs=[logprobs_from_proto(m) for m in msg.logprobs],
+                      index=choice.index)
+        if first and params.prompt_logprobs is not None and choice.index == 0:  # they come with its first token
+            delta.prompt_logprobs = prompt_logprobs_from_proto(msg.prompt_logprobs) or [None] * prompt_len
+        if reason is not None:
+            choice.finished = True
+            trace.finish_reason = reason.value
+            stop_text = msg.stop_text if msg.HasField("stop_text") else None
+            delta.text += choice.text.finish(stop_text)
+            delta.finish_reason = reason
+            delta.prompt_tokens, delta.completion_tokens = prompt_len, len(choice.sent)
+        return delta
 
     def _recover(self, request_id: str, failure: str, sent: list[int], trace: Trace) -> None:
         """An attempt failed in a way another can repair: count it, or give up past max_retries."""

@@ -45,52 +45,80 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
             raise InvalidRequestError("prompt", "give text or token_ids")
         return request.request_id or uuid.uuid4().hex, prompt_ids, params_from_proto(request.parameters)
 
-    def _logprobs(self, ev: Delta, msg: pb.GenerateResponse | pb.GenerateStreamResponse) -> None:
-        """The event's logprobs into the response, each token with its text."""
+    def _logprobs(self, ev: Delta, into: pb.Choice | pb.GenerateStreamResponse,
+                  prompt_into: pb.GenerateResponse | pb.GenerateStreamResponse) -> None:
+        """The event's logprobs (into its choice or message) and the prompt's (into the response), each token
+        with its text."""
         text = self.router.token_texts.text
-        msg.logprobs.extend(logprobs_to_proto(lp, text) for lp in ev.logprobs)
+        into.logprobs.extend(logprobs_to_proto(lp, text) for lp in ev.logprobs)
         if ev.prompt_logprobs is not None:
-            msg.prompt_logprobs.extend(logprobs_to_proto(lp, text) for lp in ev.prompt_logprobs[1:] if lp is not None)
+            prompt_into.prompt_logprobs.extend(logprobs_to_proto(lp, text) for lp in ev.prompt_logprobs[1:]
+                                               if lp is not None)
 
     def _events(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[str, contextlib.aclosing[AsyncGenerator[Delta, None]]]:
-        """The request's id and events, closed (so cancelled everywhere) as soon as the handler stops reading them.
-        The request may take the shorter of its `timeout` field and the call's deadline."""
+    ) -> tuple[str, list[int], contextlib.aclosing[AsyncGenerator[Delta, None]]]:
+        """The request's id, prompt ids and events, closed (so cancelled everywhere) as soon as the handler stops
+        reading them. The request may take the shorter of its `timeout` field and the call's deadline."""
         request_id, prompt_ids, params = self._parse(request)
         timeout = request_timeout(request.timeout, context.time_remaining())
-        return request_id, contextlib.aclosing(self.router.generate(request_id, prompt_ids, params, timeout))
+        events = self.router.generate(request_id, prompt_ids, params, timeout, max(1, request.n))
+        return request_id, prompt_ids, contextlib.aclosing(events)
+
+    def _echo(self, request: pb.GenerateRequest, prompt_ids: list[int]) -> str:
+        """The prompt's text, for echo: as given, or as its tokens decode."""
+        if request.WhichOneof("prompt") == "text":
+            return request.text
+        return b"".join(self.router.token_texts.bytes(t) for t in prompt_ids).decode("utf-8", errors="replace")
 
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        request_id, generation = self._events(request, context)
+        request_id, prompt_ids, generation = self._events(request, context)
         response = pb.GenerateResponse(request_id=request_id)
-        texts: list[str] = []
+        choices = [pb.Choice(index=i) for i in range(max(1, request.n))]
+        echo = self._echo(request, prompt_ids) if request.echo else ""
+        texts: list[list[str]] = [[echo] for _ in choices]
         async with generation as events:
             async for ev in events:
-                response.token_ids.extend(ev.token_ids)
-                texts.append(ev.text)
-                self._logprobs(ev, response)
+                choice = choices[ev.index]
+                choice.token_ids.extend(ev.token_ids)
+                texts[ev.index].append(ev.text)
+                self._logprobs(ev, choice, response)
                 if ev.finish_reason is not None:
-                    response.finish_reason = finish_to_proto(ev.finish_reason)
+                    choice.finish_reason = finish_to_proto(ev.finish_reason)
                     response.usage.prompt_tokens = ev.prompt_tokens
-                    response.usage.completion_tokens = ev.completion_tokens
-        response.text = "".join(texts)
+                    response.usage.completion_tokens += ev.completion_tokens
+        for choice, parts in zip(choices, texts):
+            choice.text = "".join(parts)
+        first = choices[0]
+        response.text, response.finish_reason = first.text, first.finish_reason
+        response.token_ids.extend(first.token_ids)
+        response.logprobs.extend(first.logprobs)
+        if len(choices) > 1:
+            response.choices.extend(choices)
         return response
 
     async def GenerateStream(  # noqa: N802
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        request_id, generation = self._events(request, context)
+        request_id, prompt_ids, generation = self._events(request, context)
+        open_choices, completion = max(1, request.n), 0
+        echo = self._echo(request, prompt_ids) if request.echo else ""
+        started: set[int] = set()
         async with generation as events:
             async for ev in events:
-                msg = pb.GenerateStreamResponse(request_id=request_id, text=ev.text, token_ids=ev.token_ids)
-                self._logprobs(ev, msg)
+                text = ev.text if ev.index in started or not echo else echo + ev.text
+                started.add(ev.index)
+                msg = pb.GenerateStreamResponse(request_id=request_id, text=text, token_ids=ev.token_ids,
+                                                index=ev.index)
+                self._logprobs(ev, msg, msg)
                 if ev.finish_reason is not None:
                     msg.finish_reason = finish_to_proto(ev.finish_reason)
-                    msg.usage.prompt_tokens = ev.prompt_tokens
-                    msg.usage.completion_tokens = ev.completion_tokens
+                    open_choices, completion = open_choices - 1, completion + ev.completion_tokens
+                    if not open_choices:  # the last choice's end: the usage of them all
+                        msg.usage.prompt_tokens = ev.prompt_tokens
+                        msg.usage.completion_tokens = completion
                 yield msg
 
 

@@ -46,6 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from baton.engine.logprobs import TokenLogprobs
 from baton.engine.request import SamplingParams
+from baton.engine.sampler import MAX_CHOICES
 from baton.metrics import RouterMetrics
 from baton.rpc.server import bearer_ok
 from services.router.openai_logprobs import CompletionLogprobs, chat_logprobs
@@ -66,6 +67,7 @@ from services.router.openai_schema import (
     request_timeout,
     sampling_params,
 )
+from services.router.streams import merge
 from services.router.text import Delta, TokenTexts
 
 log = logging.getLogger(__name__)
@@ -88,24 +90,29 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     echo: bool = False  # completions: the prompt (and, with logprobs, its logprobs) comes before the output
     echo_only: bool = False  # max_tokens 0 with echo: the prompt is scored, the one token computed is dropped
+    n: int = 1  # choices per prompt, each prompt's from one prefill
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
     def request_id(self, index: int) -> str:
-        """The core's id of choice `index`: the job's own when it has one choice."""
+        """The core's id of prompt `index`'s generation: the job's own when it has one prompt."""
         return self.id if len(self.prompts) == 1 else f"{self.id}-{index}"
 
 
 class Choice:
-    """One choice of a job as it is answered: its text and logprobs so far, in the job's shape."""
+    """One choice of a job as it is answered: its text and logprobs so far, in the job's shape. Choice index
+    p * n + j is choice j of prompt p."""
 
-    def __init__(self, job: Job, index: int, texts: TokenTexts) -> None:
-        self.job, self.index, self.texts = job, index, texts
-        self.prompt = job.prompts[index]
+    def __init__(self, job: Job, prompt: int, j: int, texts: TokenTexts,
+                 prompt_lps: dict[int, list[TokenLogprobs | None]]) -> None:
+        self.job, self.index, self.texts = job, prompt * job.n + j, texts
+        self.prompt_index, self.prompt = prompt, job.prompts[prompt]
+        self.prompt_lps = prompt_lps  # by prompt: its logprobs, as its first choice's first event brought them
         self.completion_lps = CompletionLogprobs(texts) if job.params.logprobs is not None else None
         self.started = False
+        self.last: Delta | None = None  # the event with its finish reason
 
     def prompt_text(self) -> str:
         if self.prompt.text is not None:
@@ -117,6 +124,10 @@ class Choice:
         choice carries no logprobs."""
         job, first = self.job, not self.started
         self.started = True
+        if event.finish_reason is not None:
+            self.last = event
+        if event.prompt_logprobs is not None:
+            self.prompt_lps[self.prompt_index] = event.prompt_logprobs
         text, tokens, lps = event.text, event.token_ids, event.logprobs
         if job.echo_only:
             text, tokens, lps = "", [], []
@@ -124,7 +135,7 @@ class Choice:
         if job.echo and first:
             text = self.prompt_text() + text
             if job.params.prompt_logprobs is not None:
-                prompt_lps = event.prompt_logprobs or [None] * len(self.prompt.ids)
+                prompt_lps = self.prompt_lps.get(self.prompt_index) or [None] * len(self.prompt.ids)
         if job.params.logprobs is None:
             return text, None
         if job.kind == "chat":
@@ -133,39 +144,48 @@ class Choice:
         prompt_part = self.prompt.ids if prompt_lps else []
         return text, self.completion_lps.part(list(prompt_part) + tokens, [*prompt_lps, *lps])
 
-    def completion_tokens(self, last: Delta) -> int:
-        return 0 if self.job.echo_only else last.completion_tokens
+    @property
+    def completion_tokens(self) -> int:
+        return 0 if self.job.echo_only or self.last is None else self.last.completion_tokens
 
 
-def _usage(job: Job, choices: list[Choice], lasts: list[Delta]) -> dict[str, int]:
-    """What was computed: each prompt once, each choice's output."""
+def choices_of(job: Job, texts: TokenTexts) -> list[list[Choice]]:
+    """Per prompt, its n choices."""
+    shared: dict[int, list[TokenLogprobs | None]] = {}
+    return [[Choice(job, p, j, texts, shared) for j in range(job.n)] for p in range(len(job.prompts))]
+
+
+def _usage(job: Job, choices: list[Choice]) -> dict[str, int]:
+    """What was computed: each prompt once (its n choices share one prefill), each choice's output."""
     prompt = sum(len(p.ids) for p in job.prompts)
-    completion = sum(c.completion_tokens(last) for c, last in zip(choices, lasts))
+    completion = sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _finish(event: Delta) -> str | None:
-    return None if event.finish_reason is None else str(event.finish_reason.value)
+def _finish(event: Delta | None) -> str | None:
+    return None if event is None or event.finish_reason is None else str(event.finish_reason.value)
 
 
-def whole_response(job: Job, choices: list[Choice], events: list[list[Delta]]) -> dict[str, Any]:
+def whole_response(job: Job, choices: list[list[Choice]], events: list[list[Delta]]) -> dict[str, Any]:
+    """events[p]: every event of prompt p's generation (its choices' events interleaved, by Delta.index)."""
     out = []
-    for choice, evs in zip(choices, events):
-        taken = [choice.take(ev) for ev in evs]
-        text = "".join(t for t, _ in taken)
-        logprobs: Any = None
-        if job.params.logprobs is not None:
-            parts = [lp for _, lp in taken]
-            logprobs = ({"content": [x for p in parts for x in p["content"]], "refusal": None} if job.kind == "chat"
-                        else CompletionLogprobs.join(parts))
-        if job.kind == "completion":
-            out.append({"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": _finish(evs[-1])})
-        else:
-            message = {"role": "assistant", "content": text, "refusal": None}
-            out.append({"index": choice.index, "message": message, "logprobs": logprobs,
-                        "finish_reason": _finish(evs[-1])})
+    for per_prompt, evs in zip(choices, events):
+        for choice in per_prompt:
+            taken = [choice.take(ev) for ev in evs if ev.index == choice.index % job.n]
+            text = "".join(t for t, _ in taken)
+            logprobs: Any = None
+            if job.params.logprobs is not None:
+                parts = [lp for _, lp in taken]
+                logprobs = ({"content": [x for p in parts for x in p["content"]], "refusal": None}
+                            if job.kind == "chat" else CompletionLogprobs.join(parts))
+            finish = _finish(choice.last)
+            if job.kind == "completion":
+                out.append({"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            else:
+                message = {"role": "assistant", "content": text, "refusal": None}
+                out.append({"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
-    return {**job.head(obj), "choices": out, "usage": _usage(job, choices, [evs[-1] for evs in events])}
+    return {**job.head(obj), "choices": out, "usage": _usage(job, [c for cs in choices for c in cs])}
 
 
 def stream_chunks(job: Job, choice: Choice, event: Delta) -> list[dict[str, Any]]:
@@ -237,11 +257,12 @@ async def _firsts(streams: list[AsyncIterator[Delta]]) -> list[Delta]:
 
 
 async def run(router: Backend, job: Job, request: Request) -> Response:
-    """Run the job on the core, a generation per choice. Errors before the first events become an HTTP error
-    status; a stream answers as soon as every choice's first event is there."""
+    """Run the job on the core, a generation per prompt (of n choices). Errors before the first events become an
+    HTTP error status; a stream answers as soon as every prompt's first event is there."""
     t0 = time.perf_counter()
-    streams = [router.generate(job.request_id(i), p.ids, job.params, job.timeout) for i, p in enumerate(job.prompts)]
-    choices = [Choice(job, i, router.token_texts) for i in range(len(job.prompts))]
+    streams = [router.generate(job.request_id(i), p.ids, job.params, job.timeout, job.n)
+               for i, p in enumerate(job.prompts)]
+    choices = choices_of(job, router.token_texts)
     handed_off = False
     try:
         firsts = await _unless_gone(request, _firsts(streams))
@@ -249,7 +270,8 @@ async def run(router: Backend, job: Job, request: Request) -> Response:
             handed_off = True
             return StreamingResponse(_stream(job, choices, firsts, streams, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        events = await _unless_gone(request, asyncio.gather(*(_collect(f, s) for f, s in zip(firsts, streams))))
+        events = await _unless_gone(request, asyncio.gather(*(_collect(f, s, job.n)
+                                                              for f, s in zip(firsts, streams))))
     except ClientGone:
         log.debug("%s: client disconnected; cancelled", job.id)
         return Response(status_code=499)
@@ -257,60 +279,44 @@ async def run(router: Backend, job: Job, request: Request) -> Response:
         if not handed_off:
             for s in streams:
                 await _close(s)
-    _log_done(job, [evs[-1] for evs in events], t0)
-    return JSONResponse(whole_response(job, choices, events))
+    body = whole_response(job, choices, events)
+    _log_done(job, [c for cs in choices for c in cs], t0)
+    return JSONResponse(body)
 
 
-async def _collect(first: Delta, events: AsyncIterator[Delta]) -> list[Delta]:
+async def _collect(first: Delta, events: AsyncIterator[Delta], n: int) -> list[Delta]:
+    """A prompt's events until each of its n choices has finished."""
     out = [first]
-    while out[-1].finish_reason is None:
+    finished = int(first.finish_reason is not None)
+    while finished < n:
         try:
             out.append(await anext(events))
         except StopAsyncIteration:
             log.warning("the core's stream ended without a finish reason")
             break
+        finished += out[-1].finish_reason is not None
     return out
 
 
-async def _merged(firsts: list[Delta], streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
-    """(choice, event) from every stream as they come, each stream up to its event with a finish reason."""
-    for i, ev in enumerate(firsts):
-        yield i, ev
-    pending = {asyncio.ensure_future(anext(s)): i for i, (s, ev) in enumerate(zip(streams, firsts))
-               if ev.finish_reason is None}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done, key=lambda t: pending[t]):
-                i = pending.pop(task)
-                ev = task.result()  # StopAsyncIteration or an error ends the stream
-                yield i, ev
-                if ev.finish_reason is None:
-                    pending[asyncio.ensure_future(anext(streams[i]))] = i
-    finally:
-        for task in pending:
-            task.cancel()
-
-
-async def _stream(job: Job, choices: list[Choice], firsts: list[Delta], streams: list[AsyncIterator[Delta]],
+async def _stream(job: Job, choices: list[list[Choice]], firsts: list[Delta], streams: list[AsyncIterator[Delta]],
                   t0: float) -> AsyncIterator[str]:
     """The SSE body; after the last choice's finish, the usage (when asked). When the client goes away Starlette
     cancels the response task; the cancellation runs through the core's generators, and _close ends each."""
-    lasts: list[Delta | None] = [None] * len(streams)
+    every = [c for cs in choices for c in cs]
     try:
-        async for i, event in _merged(firsts, streams):
-            for chunk in stream_chunks(job, choices[i], event):
+        for i, event in enumerate(firsts):
+            for chunk in stream_chunks(job, choices[i][event.index], event):
                 yield _sse(chunk)
-            if event.finish_reason is not None:
-                lasts[i] = event
-        done = [last for last in lasts if last is not None]
-        if len(done) == len(lasts):
-            _log_done(job, done, t0)
+        async for i, event in merge(streams):
+            for chunk in stream_chunks(job, choices[i][event.index], event):
+                yield _sse(chunk)
+        if all(c.last is not None for c in every):
+            _log_done(job, every, t0)
             if job.include_usage:
                 obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-                yield _sse({**job.head(obj), "choices": [], "usage": _usage(job, choices, done)})
-    except StopAsyncIteration:
-        log.warning("%s: the core's stream ended without a finish reason", job.id)
+                yield _sse({**job.head(obj), "choices": [], "usage": _usage(job, every)})
+        else:
+            log.warning("%s: the core's stream ended without a finish reason", job.id)
     except asyncio.CancelledError:
         log.debug("%s: client disconnected; cancelled", job.id)
         raise
@@ -322,11 +328,11 @@ async def _stream(job: Job, choices: list[Choice], firsts: list[Delta], streams:
     yield "data: [DONE]\n\n"
 
 
-def _log_done(job: Job, lasts: list[Delta], t0: float) -> None:
+def _log_done(job: Job, choices: list[Choice], t0: float) -> None:
     """Debug only: the core logs one line per request already (with this id)."""
-    log.debug("%s: %s%s choices=%d prompt=%d completion=%d finish=%s %.3fs", job.id, job.kind,
-              " stream" if job.stream else "", len(lasts), sum(x.prompt_tokens for x in lasts),
-              sum(x.completion_tokens for x in lasts), [_finish(x) for x in lasts], time.perf_counter() - t0)
+    log.debug("%s: %s%s choices=%d completion=%d finish=%s %.3fs", job.id, job.kind,
+              " stream" if job.stream else "", len(choices), sum(c.completion_tokens for c in choices),
+              [_finish(c.last) for c in choices], time.perf_counter() - t0)
 
 
 # ---- the app -------------------------------------------------------------------------------------------
@@ -455,7 +461,8 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
             params = replace(sampling_params(body, max_new), logprobs=k,
                              prompt_logprobs=k if body.echo and k is not None else None)
             return Job(f"cmpl-{uuid.uuid4().hex}", "completion", model, prompts, params, bool(body.stream),
-                       _include_usage(body), names, request_timeout(body), echo=bool(body.echo), echo_only=echo_only)
+                       _include_usage(body), names, request_timeout(body), echo=bool(body.echo), echo_only=echo_only,
+                       n=choice_count(body))
 
         return await answer(job, request, names)
 
@@ -481,7 +488,7 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
             params = replace(sampling_params(body, max_new),
                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
             return Job(f"chatcmpl-{uuid.uuid4().hex}", "chat", model, [Prompt(prompt_ids)], params,
-                       bool(body.stream), _include_usage(body), names, request_timeout(body))
+                       bool(body.stream), _include_usage(body), names, request_timeout(body), n=choice_count(body))
 
         return await answer(job, request, names)
 
@@ -504,6 +511,13 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
             return Response(body, headers={"Content-Type": content_type})
 
     return app
+
+
+def choice_count(body: OpenAIBody) -> int:
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError.invalid("n", f"must be 1 to {MAX_CHOICES}")
+    return n
 
 
 def _include_usage(body: OpenAIBody) -> bool:

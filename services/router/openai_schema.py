@@ -43,7 +43,8 @@ class Backend(Protocol):
     def encode_prompt(self, text: str) -> list[int]: ...
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None,
+        n: int = 1,
     ) -> AsyncIterator[Delta]: ...
 
 
@@ -164,7 +165,7 @@ class ChatCompletionRequest(OpenAIBody):
 
 # Fields Baton cannot honour, with the values that ask for nothing (and so are accepted).
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
+    "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
 }
 

@@ -1,8 +1,9 @@
 """Which worker gets a request: transport-free, so every rule here is unit-tested without sockets.
 
-Decode: a request needs `prompt_len + max_new_tokens` KV tokens and one row. Among the healthy decode workers
-with a free row and enough free KV tokens, the one with the most free capacity for it wins: capacity is how
-many more requests of this size the worker could take, `min(free_rows, kv_tokens_free // need)`. Ties are
+Decode: a request needs `prompt_len + max_new_tokens` KV tokens per row and one row (n, for n choices). Among the
+healthy decode workers with free rows and enough free KV tokens, the one with the most free capacity for it wins:
+capacity is how many more requests of this size the worker could take, `min(free_rows // rows,
+kv_tokens_free // need)`. Ties are
 broken round-robin, so equal workers take turns. A full worker is never chosen.
 
 Prefill: the healthy prefill worker with the fewest requests waiting, ties round-robin.
@@ -51,6 +52,7 @@ class Ticket:
     role: Role
     address: str
     tokens: int  # KV tokens the request holds on a decode worker (0 for prefill)
+    rows: int = 1  # decode rows it holds (n choices: n)
     id: int = field(default_factory=itertools.count().__next__)
     accepted_at: float | None = None  # when the worker accepted it; None: not yet
     done_at: float | None = None
@@ -94,9 +96,9 @@ class _Worker:
         rows, kv = load.free_rows, load.kv_tokens_free
         for t in self.tickets.values():
             if self.unreported(t):
-                rows, kv = rows - 1, kv - t.tokens
+                rows, kv = rows - t.rows, kv - t.tokens
             elif self.released(t):
-                rows, kv = rows + 1, kv + t.tokens
+                rows, kv = rows + t.rows, kv + t.tokens
         rows = min(rows, load.free_rows + load.active_rows)
         if self.refused_at is not None and self.refused_at >= self.report.as_of:
             rows = 0
@@ -114,6 +116,7 @@ class _Worker:
 @dataclass(eq=False)
 class _Waiter:
     need: int
+    rows: int
     future: asyncio.Future[Ticket]
 
 
@@ -162,30 +165,32 @@ class Scheduler:
         return out
 
     # ---- decode ------------------------------------------------------------------------------------
-    def pick_decode(self, need_tokens: int) -> Ticket | None:
-        """Assign the request to the decode worker with the most free capacity for it, or None if none has room."""
+    def pick_decode(self, need_tokens: int, rows: int = 1) -> Ticket | None:
+        """Assign the request to the decode worker with the most free capacity for it, or None if none has room.
+        need_tokens: KV tokens for all of its rows."""
         best: list[str] = []
         best_capacity = 0
         for address, w in self._workers[Role.DECODE].items():
             if not w.healthy:
                 continue
-            rows, kv = w.room()
-            capacity = min(rows, kv // max(1, need_tokens))
+            free, kv = w.room()
+            capacity = min(free // rows, kv // max(1, need_tokens))
             if capacity > best_capacity:
                 best, best_capacity = [address], capacity
             elif capacity == best_capacity and capacity > 0:
                 best.append(address)
         if not best:
             return None
-        return self._assign(Role.DECODE, self._fair(Role.DECODE, best), need_tokens)
+        return self._assign(Role.DECODE, self._fair(Role.DECODE, best), need_tokens, rows)
 
-    async def acquire(self, need_tokens: int, timeout: float | None = None, first: bool = False) -> Ticket:
+    async def acquire(self, need_tokens: int, timeout: float | None = None, first: bool = False,
+                      rows: int = 1) -> Ticket:
         """A decode worker for the request, waiting in FIFO order (at the head with `first`) until one has room.
         Raises Overloaded when the queue is full or the wait times out, Unavailable when no decode worker is
         known, InvalidRequestError when no known worker could ever hold the request."""
-        self._check_fits(need_tokens)
+        self._check_fits(need_tokens, rows)
         if not self._queue or first:
-            ticket = self.pick_decode(need_tokens)
+            ticket = self.pick_decode(need_tokens, rows)
             if ticket is not None:
                 return ticket
         if len(self._queue) >= self.max_queue and not first:
@@ -193,7 +198,7 @@ class Scheduler:
                 f"router queue is full ({self.max_queue} requests waiting); retry after {self.retry_after_s:g}s",
                 retry_after_s=self.retry_after_s,
             )
-        waiter = _Waiter(need_tokens, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(need_tokens, rows, asyncio.get_running_loop().create_future())
         if first:
             self._queue.appendleft(waiter)
         else:
@@ -214,10 +219,14 @@ class Scheduler:
                 ) from None
             raise
 
-    def _check_fits(self, need_tokens: int) -> None:
+    def _check_fits(self, need_tokens: int, rows: int = 1) -> None:
         healthy = [w for w in self._workers[Role.DECODE].values() if w.healthy]
         if not healthy:
             raise Unavailable("no decode worker is available", retry_after_s=self.retry_after_s)
+        most_rows = max(w.report.decode.free_rows + w.report.decode.active_rows for w in healthy)
+        if rows > 1 and rows > most_rows:
+            raise InvalidRequestError("n", f"{rows} choices need {rows} decode rows; the largest decode worker has "
+                                           f"{most_rows}")
         largest = max(w.kv_capacity for w in healthy)
         if need_tokens > largest:
             raise InvalidRequestError(
@@ -233,7 +242,7 @@ class Scheduler:
             if head.future.done():
                 self._queue.popleft()
                 continue
-            ticket = self.pick_decode(head.need)
+            ticket = self.pick_decode(head.need, head.rows)
             if ticket is None:
                 return
             self._queue.popleft()
@@ -299,8 +308,8 @@ class Scheduler:
             self._wake()
 
     # ---- helpers -----------------------------------------------------------------------------------
-    def _assign(self, role: Role, address: str, tokens: int) -> Ticket:
-        ticket = Ticket(role, address, tokens)
+    def _assign(self, role: Role, address: str, tokens: int, rows: int = 1) -> Ticket:
+        ticket = Ticket(role, address, tokens, rows)
         self._workers[role][address].tickets[ticket.id] = ticket
         self._last_pick[role] = address
         return ticket

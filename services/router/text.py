@@ -27,6 +27,7 @@ class Delta:
     completion_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when the request asks
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first event, when asked (first: None)
+    index: int = 0  # the choice it belongs to (n > 1)
 
 
 class TokenTexts:

@@ -1,0 +1,123 @@
+"""A prefix cache: the KV of prompts already computed, kept in blocks of BLOCK_TOKENS tokens, so that a prompt that
+starts like an earlier one computes only its new tokens (ModelRunner.prefill_many, attending over the cached
+prefix: attention.py's packed path with a past).
+
+Keys: block i of a prompt is keyed by a hash of block i-1's key and its own tokens (vLLM's chained block hashes),
+so one key names the whole prefix up to the block's end, and a lookup walks a new prompt block by block to the
+longest run of whole blocks it shares with what was cached.
+
+Invariants kept here:
+- the cache holds whole prefixes only: a block is evicted only when no cached block extends it (a chain's tail
+  first), least recently used first, so every cached block's parent is cached;
+- the bytes held never exceed `max_bytes` after an insert (blocks of one prompt that do not fit are not kept);
+- a lookup never returns a whole prompt: at least its last token is left to compute (its logits give the first
+  output token).
+The cache is used by one thread (a worker's compute loop); a lookup returns a copy, so eviction never touches KV
+in use.
+
+Shapes: kv [layers, 2, kv_heads, tokens, head_dim], as KVPayload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_TOKENS = 16
+DEFAULT_MAX_BYTES = 512 << 20  # each worker's --prefix-cache-bytes: for smollm2-135m in float32, ~11,000 tokens
+PREFIX_CACHE_HELP = ("bytes of prompts' KV kept so that prompts starting the same way compute only their new tokens "
+                     "(least recently used first out; 0: off)")
+
+
+def block_keys(ids: Sequence[int], blocks: int) -> list[bytes]:
+    """The chained keys of the first `blocks` whole blocks of `ids`."""
+    keys: list[bytes] = []
+    parent = b""
+    for b in range(blocks):
+        tokens = array("I", ids[b * BLOCK_TOKENS : (b + 1) * BLOCK_TOKENS]).tobytes()
+        parent = hashlib.blake2b(parent + tokens, digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
+@dataclass
+class _Block:
+    parent: bytes | None
+    kv: torch.Tensor  # [layers, 2, kv_heads, BLOCK_TOKENS, head_dim]
+    children: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass
+class CacheStats:
+    hit_tokens: int = 0  # prompt tokens whose KV came from the cache
+    miss_tokens: int = 0  # prompt tokens computed
+    evicted_blocks: int = 0
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
+        self.bytes = 0
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def lookup(self, ids: Sequence[int]) -> tuple[int, torch.Tensor | None]:
+        """The longest cached prefix of `ids` in whole blocks, leaving at least one token: (its length, a copy of
+        its KV [layers, 2, kv_heads, length, head_dim]), or (0, None). Counts the hit and the tokens left."""
+        found: list[_Block] = []
+        for key in block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS):
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            self._blocks.move_to_end(key)  # used: evicted last
+            found.append(block)
+        n = len(found) * BLOCK_TOKENS
+        self.stats.hit_tokens += n
+        self.stats.miss_tokens += len(ids) - n
+        if not found:
+            return 0, None
+        return n, torch.cat([b.kv for b in found], dim=3)
+
+    def insert(self, ids: Sequence[int], kv: torch.Tensor) -> None:
+        """Keep the whole blocks of a computed prompt (kv [layers, 2, kv_heads, len(ids), head_dim]) not cached yet,
+        evicting least recently used tails to stay within max_bytes."""
+        if self.max_bytes <= 0:
+            return
+        parent: bytes | None = None
+        for b, key in enumerate(block_keys(ids, min(len(ids), kv.shape[3]) // BLOCK_TOKENS)):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+            else:
+                block = _Block(parent, kv[:, :, :, b * BLOCK_TOKENS : (b + 1) * BLOCK_TOKENS].clone())
+                if not self._make_room(block.nbytes, keep=parent):
+                    return  # the rest of this prompt does not fit
+                self._blocks[key] = block
+                self.bytes += block.nbytes
+                if parent is not None:
+                    self._blocks[parent].children += 1
+            parent = key
+
+    def _make_room(self, nbytes: int, keep: bytes | None) -> bool:
+        """Evict least recently used tails (never `keep`, the block about to be extended) until `nbytes` fit."""
+        while self.bytes + nbytes > self.max_bytes:
+            victim = next((k for k, b in self._blocks.items() if b.children == 0 and k != keep), None)
+            if victim is None:
+                return False
+            block = self._blocks.pop(victim)
+            self.bytes -= block.nbytes
+            self.stats.evicted_blocks += 1
+            if block.parent is not None and block.parent in self._blocks:
+                self._blocks[block.parent].children -= 1
+        return True

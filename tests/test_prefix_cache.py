@@ -1,0 +1,150 @@
+"""The prefix cache (baton/engine/prefix_cache.py): a prompt prefilled over a cached prefix gives the same KV and
+first token as prefilled whole, whatever was cached, evicted or packed beside it; the cache keeps whole prefixes
+within its byte budget."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from baton.engine.engine import Engine
+from baton.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
+from baton.engine.request import FinishReason, Request, SamplingParams
+from baton.engine.runner import ModelRunner
+from tests.support.oracle import reference
+from tests.test_splice import tiny_model
+
+
+def block_bytes() -> int:
+    s = tiny_model("llama").spec
+    return s.num_layers * 2 * s.kv_heads * BLOCK_TOKENS * s.head_dim * 4
+
+
+def check_invariants(cache: PrefixCache) -> None:
+    blocks = cache._blocks
+    assert cache.bytes <= cache.max_bytes
+    assert cache.bytes == sum(b.nbytes for b in blocks.values())
+    for key, b in blocks.items():
+        assert b.parent is None or b.parent in blocks, "a cached block's prefix is cached"
+        assert b.children == sum(1 for c in blocks.values() if c.parent == key)
+
+
+# a family: shared prefixes (one per family), each prompt = a prefix + a suffix of its own
+families = st.lists(st.tuples(st.integers(0, 3), st.integers(1, 20)), min_size=1, max_size=10)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(prompts=families, prefix_lens=st.lists(st.integers(0, 70), min_size=4, max_size=4),
+       budget_blocks=st.sampled_from([0, 1, 3, 8, 1000]), batch=st.integers(1, 3), seed=st.integers(0, 50))
+def test_prefills_over_cached_prefixes_equal_whole_prefills(
+    prompts: list[tuple[int, int]], prefix_lens: list[int], budget_blocks: int, batch: int, seed: int
+) -> None:
+    lm = tiny_model("llama")
+    g = torch.Generator().manual_seed(seed)
+    prefixes = [torch.randint(3, 2000, (n,), generator=g).tolist() for n in prefix_lens]
+    reqs = [Request(str(i), prefixes[f] + torch.randint(3, 2000, (k,), generator=g).tolist(),
+                    SamplingParams(max_new_tokens=3, ignore_eos=True))
+            for i, (f, k) in enumerate(prompts)]
+    cache = PrefixCache(budget_blocks * block_bytes())
+    cached, whole = ModelRunner(lm, cache), ModelRunner(lm)
+    for a in range(0, len(reqs), batch):  # prefilled a few at a time, packed together
+        got = cached.prefill_many(reqs[a : a + batch])
+        want = whole.prefill_many(reqs[a : a + batch])
+        for g_, w in zip(got, want):
+            assert g_.first_token == w.first_token and g_.prompt_ids == w.prompt_ids
+            torch.testing.assert_close(g_.kv, w.kv, atol=2e-5, rtol=1e-4)
+        check_invariants(cache)
+
+
+def test_a_spliced_request_prefilled_over_a_cached_prefix_decodes_as_generate() -> None:
+    lm = tiny_model("llama")
+    ref = functools.cache(functools.partial(reference, lm))
+    runner = ModelRunner(lm, PrefixCache(10**8))
+    system = list(range(100, 150))  # 50 shared tokens: 3 whole blocks
+    engine = Engine(lm, max_batch=4)
+    reqs = [Request(f"t{i}", system + [7 + i] * (3 + i), SamplingParams(max_new_tokens=5, ignore_eos=True))
+            for i in range(4)]
+    for req in reqs:
+        engine.add_prefilled(req, runner.prefill(req))
+    engine.run_until_done()
+    for req in reqs:
+        assert req.output_ids == ref(tuple(req.prompt_ids), 5)
+    assert runner.prefix_cache is not None and runner.prefix_cache.stats.hit_tokens == 3 * 48
+
+
+def test_eviction_takes_the_least_recently_used_tails_first() -> None:
+    lm = tiny_model("llama")
+    cache = PrefixCache(4 * block_bytes())
+    runner = ModelRunner(lm, cache)
+    a = list(range(10, 10 + 3 * BLOCK_TOKENS + 1))  # 3 blocks and a token
+    b = list(range(500, 500 + 2 * BLOCK_TOKENS + 1))  # 2 blocks and a token
+    runner.prefill(Request("a", a))
+    assert len(cache) == 3
+    runner.prefill(Request("b", b))  # needs 2 blocks: a's tail goes, then the block before it
+    assert len(cache) == 4 and cache.stats.evicted_blocks == 1
+    check_invariants(cache)
+    assert cache.lookup(a + [1])[0] == 2 * BLOCK_TOKENS  # a's first two blocks are left
+    assert cache.lookup(b + [1])[0] == 2 * BLOCK_TOKENS
+    assert PrefixCache(0).lookup(a) == (0, None)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(convs=st.lists(st.tuples(st.integers(1, 40), st.lists(st.tuples(st.integers(1, 12), st.integers(1, 8)),
+                                                             min_size=1, max_size=4)), min_size=1, max_size=4),
+       budget_blocks=st.sampled_from([2, 6, 1000]), cancel=st.integers(0, 5), seed=st.integers(0, 50))
+def test_conversations_reuse_their_history_exactly(
+    fused: bool, convs: list[tuple[int, list[tuple[int, int]]]], budget_blocks: int, cancel: int, seed: int
+) -> None:
+    """Multi-turn conversations on one engine with a prefix cache: each turn's prompt is the conversation so far
+    (earlier prompts and answers) plus a new user turn, so it starts with KV a finished row left in the cache;
+    every answer equals generate() on the whole prompt alone, whatever was evicted or cancelled in between."""
+    lm = tiny_model("llama")
+    g = torch.Generator().manual_seed(seed)
+    cache = PrefixCache(budget_blocks * block_bytes())
+    engine = Engine(lm, max_batch=3, max_segments=2, segment_cost=4, fuse_prefill=fused, prefix_cache=cache)
+    history = [torch.randint(3, 2000, (n,), generator=g).tolist() for n, _ in convs]
+    turns = [list(t) for _, t in convs]
+    step = 0
+    while any(turns):
+        live = []
+        for c, ts in enumerate(turns):  # the next turn of every conversation, together in the batch
+            if ts:
+                user, answer = ts.pop(0)
+                prompt = history[c] + torch.randint(3, 2000, (user,), generator=g).tolist()
+                req = Request(f"c{c}t{step}", prompt, SamplingParams(max_new_tokens=answer, ignore_eos=True))
+                engine.add_request(req)
+                live.append((c, req))
+        if cancel == step:  # one request cancelled mid-way: its row is not kept
+            engine.step()
+            engine.cancel(live[0][1].id)
+        engine.run_until_done()
+        for c, req in live:
+            if req.finish_reason is FinishReason.CANCELLED:
+                history[c] = req.prompt_ids  # the conversation goes on without that answer
+                continue
+            assert req.output_ids == reference(lm, req.prompt_ids, req.params.max_new_tokens), req.id
+            history[c] = req.prompt_ids + req.output_ids
+        check_invariants(cache)
+        step += 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_second_turn_computes_only_what_is_new(fused: bool) -> None:
+    lm = tiny_model("llama")
+    cache = PrefixCache(10**8)
+    engine = Engine(lm, fuse_prefill=fused, prefix_cache=cache)
+    first = Request("t1", list(range(200, 240)), SamplingParams(max_new_tokens=10, ignore_eos=True))
+    engine.add_request(first)
+    engine.run_until_done()
+    assert cache.stats.hit_tokens == 0
+    history = first.prompt_ids + first.output_ids  # 50 tokens: the row kept the KV of 49 (3 whole blocks)
+    second = Request("t2", history + [5, 6, 7], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.add_request(second)
+    engine.run_until_done()
+    assert second.output_ids == reference(lm, second.prompt_ids, 6)
+    assert cache.stats.hit_tokens == 3 * BLOCK_TOKENS  # only 5 of its 53 prompt tokens were computed
