@@ -322,3 +322,33 @@ def test_cancel_and_disconnect_leave_nothing_behind(stack: Stack) -> None:
     asyncio.run(grpc_cancels())
     asyncio.run(http_disconnects())
     wait_idle(stack.decode, stack.prefill)
+
+
+def test_a_conversation_stays_where_its_history_is(stack: Stack, tiny_llama: LoadedModel) -> None:
+    """Decode workers publish the blocks their prefix caches hold (finished turns' KV); the router sends each
+    next turn of a conversation to the worker holding its history, where two equal workers would otherwise take
+    turns; every answer equals generate() on the whole conversation."""
+    with grpc.insecure_channel(stack.router) as ch:
+        stub = baton_pb2_grpc.RouterStub(ch)
+        for c in range(2):
+            history = [40 + c + i % 7 for i in range(40)]  # 2 whole blocks and more
+            served: list[int] = []
+            for turn in range(3):
+                prompt = history + [300 + 10 * c + turn] * 5
+                before = [occupancy(a).completed for a in stack.decode]
+                out = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                                                       parameters=pb.SamplingParameters(max_new_tokens=6,
+                                                                                        ignore_eos=True)), timeout=60)
+                assert list(out.token_ids) == reference(tiny_llama, prompt, 6)
+                history = prompt + list(out.token_ids)
+                deadline = time.monotonic() + 10
+                while True:
+                    done = [occupancy(a).completed - b for a, b in zip(stack.decode, before)]
+                    if sum(done) == 1 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                served.append(done.index(1))
+                time.sleep(1.0)  # the workers' next heartbeats publish what their caches now hold
+            assert len(set(served)) == 1, f"conversation {c} moved between decode workers: {served}"
+    assert any(occupancy(a).prefix_blocks for a in stack.decode)
+    wait_idle(stack.decode, stack.prefill)

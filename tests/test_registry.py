@@ -96,6 +96,7 @@ def test_a_load_in_proto_and_registry_form() -> None:
         "completed": 0,
         "kv_received": 7,
         "tokens_generated": 0,
+        "prefix_blocks": [],
     }
 
 

@@ -246,3 +246,47 @@ async def test_a_busy_worker_is_not_mistaken_for_a_small_one(clock: Clock) -> No
     s.update(Role.DECODE, [decode("a", 1, 100, clock(), used=200, active=3)])  # most of its budget promised
     with pytest.raises(Overloaded):  # waits for room (and times out here) instead of being refused as too big
         await s.acquire(500, timeout=0.01)
+
+
+# ---- cache-aware choice ------------------------------------------------------------------------------------
+def cached(address: str, rows: int, blocks: tuple[str, ...], as_of: float) -> WorkerReport:
+    return WorkerReport(address, DecodeLoad(free_rows=rows, kv_tokens_free=100_000, prefix_blocks=blocks),
+                        as_of=as_of)
+
+
+def test_a_request_goes_where_most_of_its_prefix_is(clock: Clock) -> None:
+    s = make(clock, [cached("a", 8, ("k1",), clock()), cached("b", 8, ("k1", "k2", "k3"), clock()),
+                     cached("c", 8, (), clock())])
+    t = s.pick_decode(100, prefix=["k1", "k2", "k3", "k4"])
+    assert t is not None and (t.address, t.cached_blocks) == ("b", 3)
+    s.release(t)
+    t = s.pick_decode(100, prefix=["k1", "x"])  # a and b both hold k1: the tie goes round-robin
+    assert t is not None and t.address in ("a", "b") and t.cached_blocks == 1
+    s.release(t)
+    t = s.pick_decode(100, prefix=["x", "k1"])  # matched from the first block on (keys are chained hashes)
+    assert t is not None and t.cached_blocks == 0
+
+
+def test_affinity_never_fills_one_worker_while_another_idles(clock: Clock) -> None:
+    s = make(clock, [cached("hot", 3, ("k1", "k2"), clock()), cached("cold", 8, (), clock())])
+    t = s.pick_decode(100, prefix=["k1", "k2"])  # 3 free rows of 8: at least half the freest's capacity? no
+    assert t is not None and t.address == "cold" and t.cached_blocks == 0
+    s = make(clock, [cached("hot", 5, ("k1", "k2"), clock()), cached("cold", 8, (), clock())])
+    t = s.pick_decode(100, prefix=["k1", "k2"])
+    assert t is not None and t.address == "hot" and t.cached_blocks == 2
+
+
+def test_equal_workers_share_conversations_evenly(clock: Clock) -> None:
+    """Each conversation's first turn goes round-robin; its later turns follow its history."""
+    s = make(clock, [cached("a", 32, (), clock()), cached("b", 32, (), clock())])
+    first = [s.pick_decode(100, prefix=[f"c{i}"]) for i in range(10)]
+    assert Counter(t.address for t in first if t is not None) == {"a": 5, "b": 5}
+
+
+def test_prefix_blocks_travel_in_occupancy_and_the_registry() -> None:
+    load = DecodeLoad(active_rows=2, prefix_blocks=("ab", "cd"))
+    assert DecodeLoad.from_proto(load.to_proto("fp")) == load
+    assert DecodeLoad.from_registry(load.to_registry()) == load
+    assert DecodeLoad.from_registry({"active_rows": 1}).prefix_blocks == ()  # an older worker's record
+    with pytest.raises(ValueError):
+        DecodeLoad.from_registry({"prefix_blocks": "ab"})

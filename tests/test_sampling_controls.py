@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from baton.engine.engine import Engine
-from baton.engine.grammar import ResponseFormat
+from baton.engine.grammar import Grammars, ResponseFormat
 from baton.engine.logprobs import TokenLogprobs
 from baton.engine.models import LoadedModel
 from baton.engine.request import FinishReason, Request, SamplingParams
@@ -276,3 +276,18 @@ def test_choices_forked_from_one_prefill_equal_requests_alone(prompt_len: int) -
         assert c.output_ids == solo.output_ids, f"choice {i}"
         check_request(lm, c)
     assert len({tuple(c.output_ids) for c in choices}) > 1  # they sampled on streams of their own
+
+
+def test_a_tokenizer_the_grammar_library_cannot_read_refuses_formats_not_requests() -> None:
+    """A model whose tokenizer llguidance cannot read (a bare word-level one) still serves; a request with a
+    response_format is refused naming the field, the same every time (the failure is kept, not retried)."""
+    from baton.bench.shapes import word_tokenizer
+
+    lm = tiny_model("llama")
+    grammars = Grammars(word_tokenizer(lm.spec.vocab_size), lm.spec.vocab_size)
+    req = Request("x", [5, 6], SamplingParams(response_format=json_format(SCHEMAS[0])))
+    for _ in range(2):
+        with pytest.raises(InvalidRequestError) as e:
+            req.constrain(grammars)
+        assert e.value.field == "response_format" and "tokenizer" in str(e.value)
+    Request("y", [5, 6]).constrain(grammars)  # nothing asked: nothing needed

@@ -134,13 +134,27 @@ class Grammars:
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int) -> None:
         self.hf_tokenizer, self.vocab_size = tokenizer, vocab_size
         self._lock = threading.Lock()
+        self._tokenizer: llguidance.LLTokenizer | InvalidRequestError | None = None
 
-    @cached_property
+    @property
     def tokenizer(self) -> llguidance.LLTokenizer:
-        if self.hf_tokenizer is None:
-            raise InvalidRequestError("response_format", "this model has no tokenizer: no structured output")
+        """Built once. Raises InvalidRequestError (naming response_format) when the model's tokenizer cannot be
+        used, every time."""
         with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._build()
+        if isinstance(self._tokenizer, InvalidRequestError):
+            raise self._tokenizer
+        return self._tokenizer
+
+    def _build(self) -> llguidance.LLTokenizer | InvalidRequestError:
+        if self.hf_tokenizer is None:
+            return InvalidRequestError("response_format", "this model has no tokenizer: no structured output")
+        try:
             return llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size)
+        except (ValueError, TypeError, RuntimeError) as e:  # llguidance cannot read this tokenizer
+            return InvalidRequestError("response_format", f"structured output does not support this model's "
+                                                          f"tokenizer: {e}")
 
     @cached_property
     def _executor(self) -> llguidance.LLExecutor:

@@ -21,6 +21,7 @@ Shapes: kv [layers, 2, kv_heads, tokens, head_dim], as KVPayload.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -69,9 +70,15 @@ class PrefixCache:
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
         self.bytes = 0
         self.stats = CacheStats()
+        self.version = 0  # changes whenever the set of cached blocks does (what a worker publishes: keys())
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+    def keys(self, limit: int = 4096) -> tuple[str, ...]:
+        """The keys of the cached blocks (hex), most recently used first, at most `limit`: what a decode worker
+        publishes so that routers send a conversation where its history is (services/router/scheduler.py)."""
+        return tuple(k.hex() for k in itertools.islice(reversed(self._blocks), limit))
 
     def lookup(self, ids: Sequence[int]) -> tuple[int, torch.Tensor | None]:
         """The longest cached prefix of `ids` in whole blocks, leaving at least one token: (its length, a copy of
@@ -105,6 +112,7 @@ class PrefixCache:
                     return  # the rest of this prompt does not fit
                 self._blocks[key] = block
                 self.bytes += block.nbytes
+                self.version += 1
                 if parent is not None:
                     self._blocks[parent].children += 1
             parent = key
@@ -117,6 +125,7 @@ class PrefixCache:
                 return False
             block = self._blocks.pop(victim)
             self.bytes -= block.nbytes
+            self.version += 1
             self.stats.evicted_blocks += 1
             if block.parent is not None and block.parent in self._blocks:
                 self._blocks[block.parent].children -= 1

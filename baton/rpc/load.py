@@ -3,9 +3,9 @@ and back.
 
 `DecodeLoad` and `PrefillLoad` are what a worker reports about itself (`occupancy()`), what its Occupancy RPC
 answers (`to_proto`/`from_proto`, as `baton.v1.OccupancyResponse`) and what its heartbeat publishes in the
-registry (`to_registry`/`from_registry`, a dict of ints in `WorkerInfo.load`). Every field of each type is a
-field of OccupancyResponse of the same name, so the conversions copy fields by name and no list of them is
-written anywhere else.
+registry (`to_registry`/`from_registry`, a dict in `WorkerInfo.load`). Every field of each type is a field of
+OccupancyResponse of the same name, so the conversions copy fields by name and no list of them is written anywhere
+else: counts as ints, `prefix_blocks` as a list of strings.
 """
 
 from __future__ import annotations
@@ -35,15 +35,27 @@ class _Load:
 
     @classmethod
     def from_proto(cls: type[L], m: pb.OccupancyResponse) -> L:
-        return cls(**{f.name: int(getattr(m, f.name)) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: _typed(f, getattr(m, f.name)) for f in dataclasses.fields(cls)})
 
-    def to_registry(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+    def to_registry(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_registry(cls: type[L], record: Mapping[str, Any]) -> L:
-        """Missing fields are 0 (a record of an older worker); raises ValueError on a value that is no int."""
-        return cls(**{f.name: int(record.get(f.name, 0)) for f in dataclasses.fields(cls)})
+        """Missing fields are 0 or empty (a record of an older worker); raises ValueError on a value of the
+        wrong kind."""
+        return cls(**{f.name: _typed(f, record.get(f.name, f.default)) for f in dataclasses.fields(cls)})
+
+
+def _typed(f: dataclasses.Field[Any], value: Any) -> Any:
+    if f.metadata.get("strings"):
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError
+            return tuple(str(x) for x in value)
+        except TypeError:
+            raise ValueError(f"{f.name}: expected a list of strings") from None
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +70,8 @@ class DecodeLoad(_Load):
     completed: int = 0  # requests that finished (stop or length) since start
     kv_received: int = 0  # KV payloads accepted since start
     tokens_generated: int = 0  # tokens sampled since start
+    # keys of the prompt blocks its prefix cache holds (baton/engine/prefix_cache.py), most recently used first
+    prefix_blocks: tuple[str, ...] = dataclasses.field(default=(), metadata={"strings": True})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -29,7 +30,7 @@ class WorkerInfo:
     role: str  # Role.value: "prefill" | "decode"
     address: str  # host:port that other services dial
     model_fingerprint: str
-    load: dict[str, int] = field(default_factory=dict)  # the worker's DecodeLoad or PrefillLoad, to_registry()
+    load: dict[str, Any] = field(default_factory=dict)  # the worker's DecodeLoad or PrefillLoad, to_registry()
     updated_at: float = field(default_factory=time.time)  # time.time() of the publishing
 
     def to_json(self) -> str:
@@ -44,7 +45,7 @@ class WorkerInfo:
                 role=str(obj["role"]),
                 address=str(obj["address"]),
                 model_fingerprint=str(obj["model_fingerprint"]),
-                load={str(k): int(v) for k, v in dict(obj.get("load") or {}).items()},
+                load={str(k): v for k, v in dict(obj.get("load") or {}).items()},  # typed by from_registry
                 updated_at=float(obj["updated_at"]),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from baton.engine.models import LoadedModel, load_model
+from baton.errors import InvalidRequestError
 from baton.metrics import MetricsRegistry, serve_metrics
 from baton.rpc.internal_token import resolve_internal_token
 from baton.rpc.load import Load, Role
@@ -75,7 +76,10 @@ def load_worker_model(args: argparse.Namespace) -> WorkerSetup | int:
         return 2
     log.info("model %s loaded on %s (%s), fingerprint %s", args.model, lm.device, lm.dtype, lm.fingerprint[:12])
     if lm.tokenizer is not None:  # structured output's view of the tokenizer, now rather than on the event loop
-        lm.grammars.tokenizer  # noqa: B018 - about a second, once
+        try:
+            lm.grammars.tokenizer  # noqa: B018 - about a second, once
+        except InvalidRequestError as e:
+            log.warning("%s: requests with a response_format will be refused", e)
     return WorkerSetup(lm, tls, token, SharedCores(args.shared_cores) if args.shared_cores else None)
 
 

@@ -251,7 +251,7 @@ class OccupancyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class OccupancyResponse(_message.Message):
-    __slots__ = ("active_rows", "free_rows", "kv_tokens_used", "kv_tokens_free", "waiting", "model_fingerprint", "completed", "kv_received", "running", "tokens_generated")
+    __slots__ = ("active_rows", "free_rows", "kv_tokens_used", "kv_tokens_free", "waiting", "model_fingerprint", "completed", "kv_received", "running", "tokens_generated", "prefix_blocks")
     ACTIVE_ROWS_FIELD_NUMBER: _ClassVar[int]
     FREE_ROWS_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +262,7 @@ class OccupancyResponse(_message.Message):
     KV_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     active_rows: int
     free_rows: int
     kv_tokens_used: int
@@ -272,7 +273,8 @@ class OccupancyResponse(_message.Message):
     kv_received: int
     running: int
     tokens_generated: int
-    def __init__(self, active_rows: _Optional[int] = ..., free_rows: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_free: _Optional[int] = ..., waiting: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., completed: _Optional[int] = ..., kv_received: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    prefix_blocks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, active_rows: _Optional[int] = ..., free_rows: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_free: _Optional[int] = ..., waiting: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., completed: _Optional[int] = ..., kv_received: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefix_blocks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KvHeader(_message.Message):
     __slots__ = ("request_id", "model_fingerprint", "num_layers", "kv_heads", "head_dim", "num_tokens", "dtype", "prompt_ids", "first_token", "total_bytes", "crc32", "first_logprobs", "prompt_logprobs")

@@ -167,6 +167,7 @@ class _Iteration:
     failed: list[tuple[Request, Exception]] = field(default_factory=list)
     kv_tokens: int = 0
     tokens_generated: int = 0
+    prefix_blocks: tuple[str, ...] | None = None  # the prefix cache's block keys, when they changed
 
 
 class DecodeWorker:
@@ -207,6 +208,7 @@ class DecodeWorker:
         self._choice: dict[str, tuple[Reservation, int]] = {}  # every live engine request id -> its choice
         self._completed = self._kv_received = self._tokens_generated = 0
         self._batch_kv_tokens = 0  # as last reported by the decode loop
+        self._prefix_blocks: tuple[str, ...] = ()  # likewise: what the prefix cache holds, for routers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
         # decode-loop side
@@ -373,6 +375,7 @@ class DecodeWorker:
             completed=self._completed,
             kv_received=self._kv_received,
             tokens_generated=self._tokens_generated,
+            prefix_blocks=self._prefix_blocks,
         )
 
     def _publish(self) -> None:
@@ -408,6 +411,8 @@ class DecodeWorker:
     def _on_report(self, report: _Iteration) -> None:
         """Runs on the event loop: deliver one iteration's tokens and endings."""
         self._batch_kv_tokens, self._tokens_generated = report.kv_tokens, report.tokens_generated
+        if report.prefix_blocks is not None:
+            self._prefix_blocks = report.prefix_blocks
         for req, ev in report.events:
             res, ev.index = self._choice.get(req.id, (None, 0))
             if res is None or res.choices[ev.index] is not req or res.ended:
@@ -462,6 +467,7 @@ class DecodeWorker:
     def _run(self, threads: int) -> None:
         torch.set_num_threads(threads)
         engine = self.engine
+        cache, published = engine.runner.prefix_cache, -1
         while True:
             commands = [self._inbox.get()] if not engine.has_work() else []  # nothing to compute: sleep here
             while True:
@@ -478,6 +484,8 @@ class DecodeWorker:
                 self._step(report)
             report.kv_tokens = engine.batch.kv_tokens
             report.tokens_generated = engine.stats.output_tokens
+            if cache is not None and cache.version != published:  # read here: the cache is this thread's
+                report.prefix_blocks, published = cache.keys(), cache.version
             self.metrics.engine(engine.stats)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._on_report, report)

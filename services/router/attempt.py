@@ -8,7 +8,9 @@ An attempt's life:
    another. Then PrefillWorker.Prefill(request, D) runs in the background on the prefill worker with the
    shortest queue, which pushes the KV straight to D; a prefill worker that is full or gone is skipped. A request
    whose tokens to prefill number at most the router's --local-prefill-tokens is reserved with prefill_here
-   instead: D runs its prompt inside its batch's next iteration, and no prefill worker is asked.
+   instead: D runs its prompt inside its batch's next iteration, and no prefill worker is asked. Those are counted
+   less the prompt's first blocks that D's prefix cache holds (the scheduler prefers the decode worker holding
+   most of them): a conversation's next turn is computed where its history is, and only its new tokens.
 2. `messages`: D's messages as they come. The attempt ends with the message that carries a finish reason.
 3. `close`: whatever is left of the attempt is stopped on its workers (the Decode call cancelled, so D drops
    the row; a prefill still pending cancelled on its worker); nothing, once the attempt finished.
@@ -37,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from baton.engine.prefix_cache import BLOCK_TOKENS, block_keys
 from baton.engine.request import FinishReason
 from baton.errors import (
     DeadlineExceeded,
@@ -141,10 +144,12 @@ class Attempt:
         self.trace, self.metrics, self.background = trace, metrics, background
         self.kv_timeout_s, self.queue_timeout_s, self.max_retries = kv_timeout_s, queue_timeout_s, max_retries
         self.choices = max(1, request.n)  # rows: n choices spliced from one prefill
-        # short enough for the decode worker to prefill inside its batch's iteration (a resumed request counts
-        # the tokens it has streamed: they are prefilled too); several choices fork from a pushed prefill
-        self.prefill_here = (len(request.prompt_ids) + len(request.output_ids) <= local_prefill_tokens
-                             and self.choices == 1)
+        self.local_prefill_tokens = local_prefill_tokens
+        tokens = list(request.prompt_ids) + list(request.output_ids)  # a resumed request prefills those too
+        self.tokens = len(tokens)
+        # its whole prompt blocks' keys, as decode workers' prefix caches name them (the last token never counts)
+        self.prefix = [k.hex() for k in block_keys(tokens, (len(tokens) - 1) // BLOCK_TOKENS)]
+        self.prefill_here = False  # decided with the worker (_local): it may hold the prompt's first blocks
         self._open = set(range(self.choices))  # choices not finished
         self.ticket: Ticket | None = None
         self.call: grpc.aio.UnaryStreamCall | None = None
@@ -188,12 +193,14 @@ class Attempt:
         for _ in range(MAX_RESERVE_ATTEMPTS):
             wait = remaining(self.deadline, self.queue_timeout_s)
             try:
-                ticket = await self.scheduler.acquire(self.need_tokens, wait, retry, rows=self.choices)
+                ticket = await self.scheduler.acquire(self.need_tokens, wait, retry, rows=self.choices,
+                                                      prefix=self.prefix)
             except Overloaded:
                 if self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline - 0.01:
                     passed = "the request's deadline passed while it waited for a decode worker"
                     raise DeadlineExceeded(passed) from None
                 raise
+            self.prefill_here = self._local(ticket)
             call: grpc.aio.UnaryStreamCall | None = None
             try:
                 call = self.pool.decode_stub(ticket.address).Decode(
@@ -227,6 +234,12 @@ class Attempt:
             self.scheduler.accepted(ticket)
             return ticket, call
         raise Overloaded("decode workers kept refusing the request; retry later", retry_after_s=1.0)
+
+    def _local(self, ticket: Ticket) -> bool:
+        """Whether the decode worker prefills the request itself: what it must compute (the prompt less the blocks
+        its prefix cache holds) is at most --local-prefill-tokens; several choices fork from a pushed prefill."""
+        uncached = self.tokens - ticket.cached_blocks * BLOCK_TOKENS
+        return self.choices == 1 and uncached <= self.local_prefill_tokens
 
     async def _prefill(self) -> pb.PrefillResponse | None:
         """Have a prefill worker compute the prompt's KV and push it to this attempt's decode worker. A prefill

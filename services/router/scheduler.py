@@ -3,7 +3,10 @@
 Decode: a request needs `prompt_len + max_new_tokens` KV tokens per row and one row (n, for n choices). Among the
 healthy decode workers with free rows and enough free KV tokens, the one with the most free capacity for it wins:
 capacity is how many more requests of this size the worker could take, `min(free_rows // rows,
-kv_tokens_free // need)`. Ties are
+kv_tokens_free // need)`. A request whose prompt's first blocks a worker's prefix cache holds (decode workers publish
+the keys of their cached blocks, baton/engine/prefix_cache.py) goes to the worker holding the most of them, unless
+that worker has less than half the free capacity of the freest one: affinity, never at the price of one worker
+filling while another idles (SGLang's cache-aware rule; Dynamo scores overlap against load alike). Ties are
 broken round-robin, so equal workers take turns. A full worker is never chosen.
 
 Prefill: the healthy prefill worker with the fewest requests waiting, ties round-robin.
@@ -23,7 +26,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from baton.errors import InvalidRequestError, Overloaded, Unavailable
@@ -53,6 +56,7 @@ class Ticket:
     address: str
     tokens: int  # KV tokens the request holds on a decode worker (0 for prefill)
     rows: int = 1  # decode rows it holds (n choices: n)
+    cached_blocks: int = 0  # leading blocks of its prompt the worker's prefix cache held when it was chosen
     id: int = field(default_factory=itertools.count().__next__)
     accepted_at: float | None = None  # when the worker accepted it; None: not yet
     done_at: float | None = None
@@ -65,6 +69,16 @@ class _Worker:
     refused_at: float | None = None  # it refused a request: full until a later report says otherwise
     kv_capacity: int = 0  # the most KV tokens it was ever seen to hold and have free: a lower bound of its budget
     failed_at: float | None = None  # the router could not reach it: unhealthy until a report measured after that
+    blocks: frozenset[str] = frozenset()  # its prefix cache's block keys, as last reported
+
+    def cached(self, prefix: Sequence[str]) -> int:
+        """How many leading blocks of `prefix` (chained block keys) the worker's cache holds."""
+        n = 0
+        for key in prefix:
+            if key not in self.blocks:
+                break
+            n += 1
+        return n
 
     @property
     def healthy(self) -> bool:
@@ -117,6 +131,7 @@ class _Worker:
 class _Waiter:
     need: int
     rows: int
+    prefix: tuple[str, ...]
     future: asyncio.Future[Ticket]
 
 
@@ -146,6 +161,8 @@ class Scheduler:
             elif report.as_of >= w.report.as_of or not report.healthy:
                 w.report = report
                 w.prune()
+            if role is Role.DECODE and report is w.report:
+                w.blocks = frozenset(report.decode.prefix_blocks)
             if role is Role.DECODE:
                 w.kv_capacity = max(w.kv_capacity, report.decode.kv_tokens_free + report.decode.kv_tokens_used)
         if role is Role.DECODE:
@@ -165,32 +182,37 @@ class Scheduler:
         return out
 
     # ---- decode ------------------------------------------------------------------------------------
-    def pick_decode(self, need_tokens: int, rows: int = 1) -> Ticket | None:
-        """Assign the request to the decode worker with the most free capacity for it, or None if none has room.
-        need_tokens: KV tokens for all of its rows."""
-        best: list[str] = []
-        best_capacity = 0
+    def pick_decode(self, need_tokens: int, rows: int = 1, prefix: Sequence[str] = ()) -> Ticket | None:
+        """Assign the request to the decode worker that holds most of its `prefix` (its prompt's chained block
+        keys) among those with at least half the best free capacity for it, then the one with the most capacity;
+        None if none has room. need_tokens: KV tokens for all of its rows."""
+        capacities: dict[str, int] = {}
         for address, w in self._workers[Role.DECODE].items():
-            if not w.healthy:
-                continue
-            free, kv = w.room()
-            capacity = min(free // rows, kv // max(1, need_tokens))
-            if capacity > best_capacity:
-                best, best_capacity = [address], capacity
-            elif capacity == best_capacity and capacity > 0:
-                best.append(address)
-        if not best:
+            if w.healthy:
+                free, kv = w.room()
+                capacity = min(free // rows, kv // max(1, need_tokens))
+                if capacity > 0:
+                    capacities[address] = capacity
+        if not capacities:
             return None
-        return self._assign(Role.DECODE, self._fair(Role.DECODE, best), need_tokens, rows)
+        most = max(capacities.values())
+        cached = {a: self._workers[Role.DECODE][a].cached(prefix) if prefix else 0 for a in capacities}
+        # affinity first, among workers not much busier than the freest; then capacity
+        score = {a: (cached[a] if 2 * c >= most else 0, c) for a, c in capacities.items()}
+        top = max(score.values())
+        best = [a for a, s in score.items() if s == top]
+        ticket = self._assign(Role.DECODE, self._fair(Role.DECODE, best), need_tokens, rows)
+        ticket.cached_blocks = top[0]
+        return ticket
 
     async def acquire(self, need_tokens: int, timeout: float | None = None, first: bool = False,
-                      rows: int = 1) -> Ticket:
+                      rows: int = 1, prefix: Sequence[str] = ()) -> Ticket:
         """A decode worker for the request, waiting in FIFO order (at the head with `first`) until one has room.
         Raises Overloaded when the queue is full or the wait times out, Unavailable when no decode worker is
         known, InvalidRequestError when no known worker could ever hold the request."""
         self._check_fits(need_tokens, rows)
         if not self._queue or first:
-            ticket = self.pick_decode(need_tokens, rows)
+            ticket = self.pick_decode(need_tokens, rows, prefix)
             if ticket is not None:
                 return ticket
         if len(self._queue) >= self.max_queue and not first:
@@ -198,7 +220,7 @@ class Scheduler:
                 f"router queue is full ({self.max_queue} requests waiting); retry after {self.retry_after_s:g}s",
                 retry_after_s=self.retry_after_s,
             )
-        waiter = _Waiter(need_tokens, rows, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(need_tokens, rows, tuple(prefix), asyncio.get_running_loop().create_future())
         if first:
             self._queue.appendleft(waiter)
         else:
@@ -242,7 +264,7 @@ class Scheduler:
             if head.future.done():
                 self._queue.popleft()
                 continue
-            ticket = self.pick_decode(head.need, head.rows)
+            ticket = self.pick_decode(head.need, head.rows, head.prefix)
             if ticket is None:
                 return
             self._queue.popleft()
