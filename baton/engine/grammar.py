@@ -100,7 +100,7 @@ class ResponseFormat:
         raise InvalidRequestError("response_format", 'must be {"type": "text"}, {"type": "json_object"} or '
                                                      '{"type": "json_schema", "json_schema": {...}}')
 
-    @property
+    @cached_property  # checked at construction, then used by every worker's Constraint: built once
     def grammar(self) -> str:
         """The format as an llguidance grammar."""
         schema: Any = {"type": "object"} if self.kind is FormatKind.JSON_OBJECT else json.loads(self.schema)

@@ -52,8 +52,3 @@ def of_prompt(logits: torch.Tensor, prompt_ids: Sequence[int], top: int) -> list
     row i predicting position i + 1 (the last row predicts the first generated token and is not used here)."""
     rest = list(prompt_ids[1:])
     return [None, *of_rows(logits[: len(rest)], rest, [top] * len(rest))]
-
-
-def wanted(top: int | None) -> bool:
-    """Whether a request's `logprobs` (or `prompt_logprobs`) asks for anything: None is off, 0 the chosen token's."""
-    return top is not None

@@ -106,9 +106,10 @@ def logprobs_from_proto(m: pb.TokenLogprobs) -> TokenLogprobs:
     return TokenLogprobs(m.chosen.token, m.chosen.logprob, tuple((t.token, t.logprob) for t in m.top))
 
 
-def prompt_logprobs_to_proto(lps: Sequence[TokenLogprobs | None]) -> list[pb.TokenLogprobs]:
-    """Every position but the first (which has none)."""
-    return [logprobs_to_proto(lp) for lp in lps[1:] if lp is not None]
+def prompt_logprobs_to_proto(lps: Sequence[TokenLogprobs | None],
+                             texts: Callable[[int], str] | None = None) -> list[pb.TokenLogprobs]:
+    """Every position but the first (which has none); with `texts`, each token's text too."""
+    return [logprobs_to_proto(lp, texts) for lp in lps[1:] if lp is not None]
 
 
 def prompt_logprobs_from_proto(ms: Sequence[pb.TokenLogprobs]) -> list[TokenLogprobs | None] | None:

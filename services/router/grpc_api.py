@@ -15,7 +15,7 @@ import grpc
 
 from baton.engine.request import MAX_TIMEOUT_S, SamplingParams
 from baton.errors import InvalidRequestError
-from baton.rpc.convert import finish_to_proto, logprobs_to_proto, params_from_proto
+from baton.rpc.convert import finish_to_proto, logprobs_to_proto, params_from_proto, prompt_logprobs_to_proto
 from baton.rpc.server import Service
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
@@ -52,8 +52,7 @@ class RouterServicer(baton_pb2_grpc.RouterServicer):
         text = self.router.token_texts.text
         into.logprobs.extend(logprobs_to_proto(lp, text) for lp in ev.logprobs)
         if ev.prompt_logprobs is not None:
-            prompt_into.prompt_logprobs.extend(logprobs_to_proto(lp, text) for lp in ev.prompt_logprobs[1:]
-                                               if lp is not None)
+            prompt_into.prompt_logprobs.extend(prompt_logprobs_to_proto(ev.prompt_logprobs, text))
 
     def _events(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
