@@ -29,6 +29,7 @@ class Reason(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline passed
     KV_LEASE_EXPIRED = "kv_lease_expired"  # a decode worker's reserved row got no KV in time and was released
     KV_PUSH_FAILED = "kv_push_failed"  # a prefill worker could not hand the KV to its decode worker
+    PREFIX_EVICTED = "prefix_evicted"  # a KV push left out blocks the decode worker no longer holds
     UNAUTHENTICATED = "unauthenticated"  # no valid API key
     INTERNAL = "internal"  # a bug
 
@@ -111,6 +112,13 @@ class KvPushFailed(ServiceError):
         self.upstream = upstream
 
 
+class PrefixEvicted(ServiceError):
+    """A KV push left out its prompt's first blocks because the decode worker's prefix cache held them (as the
+    router last saw it), and the cache no longer holds them all: nothing was spliced; push the whole KV again."""
+
+    reason = Reason.PREFIX_EVICTED
+
+
 class UnknownPeer(ServiceError):
     """A prefill worker was asked to push KV to a decode worker it does not know (not in its --decode list or
     registry): it dials nothing. The router tries another prefill worker; a client never caused it."""
@@ -136,7 +144,7 @@ def reason_of(exc: BaseException) -> Reason:
 _CLASSES: dict[Reason, type[ServiceError]] = {
     cls.reason: cls
     for cls in (MalformedMessage, PayloadError, Overloaded, Unavailable, NotFound, ModelNotFound, Cancelled,
-                DeadlineExceeded, KvLeaseExpired, UnknownPeer, Unauthenticated, ServiceError)
+                DeadlineExceeded, KvLeaseExpired, PrefixEvicted, UnknownPeer, Unauthenticated, ServiceError)
 }
 
 

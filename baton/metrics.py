@@ -218,6 +218,10 @@ class DecodeMetrics(MetricsRegistry):
         self.masked_kv = c("baton_decode_masked_kv", "query-key pairs that were padding")
         self.kv_received = c("baton_decode_kv_received_bytes", "KV bytes received from prefill workers")
         self.kv_refused = c("baton_decode_kv_refused", "KV pushes refused (unknown request, corrupt or foreign KV)")
+        self.kv_held_bytes = c("baton_decode_kv_held_bytes",
+                               "KV bytes pushes left out because the prefix cache here held them (not shipped)")
+        self.kv_held_evicted = c("baton_decode_kv_held_evicted",
+                                 "KV pushes refused: they left out blocks the prefix cache here no longer held")
         self.local_prefills = c("baton_decode_local_prefills", "requests prefilled here (prefill_here), not pushed")
         self.local_prefill_tokens = c("baton_decode_local_prefill_tokens", "prompt tokens prefilled here")
         self.prefix_hit_tokens = c("baton_decode_prefix_hit_tokens",

@@ -20,9 +20,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
+from baton.engine.prefix_cache import BLOCK_TOKENS
 from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.engine.runner import ModelRunner
-from baton.errors import InvalidRequestError, NotFound, Overloaded, PayloadError, Unavailable
+from baton.errors import InvalidRequestError, NotFound, Overloaded, PayloadError, PrefixEvicted, Unavailable
 from baton.rpc.convert import params_to_proto
 from baton.rpc.kv_transfer import payload_messages
 from baton.serve import free_port
@@ -231,6 +232,37 @@ def test_kv_it_cannot_use_is_refused_and_the_reservation_stays(tiny_llama: Loade
         assert tokens == reference(tiny_llama, req.prompt_ids, 5) and reason is FinishReason.LENGTH
 
     run_with_worker(tiny_llama, body)
+
+
+def test_a_push_leaving_out_held_blocks_is_completed_from_the_cache_or_refused(tiny_llama: LoadedModel) -> None:
+    """A conversation's next turn pushed less the blocks this worker's prefix cache holds (its history, kept when
+    the last turn finished) decodes as generate() on the whole prompt; a push leaving out blocks the cache does
+    not hold is refused with PrefixEvicted, nothing spliced, and the reservation takes the whole KV after."""
+    first = make("t1", prompt(20, 40), 6)
+    per_token = tiny_llama.spec.num_layers * 2 * tiny_llama.spec.kv_heads * tiny_llama.spec.head_dim * 4
+
+    async def body(worker: DecodeWorker) -> None:
+        res = worker.reserve(first)
+        worker.deliver_kv(kv_for(tiny_llama, first))
+        history = first.prompt_ids + (await collect(res))[0]  # 46 tokens: the finished row kept 2 whole blocks
+        second = make("t2", history + [7, 8, 9], 5)
+        res = worker.reserve(second)
+        worker.deliver_kv(kv_for(tiny_llama, second).leave_out(2 * BLOCK_TOKENS))
+        tokens, _ = await collect(res)
+        assert tokens == reference(tiny_llama, second.prompt_ids, 5)
+        assert worker.metrics.kv_held_bytes._value.get() == 2 * BLOCK_TOKENS * per_token
+
+        stranger = make("t3", prompt(21, 40), 5)  # nothing of it is cached
+        res = worker.reserve(stranger)
+        whole = kv_for(tiny_llama, stranger)
+        with pytest.raises(PrefixEvicted, match="prefix cache"):
+            worker.deliver_kv(whole.leave_out(BLOCK_TOKENS))
+        worker.deliver_kv(whole)
+        tokens, _ = await collect(res)
+        assert tokens == reference(tiny_llama, stranger.prompt_ids, 5)
+        assert worker.metrics.kv_held_evicted._value.get() == 1
+
+    run_with_worker(tiny_llama, body, prefix_cache_bytes=10**8)
 
 
 def test_admission_limits(tiny_llama: LoadedModel) -> None:

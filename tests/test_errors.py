@@ -22,6 +22,7 @@ from baton.errors import (
     NotFound,
     Overloaded,
     PayloadError,
+    PrefixEvicted,
     Reason,
     ServiceError,
     Unauthenticated,
@@ -45,7 +46,7 @@ def make_errors(message: str, field: str) -> list[ServiceError]:
         InvalidRequestError(field, message), MalformedMessage(message), PayloadError(message),
         Overloaded(message, retry_after_s=0.25), Unavailable(message), NotFound(message), ModelNotFound(message),
         Cancelled(message), DeadlineExceeded(message), KvLeaseExpired(message), KvPushFailed(message, Reason.NOT_FOUND),
-        UnknownPeer(message), Unauthenticated(message), ServiceError(message),
+        PrefixEvicted(message), UnknownPeer(message), Unauthenticated(message), ServiceError(message),
     ]
 
 

@@ -126,6 +126,30 @@ def test_several_prompts_stream_one_choice_each(client: openai.OpenAI, tiny_llam
         assert texts[i] == want
 
 
+def test_return_token_ids_gives_each_choices_tokens_as_vllm_does(stack: Stack, tiny_llama: LoadedModel) -> None:
+    """vLLM's extension, which closed-loop benchmarks (the chat workload over --api openai) need: the answer's
+    token ids, in every stream chunk as it goes and in the whole response, with the prompt's."""
+    prompt = PROMPTS[0]
+    want = reference(tiny_llama, prompt, 6)
+    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = httpx.post(f"{stack.http}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert whole["token_ids"] == want and whole["prompt_token_ids"] == prompt
+    got: list[int] = []
+    with httpx.stream("POST", f"{stack.http}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    for i, c in enumerate(chunks):
+        choice = c["choices"][0]
+        got += choice.get("token_ids", [])
+        assert ("prompt_token_ids" in choice) == (i == 0)
+    assert got == want and chunks[0]["choices"][0]["prompt_token_ids"] == prompt
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    answer = httpx.post(f"{stack.http}/v1/chat/completions", json=chat, timeout=60).json()["choices"][0]
+    prompt_ids = answer["prompt_token_ids"]
+    assert answer["token_ids"] == reference(tiny_llama, prompt_ids, 4)
+
+
 def test_chat_logprobs_parse_into_the_clients_types(stack: Stack, client: openai.OpenAI,
                                                     tiny_llama: LoadedModel) -> None:
     messages: Any = [{"role": "user", "content": "Name a colour."}]

@@ -5,16 +5,23 @@ within its byte budget."""
 from __future__ import annotations
 
 import functools
+import threading
+import time
 
+import grpc
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import PreTrainedTokenizerBase
 
 from baton.engine.engine import Engine
 from baton.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.engine.runner import ModelRunner
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc
+from tests.support.inproc import Options, running_stack
 from tests.support.oracle import reference
 from tests.test_splice import tiny_model
 
@@ -148,3 +155,52 @@ def test_a_second_turn_computes_only_what_is_new(fused: bool) -> None:
     engine.run_until_done()
     assert second.output_ids == reference(lm, second.prompt_ids, 6)
     assert cache.stats.hit_tokens == 3 * BLOCK_TOKENS  # only 5 of its 53 prompt tokens were computed
+
+
+def test_a_next_turn_pushed_through_the_router_ships_only_what_the_decode_worker_lacks(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """Through the router, a prefill worker and gRPC: a conversation's next turn is pushed less the blocks the
+    decode worker's cache holds (the router saw them in its reports), and equals generate(); when those blocks are
+    evicted between the router's look and the push, the push is refused, the whole KV goes, and the answer is
+    still exact."""
+    budget = 3 * block_bytes()  # three blocks: the third turn's history fills it
+    with running_stack(tokenizer, Options(prefix_cache_bytes=budget)) as s:
+        lm, cache = s.decode.lm, s.decode.engine.runner.prefix_cache
+        assert cache is not None
+        metrics = s.decode.metrics
+        per_token = block_bytes() // BLOCK_TOKENS
+
+        def turn(stub: baton_pb2_grpc.RouterStub, ids: list[int], n: int) -> list[int]:
+            out = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), parameters=pb.SamplingParameters(
+                max_new_tokens=n, ignore_eos=True)), timeout=60)
+            assert list(out.token_ids) == reference(lm, ids, n)
+            time.sleep(0.3)  # the decode worker's next report tells the router what its cache now holds
+            return ids + list(out.token_ids)
+
+        with grpc.insecure_channel(s.grpc) as ch:
+            stub = baton_pb2_grpc.RouterStub(ch)
+            history = turn(stub, list(range(100, 140)), 6)  # 46 tokens: the decode worker keeps 2 blocks
+            received = metrics.kv_received._value.get()
+            history = turn(stub, history + [7, 8, 9], 5)  # 49 tokens, 32 held: 17 pushed
+            assert metrics.kv_held_bytes._value.get() == 2 * BLOCK_TOKENS * per_token
+            assert metrics.kv_received._value.get() - received == 17 * per_token
+
+            s.prefill_gate.clear()  # the third turn's prefill waits while its held blocks are evicted
+            third = history + [1, 2]  # 56 tokens, 48 held as the router sees it
+            result: list[list[int]] = []
+            thread = threading.Thread(target=lambda: result.append(turn(stub, third, 4)))
+            thread.start()
+            deadline = time.monotonic() + 20
+            while s.loop.call(s.decode.occupancy).waiting == 0:
+                assert time.monotonic() < deadline, "the third turn reserved no row"
+                time.sleep(0.02)
+            other = torch.randn(lm.spec.num_layers, 2, lm.spec.kv_heads, 3 * BLOCK_TOKENS, lm.spec.head_dim)
+            cache.insert(list(range(1000, 1048)), other)  # evicts all three blocks of the history
+            assert not cache.holds(third, BLOCK_TOKENS)
+            s.prefill_gate.set()
+            thread.join(60)
+            assert result, "the third turn failed"
+            assert metrics.kv_held_evicted._value.get() == 1
+            assert metrics.kv_held_bytes._value.get() == 2 * BLOCK_TOKENS * per_token  # nothing more held
+        s.wait_idle()

@@ -37,6 +37,8 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("baton_decode_local_prefill_tokens_total", "tokens"),
     ("baton_decode_local_prefills_total", "requests"),
     ("baton_decode_kv_received_bytes_total", "bytes"),
+    ("baton_decode_kv_held_bytes_total", "bytes"),  # left out of pushes: the decode worker's cache held them
+    ("baton_decode_kv_held_evicted_total", "pushes"),
     ("baton_decode_tokens_generated_total", "tokens"),
     # the prefix caches (prefix_cache.py): prompt tokens found there (not computed) and looked up but computed
     ("baton_prefill_prefix_hit_tokens_total", "tokens"),

@@ -15,6 +15,10 @@ sent with httpx; the server-sent events are read with httpx-sse. Timing, as load
   among the later chunks, the longest gaps taking the odd ones (`spread_itl`). When every chunk holds one token
   (vLLM's and Baton's usual stream) this is exactly the gaps.
 
+Conversations (the `chat` workload) need each answer's token ids for the next turn's prompt: the sender then asks
+for them with `return_token_ids: true` (vLLM's extension, which Baton's HTTP API honours too) and reads each
+chunk's `token_ids`.
+
 HTTP errors are recorded per request as HTTP_<status> (with the server's message as the detail), an error event
 inside the stream as STREAM_ERROR, a request past --request-timeout as DEADLINE_EXCEEDED (gRPC's name for it),
 anything else by its exception's type. No retries.
@@ -106,11 +110,12 @@ class OpenAISender:
     """Sends benchmark requests to an OpenAI-compatible server (loadgen.Sender); an async context manager that
     holds one connection pool of `concurrency` connections, so open-loop arrivals never wait for a free one."""
 
-    def __init__(self, target: Target, timeout_s: float | None, concurrency: int) -> None:
+    def __init__(self, target: Target, timeout_s: float | None, concurrency: int, token_ids: bool = False) -> None:
         if target.model is None:
             raise ValueError("the OpenAI API needs a model name (--served-model, or the first of /v1/models)")
         self.model = target.model
         self.timeout_s = timeout_s
+        self.token_ids = token_ids  # ask for the answers' token ids (return_token_ids): conversations need them
         size = max(1, concurrency)
         self.client = httpx.AsyncClient(
             base_url=target.url, headers=_headers(target.api_key), timeout=httpx.Timeout(timeout_s),
@@ -125,8 +130,9 @@ class OpenAISender:
         await self.client.__aexit__(exc_type, exc, tb)
 
     def body(self, request: BenchRequest) -> dict[str, Any]:
-        return {"model": self.model, "prompt": list(request.prompt_ids), "max_tokens": request.max_new_tokens,
+        body = {"model": self.model, "prompt": list(request.prompt_ids), "max_tokens": request.max_new_tokens,
                 "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        return {**body, "return_token_ids": True} if self.token_ids else body
 
     async def send(self, request: BenchRequest, out: Outcome, sent: float) -> None:
         try:
@@ -161,6 +167,7 @@ class OpenAISender:
                         out.ttft_s = now - sent
                     chunk_times.append(now)
                 for c in choices:
+                    out.output_ids.extend(c.get("token_ids") or ())
                     if c.get("finish_reason") is not None:
                         out.finish_reason = str(c["finish_reason"])
                         out.e2e_s = now - sent

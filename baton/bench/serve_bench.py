@@ -19,7 +19,8 @@ timed the same way as far as the stream allows (openai_load.py). Arrivals:
 - `--rate R --duration S`: Poisson arrivals for S seconds, cycling through the workload's requests.
 - `chat` (a conversation workload): --rate is conversations/s (default 0.5) and --requests their number; each
   conversation sends its turns one after another, each prompt the conversation so far with the answers the service
-  gave (loadgen.run_conversations; gRPC only, which returns the answers' token ids). Every turn is a request of
+  gave (loadgen.run_conversations; over the OpenAI API with `return_token_ids`, vLLM's extension, which Baton's
+  HTTP API honours too). Every turn is a request of
   the results.
 
 Each rate ends when its last request has; throughput is over that time. `--rates` runs several rates one after
@@ -182,8 +183,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("give --out or --out-dir, not both")
         if args.duration is not None and not args.duration > 0:
             raise ValueError("--duration must be > 0 seconds")
-        if WORKLOADS[args.workload].turns is not None and (args.duration is not None or args.api != "grpc"):
-            raise ValueError(f"--workload {args.workload}: conversations take --rate and --requests, over --api grpc")
+        if WORKLOADS[args.workload].turns is not None and args.duration is not None:
+            raise ValueError(f"--workload {args.workload}: conversations take --rate and --requests, not --duration")
         spec = get_workload(args.workload, num_requests=args.requests, seed=args.seed, prompt_min=args.prompt_min,
                             prompt_max=args.prompt_max, output_min=args.output_min, output_max=args.output_max)
         rates = parse_rates(args, spec)
@@ -194,15 +195,16 @@ def main(args: argparse.Namespace) -> int:
     return asyncio.run(sweep(args, target, spec, rates, tokenizer, vocab))
 
 
-def connect(target: Target) -> Connect:
-    """How to open a sender to `target` (its API decides; httpx is imported only for the OpenAI API)."""
+def connect(target: Target, token_ids: bool = False) -> Connect:
+    """How to open a sender to `target` (its API decides; httpx is imported only for the OpenAI API); with
+    `token_ids`, one that gives the answers' token ids (conversations need them; gRPC always does)."""
     if target.api == "grpc":
         return functools.partial(grpc_connect, target)
     if target.api == "openai":
         from baton.bench.openai_load import OpenAISender
 
         def open_openai(timeout_s: float | None, concurrency: int) -> AbstractAsyncContextManager[Sender]:
-            return OpenAISender(target, timeout_s, concurrency)
+            return OpenAISender(target, timeout_s, concurrency, token_ids)
 
         return open_openai
     raise ValueError(f"unknown api {target.api!r}: grpc or openai")
@@ -242,8 +244,8 @@ async def run_rate(args: argparse.Namespace, target: Target, spec: WorkloadSpec,
     if spec.turns is not None:  # conversations, closed loop
         conversations = draw_conversations(dataclasses.replace(spec, rate=None if math.isinf(rate) else rate),
                                            tokenizer, vocab)
-        outcomes, elapsed = await run_conversations(connect(target), conversations, args.request_timeout,
-                                                    progress=not args.no_progress, desc=desc)
+        outcomes, elapsed = await run_conversations(connect(target, token_ids=True), conversations,
+                                                    args.request_timeout, progress=not args.no_progress, desc=desc)
         return finish_rate(args, target, spec, rate, outcomes, elapsed, before)
     if math.isinf(rate):
         planned = plan(draw(dataclasses.replace(spec, rate=None), tokenizer, vocab))

@@ -39,7 +39,7 @@ from baton.engine.request import FinishReason, Request, RequestStatus
 from baton.engine.runner import PREFILL_TOKEN_BUDGET, ForwardPass, ModelRunner, pack_for_prefill
 from baton.engine.sampler import sample, with_logprobs
 from baton.engine.selective import iterate
-from baton.errors import InvalidRequestError
+from baton.errors import InvalidRequestError, PayloadError
 
 
 class Policy(enum.Enum):
@@ -193,6 +193,9 @@ class Engine:
             raise ValueError(f"policy {self.policy.value} cannot splice prefilled KV")
         self.validate(req)
         self._check_new_id(req)
+        if payload.held_tokens:
+            raise PayloadError(f"KV payload leaves out {payload.held_tokens} held tokens: complete it first "
+                               "(KVPayload.with_held)")
         self.lm.spec.check_kv(payload.model_fingerprint, self.lm.fingerprint, payload.dims, payload.prompt_ids,
                               req.all_ids, payload.first_token)
         for fork in forks:

@@ -12,8 +12,9 @@ Invariants kept here:
 - the bytes held never exceed `max_bytes` after an insert (blocks of one prompt that do not fit are not kept);
 - a lookup never returns a whole prompt: at least its last token is left to compute (its logits give the first
   output token).
-The cache is used by one thread (a worker's compute loop); a lookup returns a copy, so eviction never touches KV
-in use.
+A lookup returns a copy, so eviction never touches KV in use. A worker's compute loop uses the cache; a decode
+worker's event loop also takes the blocks a KV push left out (`held`, kv_payload.py's held tokens): a lock keeps
+each call whole.
 
 Shapes: kv [layers, 2, kv_heads, tokens, head_dim], as KVPayload.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -71,6 +73,7 @@ class PrefixCache:
         self.bytes = 0
         self.stats = CacheStats()
         self.version = 0  # changes whenever the set of cached blocks does (what a worker publishes: keys())
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -78,30 +81,59 @@ class PrefixCache:
     def keys(self, limit: int = 4096) -> tuple[str, ...]:
         """The keys of the cached blocks (hex), most recently used first, at most `limit`: what a decode worker
         publishes so that routers send a conversation where its history is (services/router/scheduler.py)."""
-        return tuple(k.hex() for k in itertools.islice(reversed(self._blocks), limit))
+        with self._lock:
+            return tuple(k.hex() for k in itertools.islice(reversed(self._blocks), limit))
 
     def lookup(self, ids: Sequence[int]) -> tuple[int, torch.Tensor | None]:
         """The longest cached prefix of `ids` in whole blocks, leaving at least one token: (its length, a copy of
         its KV [layers, 2, kv_heads, length, head_dim]), or (0, None). Counts the hit and the tokens left."""
+        with self._lock:
+            found = self._chain(ids, (len(ids) - 1) // BLOCK_TOKENS)
+            n = len(found) * BLOCK_TOKENS
+            self.stats.hit_tokens += n
+            self.stats.miss_tokens += len(ids) - n
+            return (n, torch.cat([b.kv for b in found], dim=3)) if found else (0, None)
+
+    def holds(self, ids: Sequence[int], tokens: int) -> bool:
+        """Whether the first `tokens` tokens of `ids` (whole blocks) are all cached."""
+        if tokens % BLOCK_TOKENS:
+            return False
+        with self._lock:
+            return all(k in self._blocks for k in block_keys(ids, tokens // BLOCK_TOKENS))
+
+    def held(self, ids: Sequence[int], tokens: int) -> torch.Tensor | None:
+        """A copy of the KV of the first `tokens` tokens of `ids` (whole blocks) [layers, 2, kv_heads, tokens,
+        head_dim], or None unless every one of their blocks is cached. Not counted as a hit: a prefill worker
+        computed them (or found them in its own cache), only their shipping was saved."""
+        with self._lock:
+            if tokens % BLOCK_TOKENS or tokens >= len(ids):
+                return None
+            found = self._chain(ids, tokens // BLOCK_TOKENS)
+            if len(found) * BLOCK_TOKENS != tokens:
+                return None
+            return torch.cat([b.kv for b in found], dim=3) if found else None
+
+    def _chain(self, ids: Sequence[int], blocks: int) -> list[_Block]:
+        """The cached blocks of the first `blocks` blocks of `ids`, up to the first one not cached; each marked
+        used (evicted last)."""
         found: list[_Block] = []
-        for key in block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS):
+        for key in block_keys(ids, blocks):
             block = self._blocks.get(key)
             if block is None:
                 break
-            self._blocks.move_to_end(key)  # used: evicted last
+            self._blocks.move_to_end(key)
             found.append(block)
-        n = len(found) * BLOCK_TOKENS
-        self.stats.hit_tokens += n
-        self.stats.miss_tokens += len(ids) - n
-        if not found:
-            return 0, None
-        return n, torch.cat([b.kv for b in found], dim=3)
+        return found
 
     def insert(self, ids: Sequence[int], kv: torch.Tensor) -> None:
         """Keep the whole blocks of a computed prompt (kv [layers, 2, kv_heads, len(ids), head_dim]) not cached yet,
         evicting least recently used tails to stay within max_bytes."""
         if self.max_bytes <= 0:
             return
+        with self._lock:
+            self._insert(ids, kv)
+
+    def _insert(self, ids: Sequence[int], kv: torch.Tensor) -> None:
         parent: bytes | None = None
         for b, key in enumerate(block_keys(ids, min(len(ids), kv.shape[3]) // BLOCK_TOKENS)):
             if key in self._blocks:

@@ -43,6 +43,7 @@ def payload_messages(payload: KVPayload, chunk_bytes: int = CHUNK_BYTES) -> Iter
         total_bytes=len(raw),
         crc32=zlib.crc32(raw),
         prompt_logprobs=prompt_logprobs_to_proto(payload.prompt_logprobs or []),
+        held_tokens=payload.held_tokens,
     )
     if payload.first_logprobs is not None:
         header.first_logprobs.CopyFrom(logprobs_to_proto(payload.first_logprobs))
@@ -57,8 +58,9 @@ def _check_header(h: pb.KvHeader) -> None:
     """The header describes a payload its own numbers agree on."""
     if h.dtype not in DTYPES:
         raise PayloadError(f"KV push has unknown dtype {h.dtype!r}")
-    if h.num_tokens != len(h.prompt_ids):
-        raise PayloadError(f"KV push header: num_tokens is {h.num_tokens}, prompt_ids has {len(h.prompt_ids)}")
+    if h.num_tokens + h.held_tokens != len(h.prompt_ids):
+        raise PayloadError(f"KV push header: num_tokens is {h.num_tokens} and held_tokens {h.held_tokens}, "
+                           f"prompt_ids has {len(h.prompt_ids)}")
     shape = (h.num_layers, 2, h.kv_heads, h.num_tokens, h.head_dim)
     expected = math.prod(shape) * torch.empty((), dtype=DTYPES[h.dtype]).element_size()
     if expected != h.total_bytes:
@@ -111,4 +113,5 @@ async def payload_from_messages(
         kv=kv,
         first_logprobs=logprobs_from_proto(header.first_logprobs) if header.HasField("first_logprobs") else None,
         prompt_logprobs=prompt_logprobs_from_proto(header.prompt_logprobs),
+        held_tokens=header.held_tokens,
     )

@@ -36,6 +36,7 @@ CODES: dict[Reason, grpc.StatusCode] = {
     Reason.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Reason.KV_LEASE_EXPIRED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Reason.UNKNOWN_PEER: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.PREFIX_EVICTED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Reason.INTERNAL: grpc.StatusCode.INTERNAL,
 }

@@ -215,12 +215,14 @@ class WorkerRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., parameters: _Optional[_Union[SamplingParameters, _Mapping]] = ..., output_ids: _Optional[_Iterable[int]] = ..., n: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request", "decode_address")
+    __slots__ = ("request", "decode_address", "held_tokens")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HELD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request: WorkerRequest
     decode_address: str
-    def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., decode_address: _Optional[str] = ...) -> None: ...
+    held_tokens: int
+    def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ..., decode_address: _Optional[str] = ..., held_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "kv_bytes", "prefill_seconds", "transfer_seconds")
@@ -277,7 +279,7 @@ class OccupancyResponse(_message.Message):
     def __init__(self, active_rows: _Optional[int] = ..., free_rows: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_free: _Optional[int] = ..., waiting: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., completed: _Optional[int] = ..., kv_received: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefix_blocks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KvHeader(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "num_layers", "kv_heads", "head_dim", "num_tokens", "dtype", "prompt_ids", "first_token", "total_bytes", "crc32", "first_logprobs", "prompt_logprobs")
+    __slots__ = ("request_id", "model_fingerprint", "num_layers", "kv_heads", "head_dim", "num_tokens", "dtype", "prompt_ids", "first_token", "total_bytes", "crc32", "first_logprobs", "prompt_logprobs", "held_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +293,7 @@ class KvHeader(_message.Message):
     CRC32_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    HELD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_fingerprint: str
     num_layers: int
@@ -304,7 +307,8 @@ class KvHeader(_message.Message):
     crc32: int
     first_logprobs: TokenLogprobs
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
-    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    held_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., held_tokens: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("layer", "offset", "data")

@@ -74,7 +74,7 @@ class DecodeServicer(baton_pb2_grpc.DecodeWorkerServicer):
     def _expect(self, h: pb.KvHeader) -> None:
         """Refuse a push from its header alone when this worker waits for no such KV (before its bytes come)."""
         res = self.worker.expect_kv(h.request_id, h.model_fingerprint, (h.num_layers, h.kv_heads, h.head_dim),
-                                    list(h.prompt_ids), h.first_token)
+                                    list(h.prompt_ids), h.first_token, h.held_tokens)
         self.worker.announce_first_token(
             res, h.first_token, logprobs_from_proto(h.first_logprobs) if h.HasField("first_logprobs") else None,
             prompt_logprobs_from_proto(h.prompt_logprobs))

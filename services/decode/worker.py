@@ -43,6 +43,7 @@ from baton.errors import (
     NotFound,
     Overloaded,
     PayloadError,
+    PrefixEvicted,
     ServiceError,
     Unavailable,
 )
@@ -315,7 +316,8 @@ class DecodeWorker:
         """Hand in a reserved request's KV; it joins the batch at the next iteration boundary.
         Raises NotFound (no reservation) or PayloadError (KV this worker cannot use); the reservation stays."""
         res = self.expect_kv(payload.request_id, payload.model_fingerprint, payload.dims, payload.prompt_ids,
-                             payload.first_token)
+                             payload.first_token, payload.held_tokens)
+        payload = self._complete(payload)
         self.announce_first_token(res, payload.first_token, payload.first_logprobs,
                                   payload.prompt_logprobs)  # if its push's header has not already
         if res.lease is not None:
@@ -325,6 +327,22 @@ class DecodeWorker:
         self._inbox.put(_Add(res.request, payload, res.choices[1:]))
         self.metrics.kv_wait.observe(res.kv_at - res.reserved_at)
         self._publish()
+
+    def _complete(self, payload: KVPayload) -> KVPayload:
+        """The whole payload: the tokens a push left out (held_tokens) taken from this worker's prefix cache, at
+        once and under its lock, so that nothing evicts them between this check and the splice. Raises
+        PrefixEvicted when the cache no longer holds them all (nothing spliced; the pusher sends the whole KV)."""
+        if not payload.held_tokens:
+            return payload
+        cache = self.engine.runner.prefix_cache
+        held = cache.held(payload.prompt_ids, payload.held_tokens) if cache is not None else None
+        if held is None:
+            self.metrics.kv_held_evicted.inc()
+            raise PrefixEvicted(f"request {payload.request_id!r}: its KV push left out the first "
+                                f"{payload.held_tokens} tokens, which this decode worker's prefix cache no longer "
+                                "holds; push the whole KV")
+        self.metrics.kv_held_bytes.inc(held.numel() * held.element_size())
+        return payload.with_held(held)
 
     def announce_first_token(self, res: Reservation, token: int, lp: TokenLogprobs | None = None,
                              prompt_lps: list[TokenLogprobs | None] | None = None) -> None:
@@ -341,17 +359,25 @@ class DecodeWorker:
         res._push(DecodeEvent([token], logprobs=[lp] if lp is not None else [], prompt_logprobs=prompt_lps))
 
     def expect_kv(
-        self, request_id: str, fingerprint: str, dims: tuple[int, int, int], token_ids: list[int], first_token: int
+        self, request_id: str, fingerprint: str, dims: tuple[int, int, int], token_ids: list[int], first_token: int,
+        held_tokens: int = 0,
     ) -> Reservation:
         """The reservation waiting for a KV payload so described (from its header, before its bytes arrive, and
-        again when they have: it may have ended meanwhile): dims are (layers, kv_heads, head_dim). Raises NotFound
-        (no reservation) or PayloadError (KV this worker cannot use for it, ModelSpec.check_kv)."""
+        again when they have: it may have ended meanwhile): dims are (layers, kv_heads, head_dim); `held_tokens`
+        leading tokens the payload leaves out, for this worker's prefix cache to give. Raises NotFound (no
+        reservation), PayloadError (KV this worker cannot use for it, ModelSpec.check_kv) or PrefixEvicted (the
+        cache does not hold those tokens)."""
         res = self._live.get(request_id)
         if res is None:
             raise NotFound(f"no reservation for request {request_id!r} on this worker (expired or cancelled?)")
         if res.state is not SlotState.RESERVED:
             raise PayloadError(f"KV for request {request_id!r} was already received")
         self.lm.spec.check_kv(fingerprint, self.lm.fingerprint, dims, token_ids, res.request.all_ids, first_token)
+        cache = self.engine.runner.prefix_cache
+        if held_tokens and (cache is None or not cache.holds(token_ids, held_tokens)):
+            self.metrics.kv_held_evicted.inc()
+            raise PrefixEvicted(f"request {request_id!r}: its KV push leaves out the first {held_tokens} tokens, "
+                                "which this decode worker's prefix cache does not hold; push the whole KV")
         return res
 
     def cancel(self, request_id: str) -> bool:

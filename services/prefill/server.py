@@ -34,7 +34,7 @@ class PrefillWorkerServicer(baton_pb2_grpc.PrefillWorkerServicer):
             req = request_from_proto(wr)
             if not request.decode_address:
                 raise InvalidRequestError("decode_address", "required, the host:port of the decode worker")
-            shipped = await self.worker.prefill(req, request.decode_address)
+            shipped = await self.worker.prefill(req, request.decode_address, request.held_tokens)
         except asyncio.CancelledError:
             log.info("prefill %s: cancelled by the caller after %.3fs", rid, time.perf_counter() - start,
                      extra={"request_id": rid})

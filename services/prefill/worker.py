@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.prefix_cache import PrefixCache
+from baton.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from baton.engine.request import Request
 from baton.engine.runner import ModelRunner, pack_for_prefill
-from baton.errors import Cancelled, InvalidRequestError, Overloaded, Unavailable
+from baton.errors import Cancelled, InvalidRequestError, KvPushFailed, Overloaded, Reason, Unavailable
 from baton.metrics import PrefillMetrics
 from baton.rpc.load import PrefillLoad, Role
 from baton.rpc.main_thread import Spawn, in_new_thread
@@ -133,14 +133,19 @@ class PrefillWorker:
         return len(self._serving)
 
     # -- called from the event loop ------------------------------------------------------------------
-    async def prefill(self, req: Request, decode_address: str) -> Shipped:
-        """Prefill the request and push its KV to the decode worker at `decode_address`. Raises
-        InvalidRequestError, Overloaded, Unavailable, Cancelled, KvPushFailed, or the compute's error."""
+    async def prefill(self, req: Request, decode_address: str, held_tokens: int = 0) -> Shipped:
+        """Prefill the request and push its KV to the decode worker at `decode_address`, less its first
+        `held_tokens` tokens' KV, which that worker's prefix cache holds (should it no longer hold them, it
+        refuses, and the whole KV goes). Raises InvalidRequestError, Overloaded, Unavailable, Cancelled,
+        KvPushFailed, or the compute's error."""
         if req.id in self._serving:
             raise InvalidRequestError("request_id", f"request id {req.id!r} is already in use on this worker")
+        if held_tokens % BLOCK_TOKENS or not 0 <= held_tokens < len(req.all_ids):
+            raise InvalidRequestError("held_tokens", f"{held_tokens} is not a whole number of {BLOCK_TOKENS}-token "
+                                                     f"blocks less than the request's {len(req.all_ids)} tokens")
         if self.destinations is not None:
             await self.destinations.check(decode_address)
-        task = asyncio.ensure_future(self._prefill_and_ship(req, decode_address))
+        task = asyncio.ensure_future(self._prefill_and_ship(req, decode_address, held_tokens))
         self._serving[req.id] = task
         try:
             return await task
@@ -148,11 +153,18 @@ class PrefillWorker:
             if self._serving.get(req.id) is task:
                 del self._serving[req.id]
 
-    async def _prefill_and_ship(self, req: Request, decode_address: str) -> Shipped:
+    async def _prefill_and_ship(self, req: Request, decode_address: str, held_tokens: int) -> Shipped:
         result = await self.submit(req)  # if this is cancelled, so is the future, which drops the prefill
+        if held_tokens:
+            try:
+                kv_bytes, seconds = await self.shipper.ship(result.payload.leave_out(held_tokens), decode_address)
+                return Shipped(result, kv_bytes, seconds)
+            except KvPushFailed as e:
+                if e.upstream is not Reason.PREFIX_EVICTED:
+                    raise
+                log.info("request %s: %s; pushing the whole KV", req.id, e)
         kv_bytes, seconds = await self.shipper.ship(result.payload, decode_address)
         return Shipped(result, kv_bytes, seconds)
-
 
     def validate(self, req: Request) -> None:
         """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest."""

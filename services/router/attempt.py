@@ -10,7 +10,8 @@ An attempt's life:
    whose tokens to prefill number at most the router's --local-prefill-tokens is reserved with prefill_here
    instead: D runs its prompt inside its batch's next iteration, and no prefill worker is asked. Those are counted
    less the prompt's first blocks that D's prefix cache holds (the scheduler prefers the decode worker holding
-   most of them): a conversation's next turn is computed where its history is, and only its new tokens.
+   most of them): a conversation's next turn is computed where its history is, and only its new tokens. A prompt
+   that does go through a prefill worker has its KV pushed less those blocks (PrefillRequest.held_tokens).
 2. `messages`: D's messages as they come. The attempt ends with the message that carries a finish reason.
 3. `close`: whatever is left of the attempt is stopped on its workers (the Decode call cancelled, so D drops
    the row; a prefill still pending cancelled on its worker); nothing, once the attempt finished.
@@ -235,6 +236,14 @@ class Attempt:
             return ticket, call
         raise Overloaded("decode workers kept refusing the request; retry later", retry_after_s=1.0)
 
+    @property
+    def held(self) -> int:
+        """The prompt's first tokens whose KV the decode worker's prefix cache holds, as its reports say: the
+        prefill's KV push leaves them out (the worker refuses the push should it no longer hold them, and the whole
+        KV goes)."""
+        assert self.ticket is not None
+        return self.ticket.cached_blocks * BLOCK_TOKENS
+
     def _local(self, ticket: Ticket) -> bool:
         """Whether the decode worker prefills the request itself: what it must compute (the prompt less the blocks
         its prefix cache holds) is at most --local-prefill-tokens; several choices fork from a pushed prefill."""
@@ -261,7 +270,7 @@ class Attempt:
             self.metrics.chose("prefill", ticket.address)
             try:
                 return await self.pool.prefill_stub(ticket.address).Prefill(
-                    pb.PrefillRequest(request=self.request, decode_address=self.address),
+                    pb.PrefillRequest(request=self.request, decode_address=self.address, held_tokens=self.held),
                     timeout=remaining(self.deadline),
                 )
             except grpc.aio.AioRpcError as e:

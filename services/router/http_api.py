@@ -6,13 +6,14 @@ prompt token ids and SamplingParams, and the core's Deltas (services/router/text
 objects, either whole or as server-sent events (`data: {json}` chunks ending in `data: [DONE]`).
 
 Compatibility choices:
-- Fields OpenAI clients send that change nothing here (`user`, `metadata`, `n: 1`, `logprobs: null`, ...) are
-  accepted and ignored; a value Baton cannot honour (`n: 2`, `echo: true`, `logprobs: 5`, tools ...) is refused
-  with a 400 naming the field, never silently dropped.
+- Fields OpenAI clients send that change nothing here (`user`, `metadata`, `store`, ...) are accepted and
+  ignored; a value Baton cannot honour (`best_of: 2`, `suffix`, tools ...) is refused with a 400 naming the field,
+  never silently dropped.
 - Defaults follow OpenAI, not the engine: temperature 1, max_tokens 16 for completions; for chat, 1024 or the
   rest of the context if less (see CHAT_DEFAULT_MAX_TOKENS). Extensions: top_k, repetition_penalty,
-  stop_token_ids, ignore_eos, timeout (seconds the whole request may take: then 504, or mid-stream an error
-  event, and the request is stopped on its workers).
+  stop_token_ids, ignore_eos, min_tokens, timeout (seconds the whole request may take: then 504, or mid-stream an
+  error event, and the request is stopped on its workers), return_token_ids (as vLLM: each choice, each stream
+  chunk, carries its `token_ids`, and the first its `prompt_token_ids`).
 - `model` must be one of the names the router serves (services/router/served.py: --served-model-name, by
   default the --model value and its directory's name; /v1/models lists them), else 404 with code
   `model_not_found`, as OpenAI and vLLM answer. A request without `model` is served by the model all the same.
@@ -91,6 +92,7 @@ class Job:
     echo: bool = False  # completions: the prompt (and, with logprobs, its logprobs) comes before the output
     echo_only: bool = False  # max_tokens 0 with echo: the prompt is scored, the one token computed is dropped
     n: int = 1  # choices per prompt, each prompt's from one prefill
+    token_ids: bool = False  # return_token_ids: each choice carries its tokens' ids (and its prompt's, first)
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -119,9 +121,9 @@ class Choice:
             return self.prompt.text
         return b"".join(self.texts.bytes(t) for t in self.prompt.ids).decode("utf-8", errors="replace")
 
-    def take(self, event: Delta) -> tuple[str, Any]:
-        """The text and logprobs object an event adds to this choice (echo's prompt on the first); None when the
-        choice carries no logprobs."""
+    def take(self, event: Delta) -> tuple[str, list[int], Any]:
+        """The text, token ids and logprobs object an event adds to this choice (echo's prompt on the first); None
+        when the choice carries no logprobs."""
         job, first = self.job, not self.started
         self.started = True
         if event.finish_reason is not None:
@@ -137,12 +139,12 @@ class Choice:
             if job.params.prompt_logprobs is not None:
                 prompt_lps = self.prompt_lps.get(self.prompt_index) or [None] * len(self.prompt.ids)
         if job.params.logprobs is None:
-            return text, None
+            return text, tokens, None
         if job.kind == "chat":
-            return text, chat_logprobs(self.texts, lps)
+            return text, tokens, chat_logprobs(self.texts, lps)
         assert self.completion_lps is not None
         prompt_part = self.prompt.ids if prompt_lps else []
-        return text, self.completion_lps.part(list(prompt_part) + tokens, [*prompt_lps, *lps])
+        return text, tokens, self.completion_lps.part(list(prompt_part) + tokens, [*prompt_lps, *lps])
 
     @property
     def completion_tokens(self) -> int:
@@ -172,18 +174,21 @@ def whole_response(job: Job, choices: list[list[Choice]], events: list[list[Delt
     for per_prompt, evs in zip(choices, events):
         for choice in per_prompt:
             taken = [choice.take(ev) for ev in evs if ev.index == choice.index % job.n]
-            text = "".join(t for t, _ in taken)
+            text = "".join(t for t, _, _ in taken)
             logprobs: Any = None
             if job.params.logprobs is not None:
-                parts = [lp for _, lp in taken]
+                parts = [lp for _, _, lp in taken]
                 logprobs = ({"content": [x for p in parts for x in p["content"]], "refusal": None}
                             if job.kind == "chat" else CompletionLogprobs.join(parts))
             finish = _finish(choice.last)
             if job.kind == "completion":
-                out.append({"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+                one = {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
             else:
                 message = {"role": "assistant", "content": text, "refusal": None}
-                out.append({"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+                one = {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+            if job.token_ids:
+                one.update(prompt_token_ids=list(choice.prompt.ids), token_ids=[t for _, ts, _ in taken for t in ts])
+            out.append(one)
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
     return {**job.head(obj), "choices": out, "usage": _usage(job, [c for cs in choices for c in cs])}
 
@@ -200,11 +205,16 @@ def stream_chunks(job: Job, choice: Choice, event: Delta) -> list[dict[str, Any]
         return {**job.head(obj), "choices": [c], **extra}
 
     chunks = []
+    prompt_ids = {"prompt_token_ids": list(choice.prompt.ids)} if job.token_ids and not choice.started else {}
     if chat and not choice.started:
-        chunks.append(chunk({"delta": {"role": "assistant", "content": ""}}, None))
-    text, logprobs = choice.take(event)
-    if text or (logprobs is not None and (logprobs.get("content") or logprobs.get("tokens"))):
-        chunks.append(chunk({"delta": {"content": text}} if chat else {"text": text}, None, logprobs))
+        chunks.append(chunk({"delta": {"role": "assistant", "content": ""}, **prompt_ids}, None))
+        prompt_ids = {}
+    text, tokens, logprobs = choice.take(event)
+    if text or (tokens and job.token_ids) or (logprobs is not None and (logprobs.get("content")
+                                                                        or logprobs.get("tokens"))):
+        payload = {"delta": {"content": text}} if chat else {"text": text}
+        ids = {**prompt_ids, "token_ids": tokens} if job.token_ids else {}
+        chunks.append(chunk({**payload, **ids}, None, logprobs))
     finish = _finish(event)
     if finish is not None:
         chunks.append(chunk({"delta": {}} if chat else {"text": ""}, finish))
@@ -462,7 +472,7 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
                              prompt_logprobs=k if body.echo and k is not None else None)
             return Job(f"cmpl-{uuid.uuid4().hex}", "completion", model, prompts, params, bool(body.stream),
                        _include_usage(body), names, request_timeout(body), echo=bool(body.echo), echo_only=echo_only,
-                       n=choice_count(body))
+                       n=choice_count(body), token_ids=bool(body.return_token_ids))
 
         return await answer(job, request, names)
 
@@ -488,7 +498,8 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
             params = replace(sampling_params(body, max_new),
                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
             return Job(f"chatcmpl-{uuid.uuid4().hex}", "chat", model, [Prompt(prompt_ids)], params,
-                       bool(body.stream), _include_usage(body), names, request_timeout(body), n=choice_count(body))
+                       bool(body.stream), _include_usage(body), names, request_timeout(body), n=choice_count(body),
+                       token_ids=bool(body.return_token_ids))
 
         return await answer(job, request, names)
 

@@ -83,7 +83,7 @@ HTTP_STATUS = {
     Reason.INVALID_REQUEST: 400, Reason.MALFORMED_MESSAGE: 400, Reason.INVALID_KV: 400, Reason.OVERLOADED: 429,
     Reason.UNAVAILABLE: 503, Reason.NOT_FOUND: 404, Reason.MODEL_NOT_FOUND: 404, Reason.CANCELLED: 499,
     Reason.DEADLINE_EXCEEDED: 504, Reason.KV_LEASE_EXPIRED: 504, Reason.KV_PUSH_FAILED: 503,
-    Reason.UNKNOWN_PEER: 503, Reason.UNAUTHENTICATED: 401, Reason.INTERNAL: 500,
+    Reason.UNKNOWN_PEER: 503, Reason.PREFIX_EVICTED: 503, Reason.UNAUTHENTICATED: 401, Reason.INTERNAL: 500,
 }
 
 
@@ -136,6 +136,7 @@ class OpenAIBody(BaseModel):
     min_tokens: int | None = None  # extension, as in vLLM
     response_format: Any = None  # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
     timeout: float | None = None  # extension: seconds the whole request may take (then 504, or an error event)
+    return_token_ids: bool | None = None  # extension, as in vLLM: each choice (stream chunk) carries its token ids
 
 
 class CompletionRequest(OpenAIBody):

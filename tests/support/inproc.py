@@ -69,6 +69,7 @@ class Options:
     tls: TlsConfig | None = None  # mutual TLS between router and workers (the public port stays plaintext)
     max_body_bytes: int = 64 << 10
     local_prefill_tokens: int = 0  # the router's --local-prefill-tokens: prompts this short skip the prefill worker
+    prefix_cache_bytes: int = 0  # the decode worker's --prefix-cache-bytes
 
 
 @dataclass
@@ -115,7 +116,8 @@ def running_stack(tokenizer: PreTrainedTokenizerBase, options: Options | None = 
         stops.append(lambda: server.stop(0))
 
     async def start() -> Stack:
-        decode = DecodeWorker(make_tiny_llama(tokenizer), max_batch=opts.max_batch)
+        decode = DecodeWorker(make_tiny_llama(tokenizer), max_batch=opts.max_batch,
+                              prefix_cache_bytes=opts.prefix_cache_bytes)
         decode.start()
         stops.append(decode.close)
         await serve([decode_service(decode)], decode_addr, tls=opts.tls)
