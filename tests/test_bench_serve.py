@@ -320,15 +320,15 @@ def test_plot_refuses_costs_mixed_with_throughput(tmp_path: Path) -> None:
     assert plot.main(_parse(plot, [str(c), "-o", str(tmp_path / "c.png")])) == 0
 
 
-@pytest.mark.parametrize("api", ["grpc", "openai"])
+@pytest.mark.parametrize("api", ["grpc", "openai", "grpc-twice"])
 def test_chat_conversations_carry_their_answers(router: Stack, tiny_llama_dir: Path, tokenizer: Any,
                                                 tmp_path: Path, api: str) -> None:
     """Each turn's prompt is the conversation so far: the last prompt, the service's answer to it, and the next
     user turn; turns of one conversation go one after another. Over the OpenAI API the answers' ids come from
-    return_token_ids."""
+    return_token_ids; given several routers (here one named twice) the turns take turns among them."""
     out = tmp_path / "chat.json"
-    url = router.grpc if api == "grpc" else router.http
-    args = _parse(serve_bench, ["--api", api, "--url", url, "--model", str(tiny_llama_dir), "--workload", "chat",
+    url = {"grpc": router.grpc, "openai": router.http, "grpc-twice": f"{router.grpc},{router.grpc}"}[api]
+    args = _parse(serve_bench, ["--api", api.removesuffix("-twice"), "--url", url, "--model", str(tiny_llama_dir), "--workload", "chat",
                                 "--requests", "3", "--rate", "20", "--prompt-min", "4", "--prompt-max", "8",
                                 "--output-min", "2", "--output-max", "4", "--out", str(out), "--no-warmup"])
     assert serve_bench.main(args) == 0

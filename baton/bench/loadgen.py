@@ -17,6 +17,7 @@ there). Each request is timed on arrival of its streamed chunks:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import random
@@ -122,15 +123,16 @@ class Sender(Protocol):
 
 
 class GrpcSender:
-    """Sends benchmark requests over the router's gRPC streaming API."""
+    """Sends benchmark requests over the router's gRPC streaming API; given several routers, each request goes to
+    the next one (so a conversation's turns land on every router, as behind a load balancer)."""
 
-    def __init__(self, client: AsyncBatonClient) -> None:
-        self.client = client
+    def __init__(self, clients: list[AsyncBatonClient]) -> None:
+        self.clients = itertools.cycle(clients)
 
     async def send(self, request: BenchRequest, out: Outcome, sent: float) -> None:
         last: float | None = None
         try:
-            async for chunk in self.client.stream(list(request.prompt_ids), max_new_tokens=request.max_new_tokens,
+            async for chunk in next(self.clients).stream(list(request.prompt_ids), max_new_tokens=request.max_new_tokens,
                                                   ignore_eos=True):
                 now = time.perf_counter()
                 n = len(chunk.token_ids)
@@ -160,9 +162,12 @@ Connect = Callable[[float | None, int], AbstractAsyncContextManager[Sender]]
 
 @asynccontextmanager
 async def grpc_connect(target: Target, timeout_s: float | None, concurrency: int) -> AsyncIterator[Sender]:
-    """A sender over Baton's gRPC API (one channel multiplexes any number of streams: `concurrency` is moot)."""
-    async with AsyncBatonClient(target.url, timeout=timeout_s, api_key=target.api_key) as client:
-        yield GrpcSender(client)
+    """A sender over Baton's gRPC API (one channel per router multiplexes any number of streams: `concurrency` is
+    moot); target.url may name several routers, comma-separated."""
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(AsyncBatonClient(url, timeout=timeout_s, api_key=target.api_key))
+                   for url in target.url.split(",")]
+        yield GrpcSender(clients)
 
 
 async def _one(sender: Sender, p: Planned, start: float, out: Outcome) -> None:

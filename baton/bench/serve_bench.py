@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", default="grpc", choices=APIS,
                    help="grpc: Baton's router (the default); openai: any OpenAI-compatible server (vLLM, SGLang, "
                         "TGI, Baton's HTTP API), streaming /v1/completions")
-    p.add_argument("--url", help="grpc: the router's address host:port (default 127.0.0.1:50051); openai: the "
+    p.add_argument("--url", help="grpc: the router's address host:port (default 127.0.0.1:50051), or several "
+                                 "routers' host:port,host:port, each request sent to the next; openai: the "
                                  "server's base URL http://HOST:PORT, with or without /v1 (default "
                                  "http://127.0.0.1:8000)")
     p.add_argument("--served-model", help="openai: the model name requests send (default: the first id of "
@@ -127,13 +128,17 @@ def parse_rates(args: argparse.Namespace, spec: WorkloadSpec) -> list[float]:
 
 
 def grpc_address(url: str) -> str:
-    if url.startswith(("http://", "https://")):
-        raise ValueError(f"--url {url!r}: give the router's gRPC address (host:port, its --grpc-port), not HTTP "
-                         "(for an OpenAI-compatible HTTP API add --api openai)")
-    address = url.removeprefix("grpc://").rstrip("/")
-    if ":" not in address:
-        raise ValueError(f"--url {url!r}: expected host:port")
-    return address
+    """host:port, or several routers' host:port,host:port (requests take turns among them)."""
+    addresses = []
+    for one in url.split(","):
+        if one.startswith(("http://", "https://")):
+            raise ValueError(f"--url {url!r}: give the router's gRPC address (host:port, its --grpc-port), not "
+                             "HTTP (for an OpenAI-compatible HTTP API add --api openai)")
+        address = one.strip().removeprefix("grpc://").rstrip("/")
+        if ":" not in address:
+            raise ValueError(f"--url {url!r}: expected host:port (or several, comma-separated)")
+        addresses.append(address)
+    return ",".join(addresses)
 
 
 def openai_base_url(url: str) -> str:
