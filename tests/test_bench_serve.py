@@ -328,7 +328,8 @@ def test_chat_conversations_carry_their_answers(router: Stack, tiny_llama_dir: P
     return_token_ids; given several routers (here one named twice) the turns take turns among them."""
     out = tmp_path / "chat.json"
     url = {"grpc": router.grpc, "openai": router.http, "grpc-twice": f"{router.grpc},{router.grpc}"}[api]
-    args = _parse(serve_bench, ["--api", api.removesuffix("-twice"), "--url", url, "--model", str(tiny_llama_dir), "--workload", "chat",
+    args = _parse(serve_bench, ["--api", api.removesuffix("-twice"), "--url", url, "--model", str(tiny_llama_dir),
+                                "--workload", "chat",
                                 "--requests", "3", "--rate", "20", "--prompt-min", "4", "--prompt-max", "8",
                                 "--output-min", "2", "--output-max", "4", "--out", str(out), "--no-warmup"])
     assert serve_bench.main(args) == 0

@@ -132,8 +132,9 @@ class GrpcSender:
     async def send(self, request: BenchRequest, out: Outcome, sent: float) -> None:
         last: float | None = None
         try:
-            async for chunk in next(self.clients).stream(list(request.prompt_ids), max_new_tokens=request.max_new_tokens,
-                                                  ignore_eos=True):
+            client = next(self.clients)
+            async for chunk in client.stream(list(request.prompt_ids), max_new_tokens=request.max_new_tokens,
+                                             ignore_eos=True):
                 now = time.perf_counter()
                 n = len(chunk.token_ids)
                 out.output_ids.extend(chunk.token_ids)
