@@ -25,9 +25,9 @@ OUT=results/chat
 PORT=18200
 REDIS_PORT=18299
 BATON=.venv/bin/baton
-VENV=.cache/peers/vllm
 mkdir -p "$OUT"
-model=$(.venv/bin/python -c "from baton.engine.models import smollm2_dir; print(smollm2_dir())")
+# shellcheck source=scripts/vllm_setup.sh
+source scripts/vllm_setup.sh  # VENV, VLLM_ENV, model (installs vLLM for CPU the first time)
 
 baton_up() {  # name, baton serve arguments... (environment assignments first, as env takes them)
   local name=$1; shift
@@ -63,12 +63,15 @@ grpc="127.0.0.1:$((PORT + 1))"
 for phase in $PHASES; do
   case $phase in
   vllm)
-    [ -x "$VENV/bin/vllm" ] || { echo "vLLM is not set up: run scripts/bench_peers.sh first"; exit 1; }
-    VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=auto OMP_NUM_THREADS="$VLLM_THREADS" \
-      "$VENV/bin/vllm" serve "$model" --served-model-name smollm2-135m --dtype float32 --max-num-seqs 32 \
-      --max-model-len 2048 --port "$PORT" > "$OUT/vllm.log" 2>&1 &
+    env "${VLLM_ENV[@]}" OMP_NUM_THREADS="$VLLM_THREADS" "$VENV/bin/vllm" serve "$model" \
+      --served-model-name smollm2-135m --dtype float32 --max-num-seqs 32 --max-model-len 2048 --port "$PORT" \
+      > "$OUT/vllm.log" 2>&1 &
     vllm=$!
-    for _ in $(seq 600); do curl -fsS -m 2 -o /dev/null "$http/v1/models" 2> /dev/null && break; sleep 1; done
+    for _ in $(seq 600); do
+      curl -fsS -m 2 -o /dev/null "$http/v1/models" 2> /dev/null && break
+      kill -0 "$vllm" 2> /dev/null || { tail -30 "$OUT/vllm.log"; exit 1; }
+      sleep 1
+    done
     for workload in chat shared-prefix; do
       bench vllm "$workload" openai "$http" --served-model smollm2-135m
     done
