@@ -98,6 +98,7 @@ for phase in $PHASES; do
   routers)
     redis-server --port "$REDIS_PORT" --save "" --appendonly no > "$OUT/redis.log" 2>&1 &
     redis=$!
+    for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping > /dev/null 2>&1 && break; sleep 0.1; done
     for routers in 1 2; do
       redis-cli -p "$REDIS_PORT" flushall > /dev/null
       token=$(.venv/bin/python -c "import secrets; print(secrets.token_hex(16))")

@@ -249,9 +249,9 @@ async def test_a_busy_worker_is_not_mistaken_for_a_small_one(clock: Clock) -> No
 
 
 # ---- cache-aware choice ------------------------------------------------------------------------------------
-def cached(address: str, rows: int, blocks: tuple[str, ...], as_of: float) -> WorkerReport:
-    return WorkerReport(address, DecodeLoad(free_rows=rows, kv_tokens_free=100_000, prefix_blocks=blocks),
-                        as_of=as_of)
+def cached(address: str, rows: int, blocks: tuple[str, ...], as_of: float, used: int = 0) -> WorkerReport:
+    return WorkerReport(address, DecodeLoad(free_rows=rows, kv_tokens_free=100_000 - used, kv_tokens_used=used,
+                                            prefix_blocks=blocks), as_of=as_of)
 
 
 def test_a_request_goes_where_most_of_its_prefix_is(clock: Clock) -> None:
@@ -267,13 +267,24 @@ def test_a_request_goes_where_most_of_its_prefix_is(clock: Clock) -> None:
     assert t is not None and t.cached_blocks == 0
 
 
-def test_affinity_never_fills_one_worker_while_another_idles(clock: Clock) -> None:
-    s = make(clock, [cached("hot", 3, ("k1", "k2"), clock()), cached("cold", 8, (), clock())])
-    t = s.pick_decode(100, prefix=["k1", "k2"])  # 3 free rows of 8: at least half the freest's capacity? no
+def test_affinity_is_weighed_against_load_in_blocks(clock: Clock) -> None:
+    """The blocks a worker would compute plus the KV blocks it holds: four cached blocks are worth less than five
+    blocks of load more, and more than two."""
+    prefix = ["k1", "k2", "k3", "k4"]
+    s = make(clock, [cached("hot", 8, tuple(prefix), clock(), used=2 * 16), cached("cold", 8, (), clock())])
+    t = s.pick_decode(100, prefix=prefix)
+    assert t is not None and t.address == "hot" and t.cached_blocks == 4
+    s = make(clock, [cached("hot", 8, tuple(prefix), clock(), used=5 * 16), cached("cold", 8, (), clock())])
+    t = s.pick_decode(100, prefix=prefix)
     assert t is not None and t.address == "cold" and t.cached_blocks == 0
-    s = make(clock, [cached("hot", 5, ("k1", "k2"), clock()), cached("cold", 8, (), clock())])
-    t = s.pick_decode(100, prefix=["k1", "k2"])
-    assert t is not None and t.address == "hot" and t.cached_blocks == 2
+
+
+def test_requests_sharing_only_a_system_prompt_spread_by_load(clock: Clock) -> None:
+    """One worker holds the system prompt every conversation starts with; the first turns still split evenly, as
+    each one assigned adds its blocks to its worker's load."""
+    s = make(clock, [cached("a", 32, ("s1", "s2"), clock()), cached("b", 32, (), clock())])
+    first = [s.pick_decode(100, prefix=["s1", "s2", f"c{i}"]) for i in range(10)]
+    assert Counter(t.address for t in first if t is not None) == {"a": 5, "b": 5}
 
 
 def test_equal_workers_share_conversations_evenly(clock: Clock) -> None:

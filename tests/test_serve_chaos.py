@@ -24,12 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import httpx
 import pytest
 
 from baton.engine.models import LoadedModel
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from tests.support.cluster import check_exact, load, prompts
+from tests.support.oracle import reference
 from tests.support.processes import free_port, occupancy, wait_idle, worker_channel
 from tests.support.serve import Serve, baton_serve
 
@@ -125,6 +128,45 @@ def test_a_killed_router_is_started_again_and_clients_retry(serve: Serve, tiny_l
     idle(serve)  # what the dead router held was cancelled on the workers
     record(test="serve", fault="router", streams=STREAMS, completed=sum(o.error is None for o in outs),
            retried_by_clients=len(set(retried)), exact=True)
+
+
+def test_a_conversation_goes_on_exactly_when_its_decode_worker_restarts_between_turns(
+    serve: Serve, tiny_llama: LoadedModel
+) -> None:
+    """Through `baton serve` (every prompt through a prefill worker, the caches on as by default): a conversation's
+    next turn is pushed less the blocks its decode worker holds; that worker is SIGKILLed between two turns and
+    started again with an empty cache, and the next turns, which the router may still believe held there (such a
+    push is refused and the whole KV goes), equal generate() on the whole conversation."""
+
+    def held_bytes() -> float:
+        total = 0.0
+        for name in (n for n in serve.addresses() if n.startswith("decode")):
+            text = httpx.get(serve.metrics_url(name), timeout=10).text
+            total += sum(float(line.split()[-1]) for line in text.splitlines()
+                         if line.startswith("baton_decode_kv_held_bytes_total"))
+        return total
+
+    with grpc.insecure_channel(serve.grpc) as ch:
+        stub = baton_pb2_grpc.RouterStub(ch)
+
+        def turn(ids: list[int]) -> list[int]:
+            out = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), parameters=pb.SamplingParameters(
+                max_new_tokens=8, ignore_eos=True)), timeout=120)
+            assert list(out.token_ids) == reference(tiny_llama, ids, 8)
+            time.sleep(1.0)  # the decode workers' next reports tell the router what their caches now hold
+            return ids + list(out.token_ids)
+
+        names = [n for n in serve.addresses() if n.startswith("decode")]
+        before = {n: occupancy(serve.addresses()[n], "decode").completed for n in names}
+        history = turn([50 + i % 11 for i in range(40)])
+        holder = next(n for n in names if occupancy(serve.addresses()[n], "decode").completed > before[n])
+        held = held_bytes()
+        history = turn(history + [5, 6, 7])
+        assert held_bytes() > held, "the second turn's KV was shipped whole"
+        serve.wait_back(holder, serve.kill(holder))
+        history = turn(history + [8, 9])
+        turn(history + [10, 11])
+    idle(serve)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")

@@ -1,13 +1,15 @@
 """Which worker gets a request: transport-free, so every rule here is unit-tested without sockets.
 
 Decode: a request needs `prompt_len + max_new_tokens` KV tokens per row and one row (n, for n choices). Among the
-healthy decode workers with free rows and enough free KV tokens, the one with the most free capacity for it wins:
-capacity is how many more requests of this size the worker could take, `min(free_rows // rows,
-kv_tokens_free // need)`. A request whose prompt's first blocks a worker's prefix cache holds (decode workers publish
-the keys of their cached blocks, baton/engine/prefix_cache.py) goes to the worker holding the most of them, unless
-that worker has less than half the free capacity of the freest one: affinity, never at the price of one worker
-filling while another idles (SGLang's cache-aware rule; Dynamo scores overlap against load alike). Ties are
-broken round-robin, so equal workers take turns. A full worker is never chosen.
+healthy decode workers with free rows and enough free KV tokens, the one where it costs least wins, cost counted in
+16-token blocks (Dynamo's KV router, with its default weight 1): the blocks of the prompt the worker would have to
+compute (those its prefix cache lacks: decode workers publish the keys of their cached blocks,
+baton/engine/prefix_cache.py) plus the KV blocks the worker holds or has promised already. So a conversation's
+next turn stays where its history is while the workers' loads differ by less than that history, and requests that
+share only a short prefix (a system prompt) spread by load: affinity never fills one worker while another idles.
+Ties go to the worker with the most free capacity (how many more requests of this size it could take,
+`min(free_rows // rows, kv_tokens_free // need)`), then round-robin, so equal workers take turns. A full worker is
+never chosen.
 
 Prefill: the healthy prefill worker with the fewest requests waiting, ties round-robin.
 
@@ -29,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from baton.engine.prefix_cache import BLOCK_TOKENS
 from baton.errors import InvalidRequestError, Overloaded, Unavailable
 from baton.rpc.load import DecodeLoad, Load, Role
 
@@ -183,26 +186,26 @@ class Scheduler:
 
     # ---- decode ------------------------------------------------------------------------------------
     def pick_decode(self, need_tokens: int, rows: int = 1, prefix: Sequence[str] = ()) -> Ticket | None:
-        """Assign the request to the decode worker that holds most of its `prefix` (its prompt's chained block
-        keys) among those with at least half the best free capacity for it, then the one with the most capacity;
-        None if none has room. need_tokens: KV tokens for all of its rows."""
-        capacities: dict[str, int] = {}
+        """Assign the request to the decode worker where it costs least: the blocks of its `prefix` (its prompt's
+        chained block keys) that worker's cache lacks plus the KV blocks it holds or has promised; ties to the
+        most capacity, then round-robin. None if none has room. need_tokens: KV tokens for all of its rows."""
+        scores: dict[str, tuple[int, int]] = {}  # address -> (cost, -capacity): the lowest wins
+        cached: dict[str, int] = {}
         for address, w in self._workers[Role.DECODE].items():
             if w.healthy:
                 free, kv = w.room()
                 capacity = min(free // rows, kv // max(1, need_tokens))
                 if capacity > 0:
-                    capacities[address] = capacity
-        if not capacities:
+                    cached[address] = w.cached(prefix) if prefix else 0
+                    busy = max(0, w.kv_capacity - kv) // BLOCK_TOKENS
+                    scores[address] = (len(prefix) - cached[address] + busy, -capacity)
+        if not scores:
             return None
-        most = max(capacities.values())
-        cached = {a: self._workers[Role.DECODE][a].cached(prefix) if prefix else 0 for a in capacities}
-        # affinity first, among workers not much busier than the freest; then capacity
-        score = {a: (cached[a] if 2 * c >= most else 0, c) for a, c in capacities.items()}
-        top = max(score.values())
-        best = [a for a, s in score.items() if s == top]
-        ticket = self._assign(Role.DECODE, self._fair(Role.DECODE, best), need_tokens, rows)
-        ticket.cached_blocks = top[0]
+        top = min(scores.values())
+        best = [a for a, s in scores.items() if s == top]
+        address = self._fair(Role.DECODE, best)
+        ticket = self._assign(Role.DECODE, address, need_tokens, rows)
+        ticket.cached_blocks = cached[address]
         return ticket
 
     async def acquire(self, need_tokens: int, timeout: float | None = None, first: bool = False,
