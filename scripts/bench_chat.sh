@@ -13,13 +13,14 @@
 # 3. default: `baton serve` as it starts by default, caches on, then off.
 # 4. routers: one Redis, `baton serve --decode-workers 2` and a second router on the same registry: `chat` sent to
 #             one router, then (a fresh stack) to both, each request to the next router; each decode worker's share.
+# 5. memory:  a longer `chat` (96 conversations) with 64 MiB caches, resident memory and cache bytes every 10 s.
 # Results: results/chat/*.json, a table at the end (scripts/chat_table.py).
 #
 #   scripts/bench_chat.sh                     # about an hour on a 2-core CPU
 #   PHASES="pushed routers" scripts/bench_chat.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PHASES=${PHASES:-vllm pushed default routers}
+PHASES=${PHASES:-vllm pushed default routers memory}
 VLLM_THREADS=${VLLM_THREADS:-2}
 OUT=results/chat
 PORT=18200
@@ -45,8 +46,8 @@ baton_down() {
 }
 
 peak_rss() {  # name: VmHWM of every process of the running `baton serve`
-  for pid in $(pgrep -f "baton (decode|prefill|router) " || true); do
-    role=$(tr '\0' ' ' < "/proc/$pid/cmdline" | grep -o "baton [a-z]*" | head -1)
+  for pid in $(pgrep -f "baton.cli (decode|prefill|router) " || true); do
+    role=$(tr '\0' ' ' < "/proc/$pid/cmdline" | grep -oE "baton.cli [a-z]+" | cut -d' ' -f2)
     echo "$role $(grep VmHWM "/proc/$pid/status" | awk '{print $2, $3}')"
   done > "$OUT/rss-$1.txt"
   cat "$OUT/rss-$1.txt"
@@ -119,6 +120,25 @@ for phase in $PHASES; do
       baton_down
     done
     kill "$redis"; wait "$redis" || true
+    ;;
+  memory)
+    # a longer chat run (96 conversations) with small caches (64 MiB each, so that they evict), sampling every
+    # 10 s each service's resident memory and each cache's bytes: memory.txt
+    baton_up baton-memory BATON_PREFIX_CACHE_BYTES=$((64 << 20))
+    (
+      while kill -0 "$serve" 2> /dev/null; do
+        for pid in $(pgrep -f "baton.cli (decode|prefill) " || true); do
+          role=$(tr '\0' ' ' < "/proc/$pid/cmdline" | grep -oE "baton.cli [a-z]+" | cut -d' ' -f2)
+          echo "$(date +%s) $role $(grep -E 'VmRSS|VmHWM' "/proc/$pid/status" | awk '{printf "%s %s ", $1, $2}')"
+        done
+        for m in $metrics; do curl -s "$m" | grep -E '^baton_(decode|prefill)_prefix_cache_bytes ' || true; done
+        sleep 10
+      done
+    ) > "$OUT/memory.txt" 2>&1 &
+    # shellcheck disable=SC2086
+    bench baton-memory chat grpc "$grpc" --requests 96 --metrics $metrics
+    peak_rss baton-memory
+    baton_down
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
   esac
