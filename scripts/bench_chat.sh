@@ -131,7 +131,7 @@ for phase in $PHASES; do
           role=$(tr '\0' ' ' < "/proc/$pid/cmdline" | grep -oE "baton.cli [a-z]+" | cut -d' ' -f2)
           echo "$(date +%s) $role $(grep -E 'VmRSS|VmHWM' "/proc/$pid/status" | awk '{printf "%s %s ", $1, $2}')"
         done
-        for m in $metrics; do curl -s "$m" | grep -E '^baton_(decode|prefill)_prefix_cache_bytes ' || true; done
+        for m in $metrics; do curl -s "$m" | grep -E '^baton_(decode|prefill)_(prefix_cache|kv_slab)_bytes ' || true; done
         sleep 10
       done
     ) > "$OUT/memory.txt" 2>&1 &

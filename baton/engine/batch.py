@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from baton.engine.request import Request
-from baton.engine.segment import KVSegment, round_up
+from baton.engine.segment import KVSegment, cols_for
 
 
 @dataclass
@@ -69,6 +69,11 @@ class DecodeBatch:
         return sum(sum(s.lens) for s in self.segments)
 
     @property
+    def allocated_bytes(self) -> int:
+        """Bytes of KV slabs the segments hold: their rows' tokens, padding, and room to grow."""
+        return sum(s.kv.numel() * s.kv.element_size() for s in self.segments)
+
+    @property
     def padding(self) -> int:
         return sum(s.padding for s in self.segments)
 
@@ -77,8 +82,8 @@ class DecodeBatch:
         return sum(s.copied_bytes for s in self.segments)
 
     def _new_segment(self, first_prompt_len: int = 0) -> KVSegment:
-        """A segment sized for its first row: one row, room for the prompt and 50% growth."""
-        cols = max(64, round_up(int(first_prompt_len * 1.5) + 17, 64))
+        """A segment sized for its first row: one row, room for the prompt and growth."""
+        cols = max(64, cols_for(first_prompt_len))
         seg = KVSegment(*self.kv_shape, self.dtype, self.device, rows_cap=1, cols_cap=cols, max_rows=self.max_rows)
         self.segments.append(seg)
         return seg

@@ -25,6 +25,23 @@ def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+# Room to grow: a slab gets this many columns past its longest row, up to COLS_HEADROOM (a relayout, which copies
+# the live KV, comes at most every few hundred steps), and rows for half as many rows again as it holds. A slab
+# whose rows have dwindled to a quarter of its capacity is relaid smaller. So the slabs hold at most about twice
+# the live KV, whatever the churn (without these bounds a worker's slabs grew to 3-6x its live tokens).
+COLS_HEADROOM = 256
+
+
+def cols_for(tokens: int, q: int = 1) -> int:
+    """Columns of a slab whose longest row holds `tokens`, with room for growth."""
+    return round_up(tokens + min(tokens // 2, COLS_HEADROOM) + q + 16, 64)
+
+
+def rows_for(rows: int, max_rows: int) -> int:
+    """Row capacity of a slab holding `rows`, with room for growth."""
+    return min(max_rows, max(1, rows + rows // 2 + 1))
+
+
 class KVSegment:
     def __init__(
         self,
@@ -91,9 +108,7 @@ class KVSegment:
         if not self.requests and tokens < self.cols_cap:
             self.lo = self.hi = tokens  # an empty segment starts over at the left of its slab
         if len(self) == self.rows_cap or tokens > self.hi:
-            self._relayout(
-                rows_cap=min(self.max_rows, max(self.rows_cap, 2 * (len(self) + 1))), min_hi=tokens
-            )
+            self._relayout(rows_cap=max(rows_for(len(self) + 1, self.max_rows), len(self) + 1), min_hi=tokens)
         r, start = len(self), self.hi - tokens
         if kv is not None:
             self.kv[:, :, r, :, start : self.hi] = kv.to(self.device, self.dtype)
@@ -122,6 +137,8 @@ class KVSegment:
             self.requests[dst], self.lens[dst] = self.requests[src], self.lens[src]
         del self.requests[n_new:], self.lens[n_new:]
         self._trim()
+        if self.requests and self.rows_cap >= 8 and len(self) <= self.rows_cap // 4:
+            self._relayout()  # most rows have left: a smaller slab
 
     def _trim(self) -> None:
         """Advance `lo` past leading columns that no live row uses."""
@@ -132,12 +149,13 @@ class KVSegment:
         self.lo += int(used.int().argmax())
 
     def _relayout(self, rows_cap: int | None = None, min_hi: int = 0, q: int = 1) -> None:
-        """Copy every row's tokens, right-aligned and without holes, into a new slab with room for growth."""
+        """Copy every row's tokens, right-aligned and without holes, into a new slab with room for growth (rows_cap
+        rows; by default, room for as many rows again as half those it holds)."""
         n = len(self)
         longest = max(self.lens, default=0)
         new_hi = max(longest, min_hi)
-        cols_cap = round_up(int(new_hi * 1.5) + q + 16, 64)  # geometric headroom: relayouts stay rare
-        rows_cap = rows_cap or self.rows_cap
+        cols_cap = cols_for(new_hi, q)
+        rows_cap = rows_cap or rows_for(n, self.max_rows)
         layers, heads, dim = self.shape
         kv = torch.zeros(layers, 2, rows_cap, heads, cols_cap, dim, dtype=self.dtype, device=self.device)
         valid = torch.zeros(rows_cap, cols_cap, dtype=torch.bool, device=self.device)

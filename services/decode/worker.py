@@ -513,6 +513,7 @@ class DecodeWorker:
             if cache is not None and cache.version != published:  # read here: the cache is this thread's
                 report.prefix_blocks, published = cache.keys(), cache.version
             self.metrics.engine(engine.stats)
+            self.metrics.slab_bytes.set(engine.batch.allocated_bytes)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._on_report, report)
 
