@@ -30,7 +30,7 @@ import grpc
 
 from baton.engine.grammar import ResponseFormat
 from baton.engine.request import SamplingParams
-from baton.engine.sampler import MAX_CHOICES
+from baton.engine.sampler import check_choices
 from baton.errors import InvalidRequestError, Reason
 from baton.rpc.convert import finish_from_proto, params_to_proto
 from baton.rpc.status import error_from_rpc
@@ -142,11 +142,9 @@ def build_request(prompt: Prompt, request_id: str = "", model: str = "", n: int 
         if not isinstance(sampling.get("response_format"), (ResponseFormat, type(None))):
             sampling["response_format"] = ResponseFormat.from_openai(sampling["response_format"])
         params = SamplingParams(**sampling)
+        check_choices(n)
     except InvalidRequestError as e:
         raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.reason, e.field) from None
-    if not (isinstance(n, int) and 1 <= n <= MAX_CHOICES):
-        raise BatonError(grpc.StatusCode.INVALID_ARGUMENT, f"n: must be 1 to {MAX_CHOICES}", Reason.INVALID_REQUEST,
-                         "n")
     request = pb.GenerateRequest(request_id=request_id, parameters=params_to_proto(params), model=model, n=n,
                                  echo=echo)
     if isinstance(prompt, str):

@@ -164,8 +164,7 @@ class Engine:
         """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest. A request
         with a response_format gets its grammar's state here (Request.constrain)."""
         self.lm.spec.check_request(req.prompt_ids, req.params.max_new_tokens, req.output_ids,
-                                   req.params.stop_token_ids, prompt_field,
-                                   logit_bias_ids=[t for t, _ in req.params.logit_bias])
+                                   req.params.token_fields, prompt_field)
         req.constrain(self.lm.grammars)
 
     def _check_new_id(self, req: Request) -> None:

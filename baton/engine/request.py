@@ -119,6 +119,12 @@ class SamplingParams:
                     or self.logit_bias or self.min_tokens or self.response_format)
 
     @property
+    def token_fields(self) -> dict[str, list[int]]:
+        """The fields that name token ids, with those ids (each must be in the model's vocabulary:
+        ModelSpec.check_request)."""
+        return {"stop_token_ids": list(self.stop_token_ids), "logit_bias": [t for t, _ in self.logit_bias]}
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 

@@ -20,11 +20,21 @@ from baton.engine import logprobs
 from baton.engine.grammar import Grammars, apply_mask
 from baton.engine.logprobs import TokenLogprobs
 from baton.engine.request import Request
+from baton.errors import InvalidRequestError
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant used to spread (seed, step) over the generator's seed space
 
 
 MAX_CHOICES = 16  # choices (n) one request may ask for
+
+
+def check_choices(n: object) -> int:
+    """`n`, the choices a request asks for, if it is 1 to MAX_CHOICES; else InvalidRequestError naming `n`."""
+    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHOICES):
+        raise InvalidRequestError("n", f"must be 1 to {MAX_CHOICES}")
+    return n
+
+
 _CHOICE_MIX = 0xD1B54A32D192ED03  # spreads a choice's index over the seed space
 
 

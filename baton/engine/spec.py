@@ -10,7 +10,7 @@ before any splice. Neither imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +53,10 @@ class ModelSpec:
         return self.num_layers, self.kv_heads, self.head_dim
 
     def check_request(self, prompt_ids: Sequence[int], max_new_tokens: int, output_ids: Sequence[int] = (),
-                      stop_token_ids: Sequence[int] = (), prompt_field: str = "prompt",
-                      logit_bias_ids: Sequence[int] = ()) -> None:
+                      token_fields: Mapping[str, Sequence[int]] | None = None, prompt_field: str = "prompt") -> None:
         """Raise InvalidRequestError naming the field unless the request fits the model: prompt + max_new_tokens
-        within its context, and every token id (prompt, a resumed request's output so far, stop tokens) inside
-        its vocabulary."""
+        within its context, and every token id (prompt, a resumed request's output so far, and the sampling
+        fields that name tokens: SamplingParams.token_fields) inside its vocabulary."""
         n, ctx, vocab = len(prompt_ids), self.max_context, self.vocab_size
         if n >= ctx:
             raise InvalidRequestError(prompt_field, f"{n} tokens leave no room to generate in the model's context "
@@ -65,8 +64,7 @@ class ModelSpec:
         if n + max_new_tokens > ctx:
             raise InvalidRequestError("max_new_tokens", f"the prompt ({n} tokens) + {max_new_tokens} new tokens "
                                                         f"exceeds the model's context of {ctx} tokens")
-        for name, ids in ((prompt_field, prompt_ids), ("output_ids", output_ids), ("stop_token_ids", stop_token_ids),
-                          ("logit_bias", logit_bias_ids)):
+        for name, ids in ((prompt_field, prompt_ids), ("output_ids", output_ids), *(token_fields or {}).items()):
             bad = [t for t in ids if not _is_token(t, vocab)]
             if bad:
                 raise InvalidRequestError(name, f"token id {bad[0]} is outside the vocabulary [0, {vocab})")

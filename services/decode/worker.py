@@ -36,7 +36,7 @@ from baton.engine.logprobs import TokenLogprobs
 from baton.engine.models import LoadedModel
 from baton.engine.prefix_cache import PrefixCache
 from baton.engine.request import FinishReason, Request
-from baton.engine.sampler import MAX_CHOICES, choice_seed
+from baton.engine.sampler import check_choices, choice_seed
 from baton.errors import (
     InvalidRequestError,
     KvLeaseExpired,
@@ -271,8 +271,7 @@ class DecodeWorker:
         if request.id in self._live:
             raise InvalidRequestError("request_id", f"request id {request.id!r} is already live on this worker")
         self.engine.validate(request)  # reads only the model's limits: safe outside the decode loop
-        if not 1 <= n <= MAX_CHOICES:
-            raise InvalidRequestError("n", f"must be 1 to {MAX_CHOICES}")
+        check_choices(n)
         if n > 1 and (prefill_here or request.output_ids or not self.engine.policy.splices_prefilled_kv):
             raise InvalidRequestError("n", "several choices come from a pushed prefill, new, under the baton policy")
         budget = n * (request.prompt_len + request.params.max_new_tokens)
@@ -314,7 +313,8 @@ class DecodeWorker:
 
     def deliver_kv(self, payload: KVPayload) -> None:
         """Hand in a reserved request's KV; it joins the batch at the next iteration boundary.
-        Raises NotFound (no reservation) or PayloadError (KV this worker cannot use); the reservation stays."""
+        Raises NotFound (no reservation), PayloadError (KV this worker cannot use) or PrefixEvicted (it leaves
+        out blocks this worker's cache no longer holds); the reservation stays."""
         res = self.expect_kv(payload.request_id, payload.model_fingerprint, payload.dims, payload.prompt_ids,
                              payload.first_token, payload.held_tokens)
         payload = self._complete(payload)
@@ -337,12 +337,14 @@ class DecodeWorker:
         cache = self.engine.runner.prefix_cache
         held = cache.held(payload.prompt_ids, payload.held_tokens) if cache is not None else None
         if held is None:
-            self.metrics.kv_held_evicted.inc()
-            raise PrefixEvicted(f"request {payload.request_id!r}: its KV push left out the first "
-                                f"{payload.held_tokens} tokens, which this decode worker's prefix cache no longer "
-                                "holds; push the whole KV")
+            raise self._evicted(payload.request_id, payload.held_tokens)
         self.metrics.kv_held_bytes.inc(held.numel() * held.element_size())
         return payload.with_held(held)
+
+    def _evicted(self, request_id: str, held_tokens: int) -> PrefixEvicted:
+        self.metrics.kv_held_evicted.inc()
+        return PrefixEvicted(f"request {request_id!r}: its KV push leaves out the first {held_tokens} tokens, which "
+                             "this decode worker's prefix cache does not hold (any more); push the whole KV")
 
     def announce_first_token(self, res: Reservation, token: int, lp: TokenLogprobs | None = None,
                              prompt_lps: list[TokenLogprobs | None] | None = None) -> None:
@@ -375,9 +377,7 @@ class DecodeWorker:
         self.lm.spec.check_kv(fingerprint, self.lm.fingerprint, dims, token_ids, res.request.all_ids, first_token)
         cache = self.engine.runner.prefix_cache
         if held_tokens and (cache is None or not cache.holds(token_ids, held_tokens)):
-            self.metrics.kv_held_evicted.inc()
-            raise PrefixEvicted(f"request {request_id!r}: its KV push leaves out the first {held_tokens} tokens, "
-                                "which this decode worker's prefix cache does not hold; push the whole KV")
+            raise self._evicted(request_id, held_tokens)
         return res
 
     def cancel(self, request_id: str) -> bool:

@@ -169,7 +169,7 @@ class PrefillWorker:
     def validate(self, req: Request) -> None:
         """The model's limits (ModelSpec.check_request); Request and SamplingParams checked the rest."""
         self.lm.spec.check_request(req.prompt_ids, req.params.max_new_tokens, req.output_ids,
-                                   req.params.stop_token_ids, logit_bias_ids=[t for t, _ in req.params.logit_bias])
+                                   req.params.token_fields)
         req.constrain(self.lm.grammars)
 
     def submit(self, req: Request) -> asyncio.Future[PrefillResult]:

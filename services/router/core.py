@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from baton.engine.models import DEFAULT_MODEL, resolve_model_path
 from baton.engine.request import FinishReason, SamplingParams, is_unicode
-from baton.engine.sampler import MAX_CHOICES, choice_seed
+from baton.engine.sampler import check_choices, choice_seed
 from baton.engine.spec import ModelSpec
 from baton.errors import InvalidRequestError, Unavailable
 from baton.metrics import RouterMetrics
@@ -162,10 +162,8 @@ class Router:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise InvalidRequestError("prompt", "must not be empty")
-        if not (isinstance(n, int) and 1 <= n <= MAX_CHOICES):
-            raise InvalidRequestError("n", f"must be 1 to {MAX_CHOICES}")
-        self.spec.check_request(prompt_ids, params.max_new_tokens, stop_token_ids=params.stop_token_ids,
-                                logit_bias_ids=[t for t, _ in params.logit_bias])
+        check_choices(n)
+        self.spec.check_request(prompt_ids, params.max_new_tokens, token_fields=params.token_fields)
 
     # ---- generation --------------------------------------------------------------------------------
     async def generate(

@@ -47,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from baton.engine.logprobs import TokenLogprobs
 from baton.engine.request import SamplingParams
-from baton.engine.sampler import MAX_CHOICES
+from baton.engine.sampler import check_choices
 from baton.metrics import RouterMetrics
 from baton.rpc.server import bearer_ok
 from services.router.openai_logprobs import CompletionLogprobs, chat_logprobs
@@ -525,10 +525,7 @@ def create_app(router: Backend, max_body_bytes: int = MAX_BODY_BYTES, api_key: s
 
 
 def choice_count(body: OpenAIBody) -> int:
-    n = 1 if body.n is None else body.n
-    if not 1 <= n <= MAX_CHOICES:
-        raise ApiError.invalid("n", f"must be 1 to {MAX_CHOICES}")
-    return n
+    return check_choices(1 if body.n is None else body.n)
 
 
 def _include_usage(body: OpenAIBody) -> bool:
