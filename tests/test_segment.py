@@ -67,7 +67,8 @@ def test_rows_keep_their_own_kv(
             counter += 1
             rid = f"r{counter:g}"
             toks = [counter * 1000 + i for i in range(arg)]
-            batch.concatenate([(Request(rid, [1] * arg, SamplingParams()), token_kv(toks))])
+            # distinct prompts: rows sharing a prefix hold it once (tests/test_splice.py covers that)
+            batch.concatenate([(Request(rid, [int(counter)] * arg, SamplingParams()), token_kv(toks))])
             expected[rid] = toks
         elif op == "step" and len(batch):
             for _ in range(arg):  # write what attention would write: each row's next token

@@ -221,3 +221,49 @@ def test_unseeded_sampling_varies(tiny_llama: LoadedModel) -> None:
         run_schedule(engine, [req], [0])
         outs.append(req.output_ids)
     assert outs[0] != outs[1]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("fused", [False, True])
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=st.lists(st.tuples(st.integers(0, 1), st.integers(1, 30), st.integers(1, 8), st.integers(0, 10)),
+                         min_size=2, max_size=7), prefix_lens=st.lists(st.integers(0, 150), min_size=2, max_size=2),
+       max_segments=st.integers(1, 3), seed=st.integers(0, 99))
+def test_rows_sharing_a_prefix_hold_it_once_and_equal_generate(
+    kind: str, fused: bool, schedule: list[tuple[int, int, int, int]], prefix_lens: list[int], max_segments: int,
+    seed: int,
+) -> None:
+    """Prompts of two families (each a common prefix, then a suffix of its own): rows of one family in a segment
+    hold their common prefix once (segment.py's shared prefix, read once per step) and still equal generate().
+    (About a third of the examples put rows in a shared-prefix segment; test_a_shared_prefix_is_held_once shows it
+    happens.)"""
+    lm = tiny_model(kind)
+    ref = functools.cache(functools.partial(reference, lm))
+    engine = Engine(lm, max_batch=5, max_segments=max_segments, segment_cost=4, fuse_prefill=fused)
+    prefixes = prompts_for(seed, prefix_lens)
+    suffixes = prompts_for(seed + 1, [s[1] for s in schedule])
+    prompts = [prefixes[f] + sfx for (f, *_), sfx in zip(schedule, suffixes)]
+    reqs = [Request(str(i), list(p), SamplingParams(max_new_tokens=s[2], ignore_eos=True))
+            for i, (p, s) in enumerate(zip(prompts, schedule))]
+    run_schedule(engine, reqs, [s[3] for s in schedule])
+    for req, p in zip(reqs, prompts):
+        assert req.output_ids == ref(p, req.params.max_new_tokens), f"request {req.id} diverged"
+    assert len(engine.batch) == 0 and engine.batch.kv_tokens == 0
+
+
+def test_a_shared_prefix_is_held_once() -> None:
+    lm = tiny_model("llama")
+    engine = Engine(lm, max_batch=8)
+    prefix = list(prompts_for(3, [100])[0])
+    reqs = [Request(str(i), prefix + [5 + i] * (i + 1), SamplingParams(max_new_tokens=12, ignore_eos=True))
+            for i in range(4)]
+    for r in reqs:
+        engine.add_request(r)
+    engine.step()
+    engine.step()
+    segs = engine.batch.segments
+    assert [s.prefix_len for s in segs] == [96] and len(segs[0]) == 4  # 6 blocks of 16, once for the 4 rows
+    assert engine.batch.kv_tokens == 96 + sum(segs[0].lens)
+    engine.run_until_done()
+    for r in reqs:
+        assert r.output_ids == reference(lm, r.prompt_ids, 12)

@@ -67,7 +67,8 @@ def _full_batch(lm: LoadedModel, batch: int, context: int, gen: Any) -> Any:
     engine = Engine(lm, policy="baton", max_batch=batch)
     items = []
     for i in range(batch):
-        req = Request(f"r{i}", [5] * context, SamplingParams(max_new_tokens=10**6, ignore_eos=True))
+        # distinct prompts: rows sharing a prefix would hold it once (segment.py), which is not what this measures
+        req = Request(f"r{i}", [5 + i] * context, SamplingParams(max_new_tokens=10**6, ignore_eos=True))
         req.output_ids.append(7)
         req.status = RequestStatus.RUNNING
         items.append((req, _random_kv(lm, context, gen)))
@@ -125,7 +126,7 @@ def time_splice(lm: LoadedModel, batch: int, context: int, prompt: int, repeats:
     for i in range(repeats):
         victim = engine.batch.requests[i % batch]
         engine.batch.evict({victim.id})
-        req = Request(f"new{i}", [5] * prompt, SamplingParams(max_new_tokens=10**6, ignore_eos=True))
+        req = Request(f"new{i}", [4] * prompt, SamplingParams(max_new_tokens=10**6, ignore_eos=True))
         req.output_ids.append(7)
         req.status = RequestStatus.RUNNING
         kv = _random_kv(lm, prompt, gen)

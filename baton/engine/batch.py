@@ -10,13 +10,18 @@ Contract (as TGI's batches): `concatenate` splices prefilled requests in, `evict
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from baton.engine.prefix_cache import BLOCK_TOKENS
 from baton.engine.request import Request
 from baton.engine.segment import KVSegment, cols_for
+
+# A new segment shares a prefix with the rows of the batch only from this many tokens on: below it, reading a
+# prefix once instead of per row saves less than a segment of its own costs.
+SHARED_MIN_TOKENS = 64
 
 
 @dataclass
@@ -65,8 +70,8 @@ class DecodeBatch:
 
     @property
     def kv_tokens(self) -> int:
-        """Tokens whose KV the batch holds, over all rows."""
-        return sum(sum(s.lens) for s in self.segments)
+        """Tokens whose KV the batch holds: every row's, a shared prefix once."""
+        return sum(sum(s.lens) + s.prefix_len for s in self.segments)
 
     @property
     def allocated_bytes(self) -> int:
@@ -81,10 +86,12 @@ class DecodeBatch:
     def copied_bytes(self) -> int:
         return sum(s.copied_bytes for s in self.segments)
 
-    def _new_segment(self, first_prompt_len: int = 0) -> KVSegment:
-        """A segment sized for its first row: one row, room for the prompt and growth."""
-        cols = max(64, cols_for(first_prompt_len))
-        seg = KVSegment(*self.kv_shape, self.dtype, self.device, rows_cap=1, cols_cap=cols, max_rows=self.max_rows)
+    def _new_segment(self, first_prompt_len: int = 0, prefix_ids: Sequence[int] = (),
+                     prefix_kv: torch.Tensor | None = None) -> KVSegment:
+        """A segment sized for its first row: one row, room for the prompt (less a shared prefix) and growth."""
+        cols = max(64, cols_for(first_prompt_len - len(prefix_ids)))
+        seg = KVSegment(*self.kv_shape, self.dtype, self.device, rows_cap=1, cols_cap=cols, max_rows=self.max_rows,
+                        prefix_ids=prefix_ids, prefix_kv=prefix_kv)
         self.segments.append(seg)
         return seg
 
@@ -94,16 +101,43 @@ class DecodeBatch:
         first, so that shorter ones can fit under their windows."""
         for req, kv in sorted(items, key=lambda it: -int(it[1].shape[3])):
             assert self.free_rows > 0, "splice into a full batch"
-            self._place(int(kv.shape[3])).insert(req, kv)
+            self._place(req.all_ids[: int(kv.shape[3])], kv).insert(req, kv)
 
-    def _place(self, prompt_len: int) -> KVSegment:
-        """The segment that adds the least padding; a new one when that costs more than `segment_cost`."""
-        best = min(self.segments, key=lambda s: s.splice_cost(prompt_len), default=None)
-        if best is None or (
-            best.splice_cost(prompt_len) > self.segment_cost and len(self.segments) < self.max_segments
-        ):
-            return self._new_segment(prompt_len)
+    def _place(self, ids: Sequence[int], kv: torch.Tensor) -> KVSegment:
+        """The segment that adds the least padding among those the row can join (its ids start with their shared
+        prefix), counting its tokens after that prefix; a new one when that costs more than `segment_cost`, which
+        shares the longest prefix the row has in common with a row of the batch (SHARED_MIN_TOKENS or more)."""
+        def cost(seg: KVSegment) -> int:
+            return seg.splice_cost(len(ids) - seg.prefix_len)
+
+        best = min((s for s in self.segments if s.shares(ids)), key=cost, default=None)
+        if best is None or (cost(best) > self.segment_cost and len(self.segments) < self.max_segments):
+            p = max((self._common(ids, seg.requests) for seg in self.segments), default=0)
+            if p:
+                return self._new_segment(len(ids), ids[:p], kv[:, :, :, :p].to(self.device, self.dtype).clone())
+            return self._new_segment(len(ids))
+        if not best.prefix_len:  # the row and every row of the segment start alike: hold that once
+            p = self._common(ids, best.requests, min(best.lens))
+            if p:
+                best.adopt_prefix(ids[:p])
         return best
+
+    @staticmethod
+    def _common(ids: Sequence[int], rows: Sequence[Request], limit: int | None = None) -> int:
+        """The longest prefix, in whole BLOCK_TOKENS blocks, short of `ids`' last token (and of `limit`), that
+        `ids` shares with every one of `rows`; 0 when under SHARED_MIN_TOKENS (or no rows)."""
+        end = len(ids) - 1 if limit is None else min(len(ids) - 1, limit - 1)
+        if not rows or end < SHARED_MIN_TOKENS:
+            return 0
+        new = torch.tensor(ids[:end], dtype=torch.long)
+        common = end
+        for r in rows:
+            other = torch.tensor(r.all_ids[:common], dtype=torch.long)
+            n = min(common, len(other))
+            differ = (new[:n] != other[:n]).nonzero()
+            common = int(differ[0]) if len(differ) else n
+        common -= common % BLOCK_TOKENS
+        return common if common >= SHARED_MIN_TOKENS else 0
 
     def add_unprefilled(self, reqs: Iterable[Request]) -> None:
         """Rows whose prompts run inside the next step (orca, static). Uses one segment."""
@@ -142,16 +176,17 @@ class DecodeBatch:
         prompt; the others feed their last token. With any such row, every row is left-padded to the longest."""
         reqs = self.requests
         lens = [n for s in self.segments for n in s.lens]
+        prefix = [s.prefix_len for s in self.segments for _ in s.lens]
         feeds: list[list[int]] = []
         starts: list[int] = []
         idle = 0
-        for req, n in zip(reqs, lens):
+        for req, n, p in zip(reqs, lens, prefix):
             if n == 0:  # prompt not computed yet (with the tokens a resumed request already has)
                 feeds.append(req.all_ids)
             else:  # its last token: an output's, or, for a choice forked from a prefill, the prompt's last
                 feeds.append([req.all_ids[-1]])
                 idle += req.finished  # static batches keep computing finished rows
-            starts.append(n)
+            starts.append(p + n)
         q = max(len(f) for f in feeds)
         if q == 1:
             ids = torch.tensor(feeds, dtype=torch.long)

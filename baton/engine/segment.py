@@ -10,11 +10,20 @@ or were added to the input for absolute-position models), so a newcomer's prompt
 of columns that ends at `hi`. That is the whole splice: pad on the left by choosing where the newcomer starts,
 mark its columns valid, give it its own position ids. Nothing already computed is moved.
 
+A shared prefix (cascade attention): a segment may hold the KV of P leading tokens that all its rows' prompts
+start with (`prefix_ids`, `prefix_kv`) once, outside the slab; its rows then hold only their tokens after those P in
+the slab, and attention reads the prefix once per step for every row (attention._batched). Decode steps over long
+shared prompts (a system prompt, a few-shot preamble) are bound by reading the KV, so each row reading its own
+copy of the same prefix is the cost this saves.
+
 Invariant everything relies on: for every active row r, `valid[r, :lo]` and `valid[r, hi:]` are all False,
-and `lens[r] == valid[r].sum()` is the number of tokens whose KV row r holds (its next position id).
+and `lens[r] == valid[r].sum()` is the number of tokens whose KV row r holds in the slab; its next position id is
+`prefix_len + lens[r]`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -53,7 +62,14 @@ class KVSegment:
         rows_cap: int = 4,
         cols_cap: int = 256,
         max_rows: int = 32,
+        prefix_ids: Sequence[int] = (),
+        prefix_kv: torch.Tensor | None = None,
     ) -> None:
+        """prefix_ids/prefix_kv: the shared prefix every row's prompt starts with (prefix_kv [layers, 2, kv_heads,
+        len(prefix_ids), head_dim]); none by default."""
+        assert (prefix_kv is None) == (not prefix_ids)
+        self.prefix_ids = list(prefix_ids)
+        self.prefix_kv = prefix_kv
         self.shape = (num_layers, kv_heads, head_dim)
         self.dtype, self.device, self.max_rows = dtype, device, max_rows
         self.kv = torch.zeros(
@@ -81,6 +97,15 @@ class KVSegment:
         return int(self.kv.shape[4])
 
     @property
+    def prefix_len(self) -> int:
+        return len(self.prefix_ids)
+
+    def shares(self, ids: Sequence[int]) -> bool:
+        """Whether a row over `ids` can join: its ids start with this segment's prefix and go on after it."""
+        p = self.prefix_len
+        return p == 0 or (len(ids) > p and list(ids[:p]) == self.prefix_ids)
+
+    @property
     def width(self) -> int:
         """Columns attended by every row: the window [lo, hi)."""
         return self.hi - self.lo
@@ -102,8 +127,12 @@ class KVSegment:
 
     # ---- splice / evict ---------------------------------------------------------------------------------
     def insert(self, req: Request, kv: torch.Tensor | None) -> None:
-        """Add a row. kv: [layers, 2, kv_heads, tokens, head_dim] of an already prefilled prompt, or None for a
-        row whose prompt will be computed inside the next step (orca, static)."""
+        """Add a row. kv: [layers, 2, kv_heads, tokens, head_dim] of an already prefilled prompt (with a shared
+        prefix, the whole prompt's: the prefix's tokens are dropped, the segment holds them), or None for a row
+        whose prompt will be computed inside the next step (orca, static)."""
+        if self.prefix_len:
+            assert kv is not None and kv.shape[3] > self.prefix_len, "a shared-prefix row needs KV past the prefix"
+            kv = kv[:, :, :, self.prefix_len :]
         tokens = 0 if kv is None else int(kv.shape[3])
         if not self.requests and tokens < self.cols_cap:
             self.lo = self.hi = tokens  # an empty segment starts over at the left of its slab
@@ -119,9 +148,10 @@ class KVSegment:
         self.lens.append(tokens)
 
     def row_kv(self, r: int) -> torch.Tensor:
-        """A copy of row r's KV in position order: [layers, 2, kv_heads, lens[r], head_dim]."""
+        """A copy of row r's KV in position order: [layers, 2, kv_heads, prefix_len + lens[r], head_dim]."""
         cols = self.valid[r, self.lo : self.hi].nonzero().squeeze(1) + self.lo
-        return self.kv[:, :, r, :, cols]
+        own = self.kv[:, :, r, :, cols]
+        return own if self.prefix_kv is None else torch.cat([self.prefix_kv, own], dim=3)
 
     def remove(self, done: set[int]) -> None:
         """Drop the rows whose indices are in `done`: the last live row moves into each hole."""
@@ -148,9 +178,22 @@ class KVSegment:
         used = self.valid[: len(self), self.lo : self.hi].any(0)
         self.lo += int(used.int().argmax())
 
-    def _relayout(self, rows_cap: int | None = None, min_hi: int = 0, q: int = 1) -> None:
+    def adopt_prefix(self, prefix_ids: Sequence[int]) -> None:
+        """Hold `prefix_ids`, which every row's tokens start with, once as the shared prefix: the rows keep only
+        their tokens after it (a relayout)."""
+        assert not self.prefix_ids and self.requests
+        p = len(prefix_ids)
+        assert all(n > p for n in self.lens), "each row keeps at least one token of its own"
+        cols = self.valid[0, self.lo : self.hi].nonzero().squeeze(1)[:p] + self.lo
+        self.prefix_kv = self.kv[:, :, 0, :, cols].clone()  # [layers, 2, kv_heads, P, head_dim]
+        self.prefix_ids = list(prefix_ids)
+        self._relayout(drop=p)
+
+    def _relayout(self, rows_cap: int | None = None, min_hi: int = 0, q: int = 1, drop: int = 0) -> None:
         """Copy every row's tokens, right-aligned and without holes, into a new slab with room for growth (rows_cap
-        rows; by default, room for as many rows again as half those it holds)."""
+        rows; by default, room for as many rows again as half those it holds); less each row's first `drop`."""
+        if drop:
+            self.lens = [n - drop for n in self.lens]
         n = len(self)
         longest = max(self.lens, default=0)
         new_hi = max(longest, min_hi)
@@ -160,7 +203,7 @@ class KVSegment:
         kv = torch.zeros(layers, 2, rows_cap, heads, cols_cap, dim, dtype=self.dtype, device=self.device)
         valid = torch.zeros(rows_cap, cols_cap, dtype=torch.bool, device=self.device)
         for r in range(n):
-            cols = self.valid[r, self.lo : self.hi].nonzero().squeeze(1) + self.lo
+            cols = self.valid[r, self.lo : self.hi].nonzero().squeeze(1)[drop:] + self.lo
             length = self.lens[r]
             assert cols.numel() == length, "segment invariant broken: lens disagrees with valid"
             kv[:, :, r, :, new_hi - length : new_hi] = self.kv[:, :, r, :, cols]
