@@ -4,12 +4,14 @@ request alone, token for token; seeded sampling does not depend on the batch."""
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from baton.engine import batch as batch_module
 from baton.engine.engine import Engine
 from baton.engine.models import LoadedModel
 from baton.engine.request import Request, SamplingParams
@@ -235,11 +237,17 @@ def test_rows_sharing_a_prefix_hold_it_once_and_equal_generate(
 ) -> None:
     """Prompts of two families (each a common prefix, then a suffix of its own): rows of one family in a segment
     hold their common prefix once (segment.py's shared prefix, read once per step) and still equal generate().
-    (About a third of the examples put rows in a shared-prefix segment; test_a_shared_prefix_is_held_once shows it
-    happens.)"""
+    The saving a shared prefix must bring is lowered here so that short prompts exercise it (many examples put
+    rows in a shared-prefix segment; test_a_shared_prefix_is_held_once shows the real threshold at work)."""
+    with mock.patch.object(batch_module, "SHARED_MIN_SAVING", 64):
+        run_families(kind, fused, schedule, prefix_lens, max_segments, seed)
+
+
+def run_families(kind: str, fused: bool, schedule: list[tuple[int, int, int, int]], prefix_lens: list[int],
+                 max_segments: int, seed: int) -> None:
     lm = tiny_model(kind)
     ref = functools.cache(functools.partial(reference, lm))
-    engine = Engine(lm, max_batch=5, max_segments=max_segments, segment_cost=4, fuse_prefill=fused)
+    engine = Engine(lm, max_batch=6, max_segments=max_segments, segment_cost=4, fuse_prefill=fused)
     prefixes = prompts_for(seed, prefix_lens)
     suffixes = prompts_for(seed + 1, [s[1] for s in schedule])
     prompts = [prefixes[f] + sfx for (f, *_), sfx in zip(schedule, suffixes)]
@@ -254,16 +262,17 @@ def test_rows_sharing_a_prefix_hold_it_once_and_equal_generate(
 def test_a_shared_prefix_is_held_once() -> None:
     lm = tiny_model("llama")
     engine = Engine(lm, max_batch=8)
-    prefix = list(prompts_for(3, [100])[0])
+    prefix = list(prompts_for(3, [600])[0])
     reqs = [Request(str(i), prefix + [5 + i] * (i + 1), SamplingParams(max_new_tokens=12, ignore_eos=True))
-            for i in range(4)]
+            for i in range(6)]
     for r in reqs:
         engine.add_request(r)
     engine.step()
     engine.step()
     segs = engine.batch.segments
-    assert [s.prefix_len for s in segs] == [96] and len(segs[0]) == 4  # 6 blocks of 16, once for the 4 rows
-    assert engine.batch.kv_tokens == 96 + sum(segs[0].lens)
+    # 37 blocks of 16, held once for the 6 rows (from the 5th on, when 4 rows sharing it paid for it)
+    assert [s.prefix_len for s in segs] == [592] and len(segs[0]) == 6
+    assert engine.batch.kv_tokens == 592 + sum(segs[0].lens)
     engine.run_until_done()
     for r in reqs:
         assert r.output_ids == reference(lm, r.prompt_ids, 12)

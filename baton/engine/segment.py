@@ -62,14 +62,9 @@ class KVSegment:
         rows_cap: int = 4,
         cols_cap: int = 256,
         max_rows: int = 32,
-        prefix_ids: Sequence[int] = (),
-        prefix_kv: torch.Tensor | None = None,
     ) -> None:
-        """prefix_ids/prefix_kv: the shared prefix every row's prompt starts with (prefix_kv [layers, 2, kv_heads,
-        len(prefix_ids), head_dim]); none by default."""
-        assert (prefix_kv is None) == (not prefix_ids)
-        self.prefix_ids = list(prefix_ids)
-        self.prefix_kv = prefix_kv
+        self.prefix_ids: list[int] = []  # the shared prefix, once adopted (adopt_prefix)
+        self.prefix_kv: torch.Tensor | None = None  # its KV: [layers, 2, kv_heads, len(prefix_ids), head_dim]
         self.shape = (num_layers, kv_heads, head_dim)
         self.dtype, self.device, self.max_rows = dtype, device, max_rows
         self.kv = torch.zeros(
