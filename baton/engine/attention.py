@@ -103,25 +103,27 @@ def _batched(
         if seg.prefix_kv is None:
             out, _ = sdpa_attention_forward(module, query[a:b], k, v, mask, scaling=scaling, is_causal=False)
         else:
-            out = _cascade(query[a:b], k, v, mask, seg.prefix_kv[layer], scaling)
+            assert seg.step_bias is not None
+            out = _cascade(query[a:b], k, v, seg.step_bias, seg.prefix_kv[layer], scaling)
         outs.append(out)  # [n, q, heads, head_dim]
         a = b
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor,
+def _cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, prefix: torch.Tensor,
              scaling: float | None) -> torch.Tensor:
     """Rows that share a prefix (segment.py): each row's query attends over the shared prefix's KV and its own
     window, the prefix's keys and values read ONCE for all rows (every row's query in one attention call against
     them), the two halves merged by their log-sum-exps. query [n, heads, 1, head_dim], key/value [n, kv_heads, W,
-    head_dim], mask [n, 1, 1, W], prefix [2, kv_heads, P, head_dim]; returns [n, 1, heads, head_dim]."""
+    head_dim], bias [n, 1, 1, W] (the window's mask, additive: KVSegment.step_bias), prefix [2, kv_heads, P,
+    head_dim]; returns [n, 1, heads, head_dim]."""
     n, heads, q, d = query.shape
     kv_heads = prefix.shape[1]
     assert q == 1, "a shared-prefix segment decodes one token per row"
     rep = heads // kv_heads
     scale = scaling if scaling is not None else d**-0.5
     qh = query.reshape(n, kv_heads, rep, d)  # the query heads of one KV head together (GQA)
-    own, own_lse = _attend(qh, key, value, mask, scale)  # [n, kv_heads, rep, d], [n, kv_heads, rep]
+    own, own_lse = _attend(qh, key, value, bias, scale)  # [n, kv_heads, rep, d], [n, kv_heads, rep]
     qp = qh.permute(1, 0, 2, 3).reshape(1, kv_heads, n * rep, d)  # every row's queries, per KV head
     shared, shared_lse = _attend(qp, prefix[0].unsqueeze(0), prefix[1].unsqueeze(0), None, scale)
     shared = shared.reshape(kv_heads, n, rep, d).permute(1, 0, 2, 3)  # [n, kv_heads, rep, d]
@@ -132,18 +134,17 @@ def _cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     return out.reshape(n, heads, 1, d).transpose(1, 2)  # [n, 1, heads, d]
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of query [b, h, L, d] over key/value [b, h, S, d] (mask [b, 1, 1, S], True: attend) and its
-    log-sum-exp [b, h, L]: on a CPU, PyTorch's flash kernel (which returns it); elsewhere in plain operations."""
+    """Attention of query [b, h, L, d] over key/value [b, h, S, d] (bias [b, 1, 1, S]: 0 to attend, -inf not) and
+    its log-sum-exp [b, h, L]: on a CPU, PyTorch's flash kernel (which returns it); elsewhere in plain operations."""
     if query.device.type == "cpu":
-        additive = None if mask is None else torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, -torch.inf)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
-                                                                               attn_mask=additive, scale=scale)
+                                                                               attn_mask=bias, scale=scale)
         return out, lse
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -torch.inf)
+    if bias is not None:
+        scores = scores + bias
     lse = torch.logsumexp(scores, -1)
     return torch.matmul((scores - lse.unsqueeze(-1)).exp().to(value.dtype), value), lse
 

@@ -114,7 +114,9 @@ class DecodeBatch:
         best = min((s for s in self.segments if s.shares(ids)), key=cost, default=None)
         if best is None or (cost(best) > self.segment_cost and len(self.segments) < self.max_segments):
             return self._new_segment(len(ids))
-        if not best.prefix_len:  # the row and every row of the segment start alike: hold that once, if it pays
+        # the row and every row of the segment start alike: hold that once, if it pays (the longest it could be,
+        # short of the shortest row, is checked first: most splices compare nothing)
+        if not best.prefix_len and (min(len(ids), *best.lens) - 1) * len(best) >= SHARED_MIN_SAVING:
             p = self._common(ids, best.requests, min(best.lens))
             if p * len(best) >= SHARED_MIN_SAVING:
                 best.adopt_prefix(ids[:p])

@@ -77,6 +77,7 @@ class KVSegment:
         self.hi = 0
         self.step_q = 0  # query length of the step in progress (0 between steps)
         self.step_mask: torch.Tensor | None = None  # [n, 1, q, window + q] for the step in progress
+        self.step_bias: torch.Tensor | None = None  # the same as an additive mask (0 / -inf), with a shared prefix
         self.copied_bytes = 0  # KV bytes moved by compaction and growth (not by splicing newcomers)
 
     # ---- derived values ------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ class KVSegment:
         if not self.requests and tokens < self.cols_cap:
             self.lo = self.hi = tokens  # an empty segment starts over at the left of its slab
         if len(self) == self.rows_cap or tokens > self.hi:
-            self._relayout(rows_cap=max(rows_for(len(self) + 1, self.max_rows), len(self) + 1), min_hi=tokens)
+            self._relayout(rows_cap=rows_for(len(self) + 1, self.max_rows), min_hi=tokens)
         r, start = len(self), self.hi - tokens
         if kv is not None:
             self.kv[:, :, r, :, start : self.hi] = kv.to(self.device, self.dtype)
@@ -238,6 +239,9 @@ class KVSegment:
             # padding queries attend to themselves so no softmax row is empty (their outputs are discarded)
             mask[:, :, :, -q:] |= torch.eye(q, dtype=torch.bool, device=self.device)
         self.step_q, self.step_mask = q, mask
+        if self.prefix_kv is not None:  # attention._cascade's kernel takes it additive: built once per step
+            bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
+            self.step_bias = bias.masked_fill(~mask, -torch.inf)
         return useful, attended
 
     def attend_inputs(
@@ -261,4 +265,4 @@ class KVSegment:
             self.lens = [n + q for n in self.lens]
         else:
             self.lens = [n + a for n, a in zip(self.lens, added)]
-        self.step_q, self.step_mask = 0, None
+        self.step_q, self.step_mask, self.step_bias = 0, None, None

@@ -196,7 +196,7 @@ class Scheduler:
                 free, kv = w.room()
                 capacity = min(free // rows, kv // max(1, need_tokens))
                 if capacity > 0:
-                    cached[address] = w.cached(prefix) if prefix else 0
+                    cached[address] = w.cached(prefix)
                     busy = max(0, w.kv_capacity - kv) // BLOCK_TOKENS
                     scores[address] = (len(prefix) - cached[address] + busy, -capacity)
         if not scores:
