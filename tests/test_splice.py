@@ -276,3 +276,27 @@ def test_a_shared_prefix_is_held_once() -> None:
     engine.run_until_done()
     for r in reqs:
         assert r.output_ids == reference(lm, r.prompt_ids, 12)
+
+
+def test_segments_of_rows_sharing_a_prefix_hold_one_copy() -> None:
+    """Rows of very different lengths sit in segments of their own (chat's conversations over one system prompt):
+    once enough rows share the prefix for reading it once to pay, every segment holds the same one tensor of it,
+    and a segment made later takes that tensor at once; the KV is counted once and outputs equal generate()."""
+    lm = tiny_model("llama")
+    engine = Engine(lm, max_batch=8, max_segments=8, segment_cost=4)
+    prefix = list(prompts_for(5, [600])[0])
+    suffixes = prompts_for(6, [1, 30, 60, 90, 120, 150])
+    reqs = [Request(str(i), prefix + list(s), SamplingParams(max_new_tokens=10, ignore_eos=True))
+            for i, s in enumerate(suffixes)]
+    for r in reqs:
+        engine.add_request(r)
+    engine.step()
+    engine.step()
+    segs = engine.batch.segments
+    assert len(segs) == 6 and [len(s) for s in segs] == [1] * 6  # one row each
+    assert [s.prefix_len for s in segs] == [592] * 6
+    assert len({id(s.prefix_kv) for s in segs}) == 1  # one copy, read once per step for all six rows
+    assert engine.batch.kv_tokens == 592 + sum(sum(s.lens) for s in segs)
+    engine.run_until_done()
+    for r in reqs:
+        assert r.output_ids == reference(lm, r.prompt_ids, 10)

@@ -93,37 +93,51 @@ def _batched(
     scaling: float | None,
 ) -> torch.Tensor:
     """A decode step's rows (query [rows, heads, q, head_dim], key/value [rows, kv_heads, q, head_dim]: this
-    step's tokens only), segment by segment over each segment's window: [rows, q, heads, head_dim]."""
+    step's tokens only), segment by segment over each segment's window: [rows, q, heads, head_dim]. Rows of
+    segments holding a shared prefix attend over their windows here, and over the prefix once for all the rows
+    that hold the same one (_cascade)."""
     layer = int(module.layer_idx)  # type: ignore[arg-type]
-    outs: list[torch.Tensor] = []
-    a = 0
-    for seg in batch.segments:
-        b = a + len(seg)
-        k, v, mask = seg.attend_inputs(layer, key[a:b], value[a:b])  # [n, kv_heads, width + q, head_dim]
-        if seg.prefix_kv is None:
-            out, _ = sdpa_attention_forward(module, query[a:b], k, v, mask, scaling=scaling, is_causal=False)
-        else:
-            assert seg.step_bias is not None
-            out = _cascade(query[a:b], k, v, seg.step_bias, seg.prefix_kv[layer], scaling)
-        outs.append(out)  # [n, q, heads, head_dim]
-        a = b
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, prefix: torch.Tensor,
-             scaling: float | None) -> torch.Tensor:
-    """Rows that share a prefix (segment.py): each row's query attends over the shared prefix's KV and its own
-    window, the prefix's keys and values read ONCE for all rows (every row's query in one attention call against
-    them), the two halves merged by their log-sum-exps. query [n, heads, 1, head_dim], key/value [n, kv_heads, W,
-    head_dim], bias [n, 1, 1, W] (the window's mask, additive: KVSegment.step_bias), prefix [2, kv_heads, P,
-    head_dim]; returns [n, 1, heads, head_dim]."""
-    n, heads, q, d = query.shape
-    kv_heads = prefix.shape[1]
-    assert q == 1, "a shared-prefix segment decodes one token per row"
-    rep = heads // kv_heads
+    outs: list[torch.Tensor | None] = []
+    # by prefix tensor: each segment's index, its queries [n, kv_heads, rep, d], window's output and log-sum-exp
+    cascades: dict[int, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    q, d = query.shape[2], query.shape[3]
     scale = scaling if scaling is not None else d**-0.5
-    qh = query.reshape(n, kv_heads, rep, d)  # the query heads of one KV head together (GQA)
-    own, own_lse = _attend(qh, key, value, bias, scale)  # [n, kv_heads, rep, d], [n, kv_heads, rep]
+    a = 0
+    for i, seg in enumerate(batch.segments):
+        rows = slice(a, a + len(seg))
+        k, v, mask = seg.attend_inputs(layer, key[rows], value[rows])  # [n, kv_heads, width + q, head_dim]
+        if seg.prefix_kv is None:
+            out, _ = sdpa_attention_forward(module, query[rows], k, v, mask, scaling=scaling, is_causal=False)
+            outs.append(out)  # [n, q, heads, head_dim]
+        else:  # its window now, the prefix below
+            assert q == 1, "a shared-prefix segment decodes one token per row"
+            assert seg.step_bias is not None
+            qh = query[rows].reshape(len(seg), k.shape[1], -1, d)  # [n, kv_heads, rep, d]: one KV head's queries
+            outs.append(None)
+            cascades.setdefault(id(seg.prefix_kv), []).append((i, qh, *_attend(qh, k, v, seg.step_bias, scale)))
+        a = rows.stop
+    for members in cascades.values():
+        prefix = batch.segments[members[0][0]].prefix_kv
+        assert prefix is not None
+        qh = torch.cat([m[1] for m in members])
+        own, own_lse = torch.cat([m[2] for m in members]), torch.cat([m[3] for m in members])
+        merged = _cascade(qh, own, own_lse, prefix[layer], scale)  # [rows of these segments, 1, heads, d]
+        b = 0
+        for i, qs, _, _ in members:
+            outs[i], b = merged[b : b + len(qs)], b + len(qs)
+    done = [o for o in outs if o is not None]
+    assert len(done) == len(outs)
+    return done[0] if len(done) == 1 else torch.cat(done)
+
+
+def _cascade(qh: torch.Tensor, own: torch.Tensor, own_lse: torch.Tensor, prefix: torch.Tensor,
+             scale: float) -> torch.Tensor:
+    """Rows that share a prefix (segment.py, batch.py): each row's query has attended over its own window (own,
+    own_lse: its output [n, kv_heads, rep, head_dim] and log-sum-exp [n, kv_heads, rep]); here every row's query
+    attends over the shared prefix's KV in ONE call, the prefix's keys and values read once for all rows, and the
+    two halves are merged by their log-sum-exps. qh [n, kv_heads, rep, head_dim] (the query heads of one KV head
+    together, GQA), prefix [2, kv_heads, P, head_dim]; returns [n, 1, heads, head_dim]."""
+    n, kv_heads, rep, d = qh.shape
     qp = qh.permute(1, 0, 2, 3).reshape(1, kv_heads, n * rep, d)  # every row's queries, per KV head
     shared, shared_lse = _attend(qp, prefix[0].unsqueeze(0), prefix[1].unsqueeze(0), None, scale)
     shared = shared.reshape(kv_heads, n, rep, d).permute(1, 0, 2, 3)  # [n, kv_heads, rep, d]
@@ -131,7 +145,7 @@ def _cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: 
     top = torch.maximum(own_lse, shared_lse)
     w_own, w_shared = (own_lse - top).exp().unsqueeze(-1), (shared_lse - top).exp().unsqueeze(-1)
     out = (own * w_own + shared * w_shared) / (w_own + w_shared)
-    return out.reshape(n, heads, 1, d).transpose(1, 2)  # [n, 1, heads, d]
+    return out.reshape(n, 1, kv_heads * rep, d)  # [n, 1, heads, d]
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,

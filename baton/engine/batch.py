@@ -19,10 +19,11 @@ from baton.engine.prefix_cache import BLOCK_TOKENS
 from baton.engine.request import Request
 from baton.engine.segment import KVSegment, cols_for
 
-# A segment holds its rows' common prefix once (segment.py) when it is SHARED_MIN_TOKENS long or more and reading
+# Segments hold their rows' common prefix once (segment.py) when it is SHARED_MIN_TOKENS long or more and reading
 # it once instead of per row saves SHARED_MIN_SAVING token reads per step or more: below that, the second
 # attention call and the merge cost more than they save (chat's 300-token system prompt over 2-3 rows made steps
-# ~10% slower; 32 rows over a 1,024-token prefix, 1.65x faster).
+# ~10% slower; 32 rows over a 1,024-token prefix, 1.65x faster). The rows counted are those of every segment that
+# would hold it: one prefix tensor serves them all (_share_prefix).
 SHARED_MIN_TOKENS = 64
 SHARED_MIN_SAVING = 2048
 
@@ -74,12 +75,13 @@ class DecodeBatch:
     @property
     def kv_tokens(self) -> int:
         """Tokens whose KV the batch holds: every row's, a shared prefix once."""
-        return sum(sum(s.lens) + s.prefix_len for s in self.segments)
+        return sum(sum(s.lens) for s in self.segments) + sum(len(ids) for ids, _ in self.shared_prefixes())
 
     @property
     def allocated_bytes(self) -> int:
-        """Bytes of KV slabs the segments hold: their rows' tokens, padding, and room to grow."""
-        return sum(s.kv.numel() * s.kv.element_size() for s in self.segments)
+        """Bytes of KV the segments hold: their slabs (rows' tokens, padding, room to grow) and shared prefixes."""
+        slabs = sum(s.kv.numel() * s.kv.element_size() for s in self.segments)
+        return slabs + sum(kv.numel() * kv.element_size() for _, kv in self.shared_prefixes())
 
     @property
     def padding(self) -> int:
@@ -106,21 +108,52 @@ class DecodeBatch:
 
     def _place(self, ids: Sequence[int], kv: torch.Tensor) -> KVSegment:
         """The segment that adds the least padding among those the row can join (its ids start with their shared
-        prefix), counting its tokens after that prefix; a new one when that costs more than `segment_cost`. A
-        segment without a shared prefix whose rows and the newcomer start alike takes that prefix as shared."""
+        prefix), counting its tokens after that prefix; a new one when that costs more than `segment_cost`. The
+        segment then holds a prefix the row shares with others, if one pays (_share_prefix)."""
         def cost(seg: KVSegment) -> int:
             return seg.splice_cost(len(ids) - seg.prefix_len)
 
         best = min((s for s in self.segments if s.shares(ids)), key=cost, default=None)
         if best is None or (cost(best) > self.segment_cost and len(self.segments) < self.max_segments):
-            return self._new_segment(len(ids))
-        # the row and every row of the segment start alike: hold that once, if it pays (the longest it could be,
-        # short of the shortest row, is checked first: most splices compare nothing)
-        if not best.prefix_len and (min(len(ids), *best.lens) - 1) * len(best) >= SHARED_MIN_SAVING:
-            p = self._common(ids, best.requests, min(best.lens))
-            if p * len(best) >= SHARED_MIN_SAVING:
-                best.adopt_prefix(ids[:p])
+            best = self._new_segment(len(ids))
+        if not best.prefix_len:
+            self._share_prefix(ids, kv, best)
         return best
+
+    def _share_prefix(self, ids: Sequence[int], kv: torch.Tensor, seg: KVSegment) -> None:
+        """Let `seg` (no shared prefix yet; `ids`/`kv` the row about to join it) hold a prefix once, the first of:
+        1. one the batch holds already that the row and seg's rows start with (its reads are paid for already);
+        2. a new one the row shares with every row of every segment holding none (chat's system prompt: the rows
+           spread over segments by length), taken by all those segments, when len * rows >= SHARED_MIN_SAVING;
+        3. a new one the row shares with seg's rows alone, on the same condition.
+        The longest such prefix is checked to pay before any prompt is compared: most splices compare nothing."""
+        for prefix_ids, prefix_kv in sorted(self.shared_prefixes(), key=lambda pk: -len(pk[0])):
+            p = len(prefix_ids)
+            if len(ids) > p and list(ids[:p]) == prefix_ids and all(
+                    n > p and r.all_ids[:p] == prefix_ids for r, n in zip(seg.requests, seg.lens)):
+                seg.adopt_prefix(prefix_ids, prefix_kv)
+                return
+        bare = [s for s in self.segments if not s.prefix_len]
+        for group in (bare, [seg]) if bare != [seg] else ([seg],):
+            rows = [r for s in group for r in s.requests]
+            lens = [n for s in group for n in s.lens]
+            if not rows or (min(len(ids), *lens) - 1) * (len(rows) + 1) < SHARED_MIN_SAVING:
+                continue
+            p = self._common(ids, rows, min(lens))
+            if p * (len(rows) + 1) >= SHARED_MIN_SAVING:
+                # [layers, 2, kv_heads, P, head_dim]: the newcomer's copy
+                prefix_kv = kv[:, :, :, :p].to(self.device, self.dtype, copy=True)
+                for s in group:
+                    s.adopt_prefix(ids[:p], prefix_kv)
+                return
+
+    def shared_prefixes(self) -> list[tuple[list[int], torch.Tensor]]:
+        """The distinct shared prefixes the segments hold (several segments may hold one): ids and KV."""
+        held: dict[int, tuple[list[int], torch.Tensor]] = {}
+        for s in self.segments:
+            if s.prefix_kv is not None:
+                held.setdefault(id(s.prefix_kv), (s.prefix_ids, s.prefix_kv))
+        return list(held.values())
 
     @staticmethod
     def _common(ids: Sequence[int], rows: Sequence[Request], limit: int | None = None) -> int:

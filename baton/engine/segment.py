@@ -12,9 +12,10 @@ mark its columns valid, give it its own position ids. Nothing already computed i
 
 A shared prefix (cascade attention): a segment may hold the KV of P leading tokens that all its rows' prompts
 start with (`prefix_ids`, `prefix_kv`) once, outside the slab; its rows then hold only their tokens after those P in
-the slab, and attention reads the prefix once per step for every row (attention._batched). Decode steps over long
-shared prompts (a system prompt, a few-shot preamble) are bound by reading the KV, so each row reading its own
-copy of the same prefix is the cost this saves.
+the slab, and attention reads the prefix once per step for every row (attention._batched). Segments of one batch
+whose rows start alike hold one prefix tensor between them (batch.py), read once for all of their rows. Decode
+steps over long shared prompts (a system prompt, a few-shot preamble) are bound by reading the KV, so each row
+reading its own copy of the same prefix is the cost this saves.
 
 Invariant everything relies on: for every active row r, `valid[r, :lo]` and `valid[r, hi:]` are all False,
 and `lens[r] == valid[r].sum()` is the number of tokens whose KV row r holds in the slab; its next position id is
@@ -174,16 +175,21 @@ class KVSegment:
         used = self.valid[: len(self), self.lo : self.hi].any(0)
         self.lo += int(used.int().argmax())
 
-    def adopt_prefix(self, prefix_ids: Sequence[int]) -> None:
+    def adopt_prefix(self, prefix_ids: Sequence[int], prefix_kv: torch.Tensor | None = None) -> None:
         """Hold `prefix_ids`, which every row's tokens start with, once as the shared prefix: the rows keep only
-        their tokens after it (a relayout)."""
-        assert not self.prefix_ids and self.requests
+        their tokens after it (a relayout). prefix_kv: its KV ([layers, 2, kv_heads, P, head_dim]) as another
+        segment holds it already (the batch's segments share one tensor, read once per step for all of them:
+        attention._batched); without it, row 0's copy is taken. An empty segment takes a prefix_kv before its
+        first row."""
+        assert not self.prefix_ids and (self.requests or prefix_kv is not None)
         p = len(prefix_ids)
         assert all(n > p for n in self.lens), "each row keeps at least one token of its own"
-        cols = self.valid[0, self.lo : self.hi].nonzero().squeeze(1)[:p] + self.lo
-        self.prefix_kv = self.kv[:, :, 0, :, cols].clone()  # [layers, 2, kv_heads, P, head_dim]
-        self.prefix_ids = list(prefix_ids)
-        self._relayout(drop=p)
+        if prefix_kv is None:
+            cols = self.valid[0, self.lo : self.hi].nonzero().squeeze(1)[:p] + self.lo
+            prefix_kv = self.kv[:, :, 0, :, cols].clone()  # [layers, 2, kv_heads, P, head_dim]
+        self.prefix_kv, self.prefix_ids = prefix_kv, list(prefix_ids)
+        if self.requests:
+            self._relayout(drop=p)
 
     def _relayout(self, rows_cap: int | None = None, min_hi: int = 0, q: int = 1, drop: int = 0) -> None:
         """Copy every row's tokens, right-aligned and without holes, into a new slab with room for growth (rows_cap
