@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from baton.engine import attention
 from baton.engine import batch as batch_module
 from baton.engine.engine import Engine
 from baton.engine.models import LoadedModel
@@ -280,23 +281,47 @@ def test_a_shared_prefix_is_held_once() -> None:
 
 def test_segments_of_rows_sharing_a_prefix_hold_one_copy() -> None:
     """Rows of very different lengths sit in segments of their own (chat's conversations over one system prompt):
-    once enough rows share the prefix for reading it once to pay, every segment holds the same one tensor of it,
-    and a segment made later takes that tensor at once; the KV is counted once and outputs equal generate()."""
+    once enough rows share the prefix for reading it once to pay, every segment of theirs holds the same one
+    tensor of it, and a segment made later takes that tensor at once; a row of another family keeps a segment
+    without one. The KV is counted once, it outlives the rows that leave first, and outputs equal generate()."""
     lm = tiny_model("llama")
     engine = Engine(lm, max_batch=8, max_segments=8, segment_cost=4)
     prefix = list(prompts_for(5, [600])[0])
-    suffixes = prompts_for(6, [1, 30, 60, 90, 120, 150])
-    reqs = [Request(str(i), prefix + list(s), SamplingParams(max_new_tokens=10, ignore_eos=True))
+    suffixes = prompts_for(6, [150, 120, 90, 60, 30, 1])
+    reqs = [Request(str(i), prefix + list(s), SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True))
             for i, s in enumerate(suffixes)]
-    for r in reqs:
+    stranger = Request("x", list(prompts_for(7, [640])[0]), SamplingParams(max_new_tokens=12, ignore_eos=True))
+    for r in [*reqs[:4], stranger]:
         engine.add_request(r)
-    engine.step()
+    engine.step()  # five rows, longest first: too few share the prefix for reading it once to pay
+    assert [s.prefix_len for s in engine.batch.segments] == [0] * 5
+    for r in reqs[4:]:
+        engine.add_request(r)
+    # the fifth row of the family: the four before it share 592 tokens (37 blocks) with it, 4 x 592 >= 2,048, and
+    # take one copy between them; the sixth takes that copy, in a new segment of its own
     engine.step()
     segs = engine.batch.segments
-    assert len(segs) == 6 and [len(s) for s in segs] == [1] * 6  # one row each
-    assert [s.prefix_len for s in segs] == [592] * 6
-    assert len({id(s.prefix_kv) for s in segs}) == 1  # one copy, read once per step for all six rows
+    assert len(segs) == 7 and [len(s) for s in segs] == [1] * 7  # one row each
+    assert sorted(s.prefix_len for s in segs) == [0] + [592] * 6  # the stranger's segment holds none
+    assert len({id(s.prefix_kv) for s in segs if s.prefix_len}) == 1  # one copy, read once a step for six rows
     assert engine.batch.kv_tokens == 592 + sum(sum(s.lens) for s in segs)
+    while len(engine.batch.requests) > 3:  # the first rows of the family finish and leave
+        engine.step()
+    assert engine.batch.kv_tokens == 592 + sum(sum(s.lens) for s in engine.batch.segments)
     engine.run_until_done()
-    for r in reqs:
-        assert r.output_ids == reference(lm, r.prompt_ids, 10)
+    for r in [*reqs, stranger]:
+        assert r.output_ids == reference(lm, r.prompt_ids, r.params.max_new_tokens)
+    assert engine.batch.kv_tokens == 0
+
+
+def test_the_cascade_merge_keeps_the_model_dtype() -> None:
+    """The log-sum-exps are float32 whatever the model's dtype; the merged output must not be (bf16 on a GPU)."""
+    g = torch.Generator().manual_seed(0)
+
+    def bf16(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).bfloat16()
+
+    q, k, v, prefix = bf16(2, 3, 3, 64), bf16(2, 3, 9, 64), bf16(2, 3, 9, 64), bf16(2, 3, 16, 64)
+    own, lse = attention._attend(q, k, v, torch.zeros(2, 1, 1, 9, dtype=torch.bfloat16), 0.125)
+    out = attention._cascade(q, own, lse, prefix, 0.125)  # [rows, 1, heads, head_dim]
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 9, 64)

@@ -3,7 +3,8 @@
 Registered with transformers' AttentionInterface, so any model that dispatches attention through it (Llama,
 Qwen, Mistral, GPT-2, ...) works unchanged. When a forward call carries `baton_batch=<DecodeBatch>`, each
 layer writes this step's keys/values into the batch's slabs and attends, segment by segment, over each
-segment's column window with its mask. When it carries `baton_packed=[(start, end), ...]` (a packed prefill:
+segment's column window with its mask (and, for segments holding a shared prefix, once over that prefix for all
+their rows). When it carries `baton_packed=[(start, end), ...]` (a packed prefill:
 several prompts end to end in row 0), each prompt attends causally to itself alone; with `baton_past=[kv or None,
 ...]` as well, a prompt whose first tokens were cached (prefix_cache.py) holds only its new tokens in row 0 and
 attends over its cached prefix's KV ([layers, 2, kv_heads, cached, head_dim]) before them. With both (a selective-
@@ -144,8 +145,8 @@ def _cascade(qh: torch.Tensor, own: torch.Tensor, own_lse: torch.Tensor, prefix:
     shared_lse = shared_lse.reshape(kv_heads, n, rep).permute(1, 0, 2)
     top = torch.maximum(own_lse, shared_lse)
     w_own, w_shared = (own_lse - top).exp().unsqueeze(-1), (shared_lse - top).exp().unsqueeze(-1)
-    out = (own * w_own + shared * w_shared) / (w_own + w_shared)
-    return out.reshape(n, 1, kv_heads * rep, d)  # [n, 1, heads, d]
+    out = (own * w_own + shared * w_shared) / (w_own + w_shared)  # float32, as the log-sum-exps
+    return out.to(own.dtype).reshape(n, 1, kv_heads * rep, d)  # [n, 1, heads, d]
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,

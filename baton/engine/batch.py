@@ -1,7 +1,8 @@
 """DecodeBatch: the running batch of a decode engine, and the BATON splice and eviction.
 
 The batch is a list of KVSegments (see segment.py). Rows are the concatenation of the segments' rows, in
-order; the model runs on all of them at once, and attention runs per segment. Segments keep rows of similar
+order; the model runs on all of them at once, and attention runs per segment over its window (and once over
+each shared prefix for all the segments holding it). Segments keep rows of similar
 length together, so the padding each row attends over stays small even when prompt lengths differ widely.
 
 Contract (as TGI's batches): `concatenate` splices prefilled requests in, `evict` removes finished ones (TGI's
@@ -108,44 +109,59 @@ class DecodeBatch:
 
     def _place(self, ids: Sequence[int], kv: torch.Tensor) -> KVSegment:
         """The segment that adds the least padding among those the row can join (its ids start with their shared
-        prefix), counting its tokens after that prefix; a new one when that costs more than `segment_cost`. The
+        prefix), counting its tokens after that prefix; a new one when that costs more than `segment_cost`, or
+        when none can take the row (even past `max_segments`: its ids start with none of their prefixes). The
         segment then holds a prefix the row shares with others, if one pays (_share_prefix)."""
         def cost(seg: KVSegment) -> int:
             return seg.splice_cost(len(ids) - seg.prefix_len)
 
         best = min((s for s in self.segments if s.shares(ids)), key=cost, default=None)
         if best is None or (cost(best) > self.segment_cost and len(self.segments) < self.max_segments):
-            best = self._new_segment(len(ids))
-        if not best.prefix_len:
-            self._share_prefix(ids, kv, best)
-        return best
+            held = self._held_prefix(ids)
+            best = self._new_segment(len(ids) - (len(held[0]) if held else 0))
+            if held:
+                best.adopt_prefix(*held)
+        return best if best.prefix_len else self._share_prefix(ids, kv, best)
 
-    def _share_prefix(self, ids: Sequence[int], kv: torch.Tensor, seg: KVSegment) -> None:
-        """Let `seg` (no shared prefix yet; `ids`/`kv` the row about to join it) hold a prefix once, the first of:
-        1. one the batch holds already that the row and seg's rows start with (its reads are paid for already);
-        2. a new one the row shares with every row of every segment holding none (chat's system prompt: the rows
-           spread over segments by length), taken by all those segments, when len * rows >= SHARED_MIN_SAVING;
-        3. a new one the row shares with seg's rows alone, on the same condition.
-        The longest such prefix is checked to pay before any prompt is compared: most splices compare nothing."""
+    def _held_prefix(self, ids: Sequence[int], seg: KVSegment | None = None) -> tuple[list[int], torch.Tensor] | None:
+        """The longest shared prefix the batch holds already that `ids` and every row of `seg` start with (each
+        keeping a token of its own after it)."""
         for prefix_ids, prefix_kv in sorted(self.shared_prefixes(), key=lambda pk: -len(pk[0])):
             p = len(prefix_ids)
-            if len(ids) > p and list(ids[:p]) == prefix_ids and all(
-                    n > p and r.all_ids[:p] == prefix_ids for r, n in zip(seg.requests, seg.lens)):
-                seg.adopt_prefix(prefix_ids, prefix_kv)
-                return
-        bare = [s for s in self.segments if not s.prefix_len]
-        for group in (bare, [seg]) if bare != [seg] else ([seg],):
-            rows = [r for s in group for r in s.requests]
-            lens = [n for s in group for n in s.lens]
-            if not rows or (min(len(ids), *lens) - 1) * (len(rows) + 1) < SHARED_MIN_SAVING:
-                continue
-            p = self._common(ids, rows, min(lens))
-            if p * (len(rows) + 1) >= SHARED_MIN_SAVING:
-                # [layers, 2, kv_heads, P, head_dim]: the newcomer's copy
-                prefix_kv = kv[:, :, :, :p].to(self.device, self.dtype, copy=True)
-                for s in group:
-                    s.adopt_prefix(ids[:p], prefix_kv)
-                return
+            if len(ids) > p and list(ids[:p]) == prefix_ids and (seg is None or all(
+                    n > p and r.all_ids[:p] == prefix_ids for r, n in zip(seg.requests, seg.lens))):
+                return prefix_ids, prefix_kv
+        return None
+
+    def _share_prefix(self, ids: Sequence[int], kv: torch.Tensor, seg: KVSegment) -> KVSegment:
+        """Let `seg` (no shared prefix yet; `ids`/`kv` the row about to join it) hold a prefix once:
+        1. one the batch holds already that the row and seg's rows start with (its reads are paid for already); or
+        2. a new one the row shares with every row of some segments holding none (chat's system prompt over rows
+           spread across segments by length), taken by all of them, the length and segments that save the most
+           reads (length times the rows already there), when that reaches SHARED_MIN_SAVING.
+        The longest prefix that could be is checked to pay before any prompt is compared, and a comparison stops
+        at the first row that shares too little. Returns the segment the row joins: `seg`, or, for a new one that
+        takes a new prefix, one sized for the row's tokens after it."""
+        held = self._held_prefix(ids, seg)
+        if held:
+            seg.adopt_prefix(*held)
+            return seg
+        bare = [s for s in self.segments if not s.prefix_len and len(s)]
+        if not bare or (min(len(ids), max(max(s.lens) for s in bare)) - 1) * sum(map(len, bare)) < SHARED_MIN_SAVING:
+            return seg
+        commons = [(self._common(ids, s.requests, min(s.lens)), s) for s in bare]  # per segment, whole blocks
+        p, group = max(((c, [s for d, s in commons if d >= c]) for c, _ in commons if c),
+                       key=lambda pg: pg[0] * sum(map(len, pg[1])), default=(0, []))
+        if p * sum(map(len, group)) < SHARED_MIN_SAVING:
+            return seg
+        prefix_kv = kv[:, :, :, :p].to(self.device, self.dtype, copy=True)  # [layers, 2, kv_heads, P, head_dim]
+        for s in group:
+            s.adopt_prefix(ids[:p], prefix_kv)
+        if not len(seg):  # a new segment, sized for the whole row: one sized for the rest instead
+            self.segments.remove(seg)
+            seg = self._new_segment(len(ids) - p)
+            seg.adopt_prefix(ids[:p], prefix_kv)
+        return seg
 
     def shared_prefixes(self) -> list[tuple[list[int], torch.Tensor]]:
         """The distinct shared prefixes the segments hold (several segments may hold one): ids and KV."""
@@ -169,6 +185,8 @@ class DecodeBatch:
             n = min(common, len(other))
             differ = (new[:n] != other[:n]).nonzero()
             common = int(differ[0]) if len(differ) else n
+            if common < SHARED_MIN_TOKENS:
+                return 0
         common -= common % BLOCK_TOKENS
         return common if common >= SHARED_MIN_TOKENS else 0
 

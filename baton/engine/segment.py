@@ -175,18 +175,13 @@ class KVSegment:
         used = self.valid[: len(self), self.lo : self.hi].any(0)
         self.lo += int(used.int().argmax())
 
-    def adopt_prefix(self, prefix_ids: Sequence[int], prefix_kv: torch.Tensor | None = None) -> None:
-        """Hold `prefix_ids`, which every row's tokens start with, once as the shared prefix: the rows keep only
-        their tokens after it (a relayout). prefix_kv: its KV ([layers, 2, kv_heads, P, head_dim]) as another
-        segment holds it already (the batch's segments share one tensor, read once per step for all of them:
-        attention._batched); without it, row 0's copy is taken. An empty segment takes a prefix_kv before its
-        first row."""
-        assert not self.prefix_ids and (self.requests or prefix_kv is not None)
+    def adopt_prefix(self, prefix_ids: Sequence[int], prefix_kv: torch.Tensor) -> None:
+        """Hold `prefix_ids`, which every row's tokens start with, once as the shared prefix, its KV `prefix_kv`
+        ([layers, 2, kv_heads, P, head_dim], one tensor the batch's segments share and never write): the rows
+        keep only their tokens after it (a relayout). An empty segment takes it before its first row."""
+        assert not self.prefix_ids
         p = len(prefix_ids)
         assert all(n > p for n in self.lens), "each row keeps at least one token of its own"
-        if prefix_kv is None:
-            cols = self.valid[0, self.lo : self.hi].nonzero().squeeze(1)[:p] + self.lo
-            prefix_kv = self.kv[:, :, 0, :, cols].clone()  # [layers, 2, kv_heads, P, head_dim]
         self.prefix_kv, self.prefix_ids = prefix_kv, list(prefix_ids)
         if self.requests:
             self._relayout(drop=p)
