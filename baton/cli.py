@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-from baton.flags import env_default
+from baton.allocator import KEEP_BYTES, MALLOC_KEEP_HELP, keep_freed_memory
+from baton.flags import env_default, flag
 from baton.logs import setup_logging
 
 # (command path, module, help)
@@ -52,6 +53,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         default=(env_default("log_json", "") or "").lower() not in ("", "0", "false", "no"),
         help="log one JSON object per line (BATON_LOG_JSON=1)",
     )
+    flag(parser, "--malloc-keep-bytes", KEEP_BYTES, type=int, help=MALLOC_KEEP_HELP)
     subs = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module, help_text in COMMANDS:
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     setup_logging(args.verbose, args.log_json)
+    keep_freed_memory(args.malloc_keep_bytes)  # before any tensor is made: every command, every process
     threads = getattr(args, "threads", 0)
     if threads:
         import torch
