@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from baton.flags import (
     add_internal_token_arguments,
@@ -77,16 +79,33 @@ def local_prefill_tokens(value: str | int, shared_cores: bool) -> int:
     return int(value)
 
 
+def ephemeral_ports() -> range:
+    """The ports the kernel hands to outgoing connections (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 49152, 65535
+    return range(low, high + 1)
+
+
 def free_port(taken: set[int] | None = None) -> int:
-    """A port free now; with `taken`, also not in it (and added to it), so that ports handed out are distinct."""
-    while True:
+    """A port free now, outside the kernel's ephemeral range, so that no outgoing connection (to Redis, to another
+    worker) takes it between now and the bind of the server it is meant for; with `taken`, also not in it (and
+    added to it), so that ports handed out are distinct."""
+    ephemeral = ephemeral_ports()
+    for _ in range(1000):
+        port = random.randrange(10_000, 65_536)
+        if port in ephemeral or (taken is not None and port in taken):
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if taken is None or port not in taken:
-            if taken is not None:
-                taken.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if taken is not None:
+            taken.add(port)
+        return port
+    raise RuntimeError("no free port outside the ephemeral range found in 1000 tries")
 
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) -> None:

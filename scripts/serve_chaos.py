@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton.engine.models import resolve_model_path
+from baton.serve import free_port
 
 TOPICS = ["the sea", "a lighthouse", "bread", "winter", "a violin", "trains", "the moon", "coffee", "a garden",
           "rivers", "a library", "snow", "bees", "a bridge", "clocks", "maps", "the desert", "rain", "a market",
           "owls", "kites", "glass", "a harbour", "mountains"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:

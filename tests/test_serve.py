@@ -21,7 +21,7 @@ import redis
 
 from baton.client import BatonClient
 from baton.engine.models import LoadedModel
-from baton.serve import free_port
+from baton.serve import ephemeral_ports, free_port
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 from tests.support.metrics import Scrape
@@ -30,6 +30,15 @@ from tests.support.processes import ROOT, processes, worker_channel
 from tests.support.serve import Serve
 
 PREFIX = "team-a"
+
+
+def test_ports_handed_out_are_outside_the_ephemeral_range_and_distinct() -> None:
+    """An outgoing connection takes a port of the kernel's ephemeral range: a port picked there could be taken between
+    the pick and the bind of the server it is meant for (CI once failed so)."""
+    taken: set[int] = set()
+    ports = [free_port(taken) for _ in range(50)]
+    assert len(set(ports)) == 50 and taken == set(ports)
+    assert not any(port in ephemeral_ports() for port in ports)
 
 
 
