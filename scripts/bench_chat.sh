@@ -16,7 +16,7 @@
 # 5. memory:  a longer `chat` (96 conversations) with 64 MiB caches, resident memory and cache bytes every 10 s.
 # Results: results/chat/*.json, a table at the end (scripts/chat_table.py).
 #
-#   scripts/bench_chat.sh                     # about an hour on a 2-core CPU
+#   scripts/bench_chat.sh                     # one to two hours on a 2-core CPU (106 min on an AVX2 EPYC)
 #   PHASES="pushed routers" scripts/bench_chat.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
