@@ -34,7 +34,9 @@ def block_bytes() -> int:
 def check_invariants(cache: PrefixCache) -> None:
     blocks = cache._blocks
     assert cache.bytes <= cache.max_bytes
-    assert cache.bytes == sum(b.nbytes for b in blocks.values())
+    joined = cache._joined
+    assert cache.bytes == sum(b.nbytes for b in blocks.values()) + (joined[1].nbytes if joined else 0)
+    assert joined is None or joined[0] in blocks, "the chain joined last is still cached (evictions drop it first)"
     for key, b in blocks.items():
         assert b.parent is None or b.parent in blocks, "a cached block's prefix is cached"
         assert b.children == sum(1 for c in blocks.values() if c.parent == key)
@@ -97,6 +99,68 @@ def test_eviction_takes_the_least_recently_used_tails_first() -> None:
     assert cache.lookup(a + [1])[0] == 2 * BLOCK_TOKENS  # a's first two blocks are left
     assert cache.lookup(b + [1])[0] == 2 * BLOCK_TOKENS
     assert PrefixCache(0).lookup(a) == (0, None)
+
+
+def test_a_chain_looked_up_again_is_joined_once_and_given_up_first() -> None:
+    """The prompts after one long system prompt all find the same chain: the second lookup returns the tensor the
+    first one joined, not a new copy; its bytes count in the budget, and it goes before any block is evicted."""
+    cache = PrefixCache(5 * block_bytes())
+    s = tiny_model("llama").spec
+    kv = torch.randn(s.num_layers, 2, s.kv_heads, 2 * BLOCK_TOKENS, s.head_dim)
+    system = list(range(100, 100 + 2 * BLOCK_TOKENS))
+    cache.insert(system, kv)
+    n, first = cache.lookup(system + [1, 2])
+    n2, again = cache.lookup(system + [3])
+    assert n == n2 == 2 * BLOCK_TOKENS and first is not None and first is again and torch.equal(first, kv)
+    assert cache.bytes == 4 * block_bytes()  # two blocks and their joined copy
+    check_invariants(cache)
+    cache.insert(list(range(900, 900 + BLOCK_TOKENS)), kv[:, :, :, :BLOCK_TOKENS])  # fits once the copy is gone
+    assert cache.stats.evicted_blocks == 0 and len(cache) == 3
+    check_invariants(cache)
+    assert torch.equal(cache.lookup(system + [1])[1], kv)  # type: ignore[arg-type]
+
+
+def test_an_insert_from_a_block_boundary_keeps_blocks_only_after_cached_ones() -> None:
+    """A finished row whose first blocks are a shared prefix the cache holds gives only its own tokens' KV."""
+    s = tiny_model("llama").spec
+    kv = torch.randn(s.num_layers, 2, s.kv_heads, 3 * BLOCK_TOKENS, s.head_dim)
+    ids = list(range(10, 10 + 3 * BLOCK_TOKENS))
+    cache = PrefixCache(10**8)
+    cache.insert(ids, kv[:, :, :, BLOCK_TOKENS:], start=BLOCK_TOKENS)  # block 0 not cached: nothing can be kept
+    assert len(cache) == 0
+    cache.insert(ids[:BLOCK_TOKENS], kv[:, :, :, :BLOCK_TOKENS])
+    cache.insert(ids, kv[:, :, :, BLOCK_TOKENS:], start=BLOCK_TOKENS)
+    assert len(cache) == 3 and torch.equal(cache.lookup(ids + [1])[1], kv)  # type: ignore[arg-type]
+    check_invariants(cache)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_rows_holding_a_shared_prefix_leave_their_history_to_the_cache_exactly(fused: bool) -> None:
+    """Conversations over one long system prompt, held once by the batch as a shared prefix: each finished row
+    gives the cache its own tokens only (the prefix is cached already), and every next turn, started from
+    that history, equals generate() on its whole prompt alone."""
+    lm = tiny_model("llama")
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(3, 2000, (24 * BLOCK_TOKENS,), generator=g).tolist()  # 384 x 8 rows: pays
+    cache = PrefixCache(10**8)
+    engine = Engine(lm, max_batch=8, fuse_prefill=fused, prefix_cache=cache)
+    history = [system + torch.randint(3, 2000, (5 + c,), generator=g).tolist() for c in range(8)]
+    shared = False
+    for turn in range(2):
+        reqs = [Request(f"c{c}t{turn}", h, SamplingParams(max_new_tokens=4 + c % 3, ignore_eos=True))
+                for c, h in enumerate(history)]
+        for req in reqs:
+            engine.add_request(req)
+        while engine.has_work():
+            engine.step()
+            shared = shared or any(len(ids) >= len(system) for ids, _ in engine.batch.shared_prefixes())
+        for c, req in enumerate(reqs):
+            assert req.output_ids == reference(lm, req.prompt_ids, req.params.max_new_tokens), req.id
+            done = req.prompt_ids + req.output_ids[:-1]  # the KV its row held
+            assert cache.holds(done, len(done) // BLOCK_TOKENS * BLOCK_TOKENS)
+            history[c] = req.prompt_ids + req.output_ids + torch.randint(3, 2000, (3,), generator=g).tolist()
+    assert shared, "the rows held the system prompt as one shared prefix"
+    check_invariants(cache)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -197,12 +197,21 @@ class DecodeBatch:
             assert self.free_rows > 0, "add to a full batch"
             seg.insert(req, None)
 
-    def row_kv(self, req: Request) -> torch.Tensor:
-        """A copy of a row's KV: [layers, 2, kv_heads, tokens, head_dim] (its tokens but the last sampled)."""
+    def row_kv(self, req: Request, start: int = 0) -> torch.Tensor:
+        """A copy of a row's KV from its token `start` on: [layers, 2, kv_heads, tokens - start, head_dim] (its
+        tokens but the last sampled)."""
+        seg, i = self._row(req)
+        return seg.row_kv(i, start)
+
+    def shared_len(self, req: Request) -> int:
+        """The first tokens of a row whose KV its segment holds as a shared prefix (0: none)."""
+        return self._row(req)[0].prefix_len
+
+    def _row(self, req: Request) -> tuple[KVSegment, int]:
         for seg in self.segments:
             for i, r in enumerate(seg.requests):
                 if r is req:
-                    return seg.row_kv(i)
+                    return seg, i
         raise KeyError(req.id)
 
     def evict(self, done: set[str]) -> None:

@@ -34,7 +34,7 @@ import torch
 from baton.engine.kv_payload import KVPayload
 from baton.engine.logprobs import TokenLogprobs
 from baton.engine.models import LoadedModel
-from baton.engine.prefix_cache import PrefixCache
+from baton.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from baton.engine.request import FinishReason, Request, RequestStatus
 from baton.engine.runner import PREFILL_TOKEN_BUDGET, ForwardPass, ModelRunner, pack_for_prefill
 from baton.engine.sampler import sample, with_logprobs
@@ -371,8 +371,11 @@ class Engine:
         if cache is not None:
             for r in reqs:
                 if r.finished and r.finish_reason is not FinishReason.CANCELLED:
-                    kv = self.batch.row_kv(r)  # [layers, 2, kv_heads, tokens, head_dim]
-                    cache.insert(r.all_ids[: kv.shape[3]], kv)
+                    # a shared prefix the cache holds already is not copied out again: only the row's own tokens
+                    p = self.batch.shared_len(r)
+                    start = p if p and p % BLOCK_TOKENS == 0 and cache.holds(r.all_ids, p) else 0
+                    kv = self.batch.row_kv(r, start)  # [layers, 2, kv_heads, tokens - start, head_dim]
+                    cache.insert(r.all_ids[: start + kv.shape[3]], kv, start)
             self.stats.prefix_hit_tokens = cache.stats.hit_tokens
             self.stats.prefix_miss_tokens = cache.stats.miss_tokens
             self.stats.prefix_cache_bytes = cache.bytes

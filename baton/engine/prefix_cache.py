@@ -12,9 +12,11 @@ Invariants kept here:
 - the bytes held never exceed `max_bytes` after an insert (blocks of one prompt that do not fit are not kept);
 - a lookup never returns a whole prompt: at least its last token is left to compute (its logits give the first
   output token).
-A lookup returns a copy, so eviction never touches KV in use. A worker's compute loop uses the cache; a decode
-worker's event loop also takes the blocks a KV push left out (`held`, kv_payload.py's held tokens): a lock keeps
-each call whole.
+A lookup returns a tensor no one writes: the cached blocks joined, a copy, kept as well for the next lookup that
+finds the same chain (the prompts after one long system prompt all do), its bytes counted in the budget and given
+up first when room is needed; eviction only drops references, so it never touches KV in use. A worker's compute
+loop uses the cache; a decode worker's event loop also takes the blocks a KV push left out (`held`, kv_payload.py's
+held tokens): a lock keeps each call whole.
 
 Shapes: kv [layers, 2, kv_heads, tokens, head_dim], as KVPayload.
 """
@@ -74,6 +76,7 @@ class PrefixCache:
         self.stats = CacheStats()
         self.version = 0  # changes whenever the set of cached blocks does (what a worker publishes: keys())
         self._lock = threading.Lock()
+        self._joined: tuple[bytes, torch.Tensor] | None = None  # the last chain a lookup joined: its last key, KV
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -88,11 +91,30 @@ class PrefixCache:
         """The longest cached prefix of `ids` in whole blocks, leaving at least one token: (its length, a copy of
         its KV [layers, 2, kv_heads, length, head_dim]), or (0, None). Counts the hit and the tokens left."""
         with self._lock:
-            found = self._chain(ids, (len(ids) - 1) // BLOCK_TOKENS)
+            keys = block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS)
+            found = self._chain(keys)
             n = len(found) * BLOCK_TOKENS
             self.stats.hit_tokens += n
             self.stats.miss_tokens += len(ids) - n
-            return (n, torch.cat([b.kv for b in found], dim=3)) if found else (0, None)
+            return (n, self._join(keys[len(found) - 1], found)) if found else (0, None)
+
+    def _join(self, last: bytes, found: list[_Block]) -> torch.Tensor:
+        """The KV of a chain of blocks (`last` its last key) in one tensor [layers, 2, kv_heads, tokens, head_dim]:
+        the one joined last time when it is the same chain, else a new one, kept in its place if it fits."""
+        if self._joined is not None and self._joined[0] == last:
+            return self._joined[1]
+        self._drop_joined()
+        kv = torch.cat([b.kv for b in found], dim=3)
+        nbytes = kv.numel() * kv.element_size()
+        if self.bytes + nbytes <= self.max_bytes:
+            self._joined, self.bytes = (last, kv), self.bytes + nbytes
+        return kv
+
+    def _drop_joined(self) -> None:
+        if self._joined is not None:
+            kv = self._joined[1]
+            self.bytes -= kv.numel() * kv.element_size()
+            self._joined = None
 
     def holds(self, ids: Sequence[int], tokens: int) -> bool:
         """Whether the first `tokens` tokens of `ids` (whole blocks) are all cached."""
@@ -108,16 +130,16 @@ class PrefixCache:
         with self._lock:
             if tokens % BLOCK_TOKENS or tokens >= len(ids):
                 return None
-            found = self._chain(ids, tokens // BLOCK_TOKENS)
+            found = self._chain(block_keys(ids, tokens // BLOCK_TOKENS))
             if len(found) * BLOCK_TOKENS != tokens:
                 return None
             return torch.cat([b.kv for b in found], dim=3) if found else None
 
-    def _chain(self, ids: Sequence[int], blocks: int) -> list[_Block]:
-        """The cached blocks of the first `blocks` blocks of `ids`, up to the first one not cached; each marked
-        used (evicted last)."""
+    def _chain(self, keys: Sequence[bytes]) -> list[_Block]:
+        """The cached blocks of the chain `keys` (block_keys), up to the first one not cached; each marked used
+        (evicted last)."""
         found: list[_Block] = []
-        for key in block_keys(ids, blocks):
+        for key in keys:
             block = self._blocks.get(key)
             if block is None:
                 break
@@ -125,21 +147,26 @@ class PrefixCache:
             found.append(block)
         return found
 
-    def insert(self, ids: Sequence[int], kv: torch.Tensor) -> None:
-        """Keep the whole blocks of a computed prompt (kv [layers, 2, kv_heads, len(ids), head_dim]) not cached yet,
-        evicting least recently used tails to stay within max_bytes."""
+    def insert(self, ids: Sequence[int], kv: torch.Tensor, start: int = 0) -> None:
+        """Keep the whole blocks of a computed prompt not cached yet (kv [layers, 2, kv_heads, tokens, head_dim]:
+        the KV of ids[start:], `start` a whole number of blocks), evicting least recently used tails to stay within
+        max_bytes. A block before `start` that is not cached ends the insert: the cache holds whole prefixes only."""
         if self.max_bytes <= 0:
             return
         with self._lock:
-            self._insert(ids, kv)
+            self._insert(ids, kv, start)
 
-    def _insert(self, ids: Sequence[int], kv: torch.Tensor) -> None:
+    def _insert(self, ids: Sequence[int], kv: torch.Tensor, start: int) -> None:
+        assert start % BLOCK_TOKENS == 0, "kv starts at a block boundary"
         parent: bytes | None = None
-        for b, key in enumerate(block_keys(ids, min(len(ids), kv.shape[3]) // BLOCK_TOKENS)):
+        for b, key in enumerate(block_keys(ids, min(len(ids), start + kv.shape[3]) // BLOCK_TOKENS)):
+            at = b * BLOCK_TOKENS - start  # the block's first token in kv
             if key in self._blocks:
                 self._blocks.move_to_end(key)
+            elif at < 0:
+                return  # its KV is not given, and no later block may be kept without it
             else:
-                block = _Block(parent, kv[:, :, :, b * BLOCK_TOKENS : (b + 1) * BLOCK_TOKENS].clone())
+                block = _Block(parent, kv[:, :, :, at : at + BLOCK_TOKENS].clone())
                 if not self._make_room(block.nbytes, keep=parent):
                     return  # the rest of this prompt does not fit
                 self._blocks[key] = block
@@ -150,7 +177,10 @@ class PrefixCache:
             parent = key
 
     def _make_room(self, nbytes: int, keep: bytes | None) -> bool:
-        """Evict least recently used tails (never `keep`, the block about to be extended) until `nbytes` fit."""
+        """Evict least recently used tails (never `keep`, the block about to be extended) until `nbytes` fit; the
+        chain joined last (_join) goes first."""
+        if self.bytes + nbytes > self.max_bytes:
+            self._drop_joined()
         while self.bytes + nbytes > self.max_bytes:
             victim = next((k for k, b in self._blocks.items() if b.children == 0 and k != keep), None)
             if victim is None:

@@ -144,11 +144,15 @@ class KVSegment:
         self.requests.append(req)
         self.lens.append(tokens)
 
-    def row_kv(self, r: int) -> torch.Tensor:
-        """A copy of row r's KV in position order: [layers, 2, kv_heads, prefix_len + lens[r], head_dim]."""
+    def row_kv(self, r: int, start: int = 0) -> torch.Tensor:
+        """A copy of row r's KV in position order from its token `start` on: [layers, 2, kv_heads, prefix_len +
+        lens[r] - start, head_dim] (start = prefix_len: its own tokens alone, the shared prefix not copied)."""
         cols = self.valid[r, self.lo : self.hi].nonzero().squeeze(1) + self.lo
         own = self.kv[:, :, r, :, cols]
-        return own if self.prefix_kv is None else torch.cat([self.prefix_kv, own], dim=3)
+        if start >= self.prefix_len:
+            return own[:, :, :, start - self.prefix_len :]
+        assert self.prefix_kv is not None
+        return torch.cat([self.prefix_kv[:, :, :, start:], own], dim=3)
 
     def remove(self, done: set[int]) -> None:
         """Drop the rows whose indices are in `done`: the last live row moves into each hole."""
