@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerBase
 
+import baton.engine.engine as engine_module
 from baton.engine.engine import Engine
 from baton.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from baton.engine.request import FinishReason, Request, SamplingParams
@@ -132,6 +133,28 @@ def test_an_insert_from_a_block_boundary_keeps_blocks_only_after_cached_ones() -
     cache.insert(ids, kv[:, :, :, BLOCK_TOKENS:], start=BLOCK_TOKENS)
     assert len(cache) == 3 and torch.equal(cache.lookup(ids + [1])[1], kv)  # type: ignore[arg-type]
     check_invariants(cache)
+
+
+def test_a_fused_iteration_counts_only_uncached_tokens_against_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts after one cached prefix, each longer than the packed pass's token budget but with few new tokens:
+    all of them run in one iteration (their cached parts are not computed, so they do not count), exactly."""
+    monkeypatch.setattr(engine_module, "PREFILL_TOKEN_BUDGET", 40)
+    lm = tiny_model("llama")
+    system = list(range(100, 100 + 3 * BLOCK_TOKENS))
+    cache = PrefixCache(10**8)
+    engine = Engine(lm, max_batch=8, fuse_prefill=True, prefix_cache=cache)
+    first = Request("first", system + [5], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    engine.add_request(first)
+    engine.run_until_done()  # the system prompt is cached now
+    reqs = [Request(f"r{i}", system + [7 + i] * 6, SamplingParams(max_new_tokens=4, ignore_eos=True))
+            for i in range(5)]  # 54 tokens each, 6 to compute: 30 in all
+    for req in reqs:
+        engine.add_request(req)
+    engine.step()
+    assert len(engine.batch) == 5 and not engine.waiting
+    engine.run_until_done()
+    for req in reqs:
+        assert req.output_ids == reference(lm, req.prompt_ids, 4)
 
 
 @pytest.mark.parametrize("fused", [False, True])

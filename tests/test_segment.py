@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from baton.engine.batch import DecodeBatch
 from baton.engine.request import Request, SamplingParams
+from baton.engine.segment import RowKV
 
 LAYERS, HEADS, DIM = 2, 2, 3
 
@@ -67,8 +68,12 @@ def test_rows_keep_their_own_kv(
             counter += 1
             rid = f"r{counter:g}"
             toks = [counter * 1000 + i for i in range(arg)]
-            # distinct prompts: rows sharing a prefix hold it once (tests/test_splice.py covers that)
-            batch.concatenate([(Request(rid, [int(counter)] * arg, SamplingParams()), token_kv(toks))])
+            # distinct prompts: rows sharing a prefix hold it once (tests/test_splice.py covers that); every other
+            # row comes in two parts (a cached prefix's KV and the rest: RowKV), copied into the slab apart
+            kv: torch.Tensor | RowKV = token_kv(toks)
+            if counter % 2 == 0 and arg >= 2:
+                kv = RowKV((token_kv(toks[: arg // 2]), token_kv(toks[arg // 2 :])))
+            batch.concatenate([(Request(rid, [int(counter)] * arg, SamplingParams()), kv)])
             expected[rid] = toks
         elif op == "step" and len(batch):
             for _ in range(arg):  # write what attention would write: each row's next token
@@ -89,6 +94,25 @@ def test_rows_keep_their_own_kv(
         elif op == "compact":
             batch.compact(0.0)
         check(batch, expected)
+
+
+def test_row_kv_parts_give_views_of_the_tokens_asked() -> None:
+    past, rest = token_kv([1.0, 2.0, 3.0]), token_kv([4.0, 5.0])
+    kv = RowKV((past, rest))
+    assert kv.tokens == 5 and RowKV.of(past).parts == (past,) and RowKV.of(kv) is kv
+    assert [torch.equal(p, token_kv(t)) for p, t in zip(kv.after(2), [[3.0], [4.0, 5.0]])] == [True, True]
+    assert len(kv.after(3)) == 1 and torch.equal(kv.after(4)[0], token_kv([5.0]))
+    assert kv.first(2).data_ptr() == past.data_ptr()  # a view of the cached part: nothing copied
+    assert torch.equal(kv.first(4), token_kv([1.0, 2.0, 3.0, 4.0]))
+
+
+def test_a_splice_of_several_rows_grows_the_slab_once() -> None:
+    batch = DecodeBatch(LAYERS, HEADS, DIM, torch.float32, torch.device("cpu"), max_rows=8, max_segments=1)
+    batch.concatenate([(Request(f"r{i}", [i] * 10, SamplingParams()), token_kv([float(i)] * 10)) for i in range(6)])
+    seg = batch.segments[0]
+    one_row = 10 * LAYERS * 2 * HEADS * DIM * 4
+    assert seg.rows_cap >= 6 and seg.copied_bytes == one_row  # sized for all six when the second came: one move
+    check(batch, {f"r{i}": [float(i)] * 10 for i in range(6)})
 
 
 def test_splice_writes_only_the_newcomer() -> None:

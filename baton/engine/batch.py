@@ -18,7 +18,7 @@ import torch
 
 from baton.engine.prefix_cache import BLOCK_TOKENS
 from baton.engine.request import Request
-from baton.engine.segment import KVSegment, cols_for
+from baton.engine.segment import KVSegment, RowKV, cols_for
 
 # Segments hold their rows' common prefix once (segment.py) when it is SHARED_MIN_TOKENS long or more and reading
 # it once instead of per row saves SHARED_MIN_SAVING token reads per step or more: below that, the second
@@ -100,14 +100,15 @@ class DecodeBatch:
         return seg
 
     # ---- splice / evict --------------------------------------------------------------------------------
-    def concatenate(self, items: Iterable[tuple[Request, torch.Tensor]]) -> None:
-        """Splice prefilled requests in. Each kv: [layers, 2, kv_heads, prompt_len, head_dim]. The longest go
-        first, so that shorter ones can fit under their windows."""
-        for req, kv in sorted(items, key=lambda it: -int(it[1].shape[3])):
+    def concatenate(self, items: Iterable[tuple[Request, torch.Tensor | RowKV]]) -> None:
+        """Splice prefilled requests in. Each kv: [layers, 2, kv_heads, prompt_len, head_dim], or in parts (RowKV).
+        The longest go first, so that shorter ones can fit under their windows."""
+        rows = [(req, RowKV.of(kv)) for req, kv in items]
+        for i, (req, kv) in enumerate(sorted(rows, key=lambda it: -it[1].tokens)):
             assert self.free_rows > 0, "splice into a full batch"
-            self._place(req.all_ids[: int(kv.shape[3])], kv).insert(req, kv)
+            self._place(req.all_ids[: kv.tokens], kv).insert(req, kv, more=len(rows) - 1 - i)
 
-    def _place(self, ids: Sequence[int], kv: torch.Tensor) -> KVSegment:
+    def _place(self, ids: Sequence[int], kv: RowKV) -> KVSegment:
         """The segment that adds the least padding among those the row can join (its ids start with their shared
         prefix), counting its tokens after that prefix; a new one when that costs more than `segment_cost`, or
         when none can take the row (even past `max_segments`: its ids start with none of their prefixes). The
@@ -133,7 +134,7 @@ class DecodeBatch:
                 return prefix_ids, prefix_kv
         return None
 
-    def _share_prefix(self, ids: Sequence[int], kv: torch.Tensor, seg: KVSegment) -> KVSegment:
+    def _share_prefix(self, ids: Sequence[int], kv: RowKV, seg: KVSegment) -> KVSegment:
         """Let `seg` (no shared prefix yet; `ids`/`kv` the row about to join it) hold a prefix once:
         1. one the batch holds already that the row and seg's rows start with (its reads are paid for already); or
         2. a new one the row shares with every row of some segments holding none (chat's system prompt over rows
@@ -154,7 +155,7 @@ class DecodeBatch:
                        key=lambda pg: pg[0] * sum(map(len, pg[1])), default=(0, []))
         if p * sum(map(len, group)) < SHARED_MIN_SAVING:
             return seg
-        prefix_kv = kv[:, :, :, :p].to(self.device, self.dtype, copy=True)  # [layers, 2, kv_heads, P, head_dim]
+        prefix_kv = kv.first(p).to(self.device, self.dtype, copy=True)  # [layers, 2, kv_heads, P, head_dim]
         for s in group:
             s.adopt_prefix(ids[:p], prefix_kv)
         if not len(seg):  # a new segment, sized for the whole row: one sized for the rest instead

@@ -38,6 +38,7 @@ from baton.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from baton.engine.request import FinishReason, Request, RequestStatus
 from baton.engine.runner import PREFILL_TOKEN_BUDGET, ForwardPass, ModelRunner, pack_for_prefill
 from baton.engine.sampler import sample, with_logprobs
+from baton.engine.segment import RowKV
 from baton.engine.selective import iterate
 from baton.errors import InvalidRequestError, PayloadError
 
@@ -257,7 +258,8 @@ class Engine:
             if self.fuse_prefill:
                 arrived = self._arrived(now)[: self.batch.free_rows]
                 if arrived:  # the first packed run's worth: [at least one prompt, up to the token budget]
-                    run = pack_for_prefill([len(r.all_ids) for r in arrived], PREFILL_TOKEN_BUDGET)[0]
+                    # of tokens to compute: a prompt whose prefix is cached counts only the rest
+                    run = pack_for_prefill([self.runner.uncached_len(r) for r in arrived], PREFILL_TOKEN_BUDGET)[0]
                     self._iterate_selective(arrived[: len(run)], out)
                     return out
         elif self.policy.selective_batching:
@@ -326,10 +328,10 @@ class Engine:
         else:
             self.stats.steps += 1
         self._emit_rows(reqs, tokens, lps, out)
-        joining: list[tuple[Request, torch.Tensor]] = []
-        for req, payload in zip(newcomers, it.payloads):
+        joining: list[tuple[Request, RowKV]] = []
+        for i, (req, payload) in enumerate(zip(newcomers, it.payloads)):
             if self._emit_first(req, payload, out):
-                joining.append((req, payload.kv))
+                joining.append((req, it.kv(i)))  # its cached prefix and new tokens, copied into the slab apart
         self._evict_finished(reqs)
         self.batch.concatenate(joining)  # their KV is the batch's now: they decode in the next iteration
         self._sync()

@@ -5,7 +5,9 @@ cuts it: a header, then raw tensor bytes in chunks.
 
 A payload may leave out its first `held_tokens` tokens' KV (`leave_out`): the decode worker it goes to holds them
 in its prefix cache, so only the rest travels; that worker puts them back (`with_held`) before anything splices
-it. Only a whole payload (held_tokens 0) is ever spliced.
+it. Only a whole payload (held_tokens 0) is ever spliced, or one whose left-out tokens the splicer has at hand: a
+decode worker's own selective iteration keeps its prefix-cache hit apart and splices both parts (selective.py,
+segment.RowKV), so that a long cached prefix is not joined to the new tokens only to be copied again.
 """
 
 from __future__ import annotations

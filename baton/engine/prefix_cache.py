@@ -116,6 +116,17 @@ class PrefixCache:
             self.bytes -= kv.numel() * kv.element_size()
             self._joined = None
 
+    def cached_tokens(self, ids: Sequence[int]) -> int:
+        """The length of the prefix `lookup` would find for `ids`, with no copy made, no block marked used and
+        nothing counted."""
+        with self._lock:
+            n = 0
+            for key in block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS):
+                if key not in self._blocks:
+                    break
+                n += BLOCK_TOKENS
+            return n
+
     def holds(self, ids: Sequence[int], tokens: int) -> bool:
         """Whether the first `tokens` tokens of `ids` (whole blocks) are all cached."""
         if tokens % BLOCK_TOKENS:

@@ -50,20 +50,22 @@ def logit_positions(reqs: Sequence[Request], spans: Sequence[tuple[int, int]]) -
 
 def prefill_payloads(lm: LoadedModel, reqs: Sequence[Request], spans: Sequence[tuple[int, int]],
                      logits: torch.Tensor, rows: Sequence[range], cache: DynamicCache,
-                     pasts: Sequence[torch.Tensor | None] | None = None) -> list[KVPayload]:
+                     pasts: Sequence[torch.Tensor | None] | None = None, join: bool = True) -> list[KVPayload]:
     """Each prefilled request's payload: its cached prefix's KV (pasts) and its span of the cache's KV, its first
     token sampled from its last kept row of `logits` ([kept, vocab], rows as logit_positions gives them), and the
-    logprobs it asks for."""
+    logprobs it asks for. join=False: a payload over a cached prefix leaves it out (held_tokens), for a caller
+    that has the past at hand and splices the two parts (selective.py)."""
     payloads = []
     for i, (req, (s, e), r) in enumerate(zip(reqs, spans, rows)):
         # each layer: [1, kv_heads, total, head_dim] -> kv: [layers, 2, kv_heads, span, head_dim]
         kv = torch.stack([torch.stack((layer.keys[0, :, s:e], layer.values[0, :, s:e])) for layer in cache.layers])
         past = pasts[i] if pasts is not None else None
-        if past is not None:
+        if past is not None and join:
             kv = torch.cat([past, kv], dim=3)  # [layers, 2, kv_heads, prompt_len, head_dim]
         last = logits[r[-1]]  # [vocab]
         first = sample_row(last, req, lm.eos_token_ids, lm.grammars)
-        payload = KVPayload(req.id, lm.fingerprint, req.all_ids, first, kv)
+        held = 0 if past is None or join else int(past.shape[3])
+        payload = KVPayload(req.id, lm.fingerprint, req.all_ids, first, kv, held_tokens=held)
         if req.params.logprobs is not None:
             payload.first_logprobs = logprobs.of_rows(last.unsqueeze(0), [first], [req.params.logprobs])[0]
         if req.params.prompt_logprobs is not None:
@@ -126,11 +128,18 @@ class ModelRunner:
             return 0, None
         return self.prefix_cache.lookup(req.all_ids)
 
+    def uncached_len(self, req: Request) -> int:
+        """The tokens a prefill of `req` computes: its prompt (and any output it resumes with) less what `cached`
+        would find; what a packed pass's token budget counts."""
+        if self.prefix_cache is None or req.params.prompt_logprobs is not None:
+            return len(req.all_ids)
+        return len(req.all_ids) - self.prefix_cache.cached_tokens(req.all_ids)
+
     def remember(self, payloads: Sequence[KVPayload]) -> None:
         """Keep prefilled prompts' KV in the prefix cache, if there is one."""
         if self.prefix_cache is not None:
-            for payload in payloads:
-                self.prefix_cache.insert(payload.prompt_ids, payload.kv)
+            for payload in payloads:  # a payload leaving out its cached prefix gives the blocks after it
+                self.prefix_cache.insert(payload.prompt_ids, payload.kv, payload.held_tokens)
 
     def _prefill_packed(self, reqs: list[Request], cached: list[tuple[int, torch.Tensor | None]]) -> list[KVPayload]:
         dev = self.lm.device

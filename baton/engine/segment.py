@@ -25,6 +25,7 @@ and `lens[r] == valid[r].sum()` is the number of tokens whose KV row r holds in 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +51,40 @@ def cols_for(tokens: int, q: int = 1) -> int:
 def rows_for(rows: int, max_rows: int) -> int:
     """Row capacity of a slab holding `rows`, with room for growth."""
     return min(max_rows, max(1, rows + rows // 2 + 1))
+
+
+@dataclass(frozen=True)
+class RowKV:
+    """A prefilled row's KV in parts along its tokens, each [layers, 2, kv_heads, n_i, head_dim]: on a decode worker
+    that prefilled the prompt itself, the prefix-cache hit it ran over (a tensor the cache shares: read, never
+    written) and the tokens computed after it. A splice copies from the parts straight into the slab, so the
+    whole prompt's KV is never assembled only to be copied again. A lone tensor is one part."""
+
+    parts: tuple[torch.Tensor, ...]
+
+    @staticmethod
+    def of(kv: torch.Tensor | RowKV) -> RowKV:
+        return kv if isinstance(kv, RowKV) else RowKV((kv,))
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(p.shape[3]) for p in self.parts)
+
+    def after(self, a: int) -> list[torch.Tensor]:
+        """Views of the parts covering tokens [a, tokens), in order."""
+        out = []
+        for p in self.parts:
+            n = int(p.shape[3])
+            if a < n:
+                out.append(p[:, :, :, a:] if a > 0 else p)
+            a = max(0, a - n)
+        return out
+
+    def first(self, n: int) -> torch.Tensor:
+        """Tokens [0, n): a view when the first part holds them, else the parts joined (a copy)."""
+        if n <= int(self.parts[0].shape[3]):
+            return self.parts[0][:, :, :, :n]
+        return torch.cat(self.parts, dim=3)[:, :, :, :n]
 
 
 class KVSegment:
@@ -123,21 +158,24 @@ class KVSegment:
         return len(self) * (prompt_len - self.width)
 
     # ---- splice / evict ---------------------------------------------------------------------------------
-    def insert(self, req: Request, kv: torch.Tensor | None) -> None:
-        """Add a row. kv: [layers, 2, kv_heads, tokens, head_dim] of an already prefilled prompt (with a shared
-        prefix, the whole prompt's: the prefix's tokens are dropped, the segment holds them), or None for a row
-        whose prompt will be computed inside the next step (orca, static)."""
-        if self.prefix_len:
-            assert kv is not None and kv.shape[3] > self.prefix_len, "a shared-prefix row needs KV past the prefix"
-            kv = kv[:, :, :, self.prefix_len :]
-        tokens = 0 if kv is None else int(kv.shape[3])
+    def insert(self, req: Request, kv: torch.Tensor | RowKV | None, more: int = 0) -> None:
+        """Add a row. kv: [layers, 2, kv_heads, tokens, head_dim] of an already prefilled prompt, or its parts
+        (with a shared prefix, the whole prompt's: the prefix's tokens are dropped, the segment holds them), or
+        None for a row whose prompt will be computed inside the next step (orca, static). `more`: rows that may
+        join right after it (one splice of several): a slab that must grow makes room for them at once, instead of
+        being copied again for each."""
+        parts = [] if kv is None else RowKV.of(kv).after(self.prefix_len)  # the tokens the slab takes
+        tokens = sum(int(p.shape[3]) for p in parts)
+        assert not self.prefix_len or tokens > 0, "a shared-prefix row needs KV past the prefix"
         if not self.requests and tokens < self.cols_cap:
             self.lo = self.hi = tokens  # an empty segment starts over at the left of its slab
         if len(self) == self.rows_cap or tokens > self.hi:
-            self._relayout(rows_cap=rows_for(len(self) + 1, self.max_rows), min_hi=tokens)
+            self._relayout(rows_cap=rows_for(len(self) + 1 + more, self.max_rows), min_hi=tokens)
         r, start = len(self), self.hi - tokens
-        if kv is not None:
-            self.kv[:, :, r, :, start : self.hi] = kv.to(self.device, self.dtype)
+        at = start
+        for part in parts:
+            self.kv[:, :, r, :, at : at + part.shape[3]] = part.to(self.device, self.dtype)
+            at += int(part.shape[3])
         self.valid[r].zero_()
         self.valid[r, start : self.hi] = True
         self.lo = min(self.lo, start)

@@ -34,13 +34,22 @@ from baton.engine.batch import DecodeBatch
 from baton.engine.kv_payload import KVPayload
 from baton.engine.request import Request
 from baton.engine.runner import ForwardPass, ModelRunner, logit_positions, prefill_payloads
+from baton.engine.segment import RowKV
 
 
 @dataclass
 class Iteration:
-    payloads: list[KVPayload]  # each newcomer's prompt KV and first token, in the order given
+    # each newcomer's prompt KV and first token, in the order given; over a cached prefix, its KV leaves it out
+    # (held_tokens): kv(i) gives both parts
+    payloads: list[KVPayload]
     rows: ForwardPass | None  # the running rows' step (logits [rows, vocab]); None when the batch was empty
     prompt_tokens: int  # newcomers' tokens run in this pass
+    pasts: list[torch.Tensor | None]  # each newcomer's prefix-cache hit (shared with the cache: never written)
+
+    def kv(self, i: int) -> RowKV:
+        """Newcomer i's whole prompt KV, in parts: its cached prefix, then what this pass computed."""
+        past = self.pasts[i]
+        return RowKV((self.payloads[i].kv,) if past is None else (past, self.payloads[i].kv))
 
 
 @torch.inference_mode()
@@ -92,7 +101,7 @@ def iterate(
     for seg in batch.segments:
         seg.end_step()  # every row gained its one token
     logits = out.logits[0]  # [k + n, vocab]: the prompts' kept positions, then each row's token
-    payloads = prefill_payloads(runner.lm, newcomers, spans, logits, prompt_rows, cache, pasts)
+    payloads = prefill_payloads(runner.lm, newcomers, spans, logits, prompt_rows, cache, pasts, join=False)
     runner.remember(payloads)
     rows = None if inputs is None else ForwardPass(logits[k:], inputs, useful, attended)
-    return Iteration(payloads, rows, p)
+    return Iteration(payloads, rows, p, pasts)
