@@ -120,12 +120,7 @@ class PrefixCache:
         """The length of the prefix `lookup` would find for `ids`, with no copy made, no block marked used and
         nothing counted."""
         with self._lock:
-            n = 0
-            for key in block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS):
-                if key not in self._blocks:
-                    break
-                n += BLOCK_TOKENS
-            return n
+            return len(self._chain(block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS), touch=False)) * BLOCK_TOKENS
 
     def holds(self, ids: Sequence[int], tokens: int) -> bool:
         """Whether the first `tokens` tokens of `ids` (whole blocks) are all cached."""
@@ -146,15 +141,16 @@ class PrefixCache:
                 return None
             return torch.cat([b.kv for b in found], dim=3) if found else None
 
-    def _chain(self, keys: Sequence[bytes]) -> list[_Block]:
+    def _chain(self, keys: Sequence[bytes], touch: bool = True) -> list[_Block]:
         """The cached blocks of the chain `keys` (block_keys), up to the first one not cached; each marked used
-        (evicted last)."""
+        (evicted last) unless `touch` is False."""
         found: list[_Block] = []
         for key in keys:
             block = self._blocks.get(key)
             if block is None:
                 break
-            self._blocks.move_to_end(key)
+            if touch:
+                self._blocks.move_to_end(key)
             found.append(block)
         return found
 
