@@ -101,3 +101,26 @@ def test_the_decode_directory_knows_its_flags_and_its_registry() -> None:
             await known.check("d:2")  # forgotten once it has not been listed for forget_s
 
     asyncio.run(scenario())
+
+
+def test_the_decode_directory_waits_one_heartbeat_ttl_for_a_worker_to_reregister() -> None:
+    """A prefill worker restarted while Redis came back empty knows no decode worker until their next heartbeats;
+    a push to one of them waits for that (up to patience_s), and only an address never listed is refused."""
+    async def scenario() -> None:
+        reg = FakeRegistry()
+        known = DecodeDirectory(registry=reg, refresh_s=0.1, patience_s=1.0)  # type: ignore[arg-type]
+
+        async def reregister() -> None:
+            await asyncio.sleep(0.5)
+            reg.addresses = ["d:5"]
+
+        later = asyncio.create_task(reregister())
+        await known.check("d:5")
+        await later
+        assert reg.reads >= 3  # read again and again until the heartbeat came
+        started = time.monotonic()
+        with pytest.raises(UnknownPeer):
+            await known.check("d:7")
+        assert time.monotonic() - started >= 1.0
+
+    asyncio.run(scenario())

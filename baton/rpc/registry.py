@@ -23,6 +23,8 @@ from redis.backoff import NoBackoff
 
 log = logging.getLogger(__name__)
 
+TTL_FACTOR = 3.0  # a worker's record lives this many heartbeat intervals after its last heartbeat
+
 @dataclass
 class WorkerInfo:
     """What a worker publishes about itself."""
@@ -112,7 +114,7 @@ async def heartbeat(
     make_info: Callable[[], WorkerInfo],
     interval_s: float,
     stop: asyncio.Event,
-    ttl_factor: float = 3.0,
+    ttl_factor: float = TTL_FACTOR,
 ) -> None:
     """Publish make_info() every interval_s until `stop` is set, then remove the record.
 

@@ -15,7 +15,7 @@ from baton.engine.prefix_cache import DEFAULT_MAX_BYTES, PREFIX_CACHE_HELP
 from baton.flags import add_worker_arguments, addresses_from_env, flag
 from baton.metrics import PREFILL_METRICS_PORT
 from baton.rpc.main_thread import MainThread
-from baton.rpc.registry import RedisRegistry
+from baton.rpc.registry import TTL_FACTOR, RedisRegistry
 from baton.rpc.worker_frame import load_worker_model, run_worker
 from services.prefill.destinations import DecodeDirectory
 from services.prefill.server import prefill_service
@@ -42,9 +42,10 @@ def main(args: argparse.Namespace) -> int:
     if isinstance(setup, int):
         return setup
     registry = RedisRegistry(args.redis, prefix=args.redis_prefix) if args.redis else None
+    destinations = DecodeDirectory(args.decode, registry, patience_s=args.heartbeat_s * TTL_FACTOR)
     main_thread = MainThread()  # the compute loop gets the main thread, asyncio another (main_thread.py)
     worker = PrefillWorker(setup.lm, max_queue=args.max_queue, shared_cores=setup.shared_cores,
                            push_timeout_s=args.push_timeout_s, tls=setup.tls, internal_token=setup.internal_token,
-                           destinations=DecodeDirectory(args.decode, registry), spawn=main_thread.spawn,
+                           destinations=destinations, spawn=main_thread.spawn,
                            prefix_cache_bytes=args.prefix_cache_bytes)
     return main_thread.run(lambda: run_worker(worker, [prefill_service(worker)], args, setup, main_thread.on_signal))
