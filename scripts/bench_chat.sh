@@ -18,11 +18,13 @@
 #
 #   scripts/bench_chat.sh                     # one to two hours on a 2-core CPU (106 min on an AVX2 EPYC)
 #   PHASES="pushed routers" scripts/bench_chat.sh
+#   CHAT_RATE=inf OUT=results/chat-inf scripts/bench_chat.sh   # every conversation at t=0: 32 users at once
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PHASES=${PHASES:-vllm pushed default routers memory}
 VLLM_THREADS=${VLLM_THREADS:-2}
-OUT=results/chat
+OUT=${OUT:-results/chat}
+CHAT_RATE=${CHAT_RATE:-}  # conversations per second of `chat` (default: the workload's own, 0.5)
 PORT=18200
 REDIS_PORT=18299
 BATON=.venv/bin/baton
@@ -54,8 +56,10 @@ peak_rss() {  # name: VmHWM of every process of the running `baton serve`
 }
 
 bench() {  # label, workload, api, url, extra arguments...
+  local rate=()
+  [ "$2" = chat ] && [ -n "$CHAT_RATE" ] && rate=(--rate "$CHAT_RATE")
   "$BATON" bench serve --api "$3" --url "$4" --workload "$2" --no-progress --policy "$1" \
-    --out "$OUT/$2-$1.json" "${@:5}"
+    --out "$OUT/$2-$1.json" "${rate[@]}" "${@:5}"
 }
 
 http="http://127.0.0.1:$PORT"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerBase
 
 import baton.engine.engine as engine_module
+import baton.engine.segment as segment_module
 from baton.engine.engine import Engine
 from baton.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from baton.engine.request import FinishReason, Request, SamplingParams
@@ -155,6 +157,39 @@ def test_a_fused_iteration_counts_only_uncached_tokens_against_its_budget(monkey
     engine.run_until_done()
     for req in reqs:
         assert req.output_ids == reference(lm, req.prompt_ids, 4)
+
+
+def test_a_splice_of_prompts_after_one_cached_prefix_holds_it_once_from_its_first_row(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many prompts after one cached system prompt, run in one fused iteration: their rows hold it as one shared
+    prefix from the first row spliced on (the rows still to come in the same splice count towards what sharing
+    saves), so no slab is ever made as wide as the whole prompt; and the prompts' attention over the cached prefix,
+    all of them in one call per layer (attention._packed), decodes exactly as generate()."""
+    widest = [0]
+    relayout = segment_module.KVSegment._relayout
+
+    def recording(self: segment_module.KVSegment, *args: Any, **kwargs: Any) -> None:
+        relayout(self, *args, **kwargs)
+        widest[0] = max(widest[0], self.cols_cap)
+
+    monkeypatch.setattr(segment_module.KVSegment, "_relayout", recording)
+    lm = tiny_model("llama")
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(3, 2000, (24 * BLOCK_TOKENS,), generator=g).tolist()  # 384 tokens
+    engine = Engine(lm, max_batch=8, fuse_prefill=True, prefix_cache=PrefixCache(10**8))
+    engine.add_request(Request("first", system + [5], SamplingParams(max_new_tokens=1, ignore_eos=True)))
+    engine.run_until_done()  # the system prompt is cached now; the batch is empty
+    reqs = [Request(f"r{i}", system + torch.randint(3, 2000, (3 + 2 * i,), generator=g).tolist(),
+                    SamplingParams(max_new_tokens=3 + i % 3, ignore_eos=True)) for i in range(8)]
+    for req in reqs:
+        engine.add_request(req)
+    engine.step()  # all eight in one pass, over the cached prefix
+    assert len(engine.batch) == 8 and not engine.waiting
+    assert [len(ids) for ids, _ in engine.batch.shared_prefixes()] == [len(system)]
+    assert widest[0] < len(system), "no slab as wide as the prompts"
+    engine.run_until_done()
+    for req in reqs:
+        assert req.output_ids == reference(lm, req.prompt_ids, req.params.max_new_tokens), req.id
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -4,6 +4,7 @@ request alone, token for token; seeded sampling does not depend on the batch."""
 from __future__ import annotations
 
 import functools
+import itertools
 from unittest import mock
 
 import pytest
@@ -325,3 +326,39 @@ def test_the_cascade_merge_keeps_the_model_dtype() -> None:
     own, lse = attention._attend(q, k, v, torch.zeros(2, 1, 1, 9, dtype=torch.bfloat16), 0.125)
     out = attention._cascade(q, own, lse, prefix, 0.125)  # [rows, 1, heads, head_dim]
     assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 9, 64)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_packed_spans_over_shared_pasts_equal_each_span_over_its_own_past(
+        monkeypatch: pytest.MonkeyPatch, plain: bool) -> None:
+    """attention._packed: spans after the same cached prefix attend over it in one call, merged with their own
+    causal attention by log-sum-exps; spans with no past or another past alongside. Each span's output equals
+    attention over [its past, its own tokens] with a causal mask, computed directly (GQA: 9 query heads over
+    3 KV heads). plain: the branch a GPU runs (_attend_plain), checked here on the CPU."""
+    if plain:
+        monkeypatch.setattr(attention, "_attend", attention._attend_plain)
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, d, layer = 9, 3, 16, 1
+    lens = [5, 1, 7, 3, 4]
+    past_a, past_b = (torch.randn(2, 2, kv_heads, n, d, generator=g) for n in (32, 48))  # [layers, 2, kv, P, d]
+    pasts: list[torch.Tensor | None] = [past_a, None, past_a, past_b, past_a]
+    total = sum(lens)
+    q = torch.randn(1, heads, total, d, generator=g)
+    k, v = (torch.randn(1, kv_heads, total, d, generator=g) for _ in range(2))
+    ends = list(itertools.accumulate(lens))
+    spans = [(e - n, e) for e, n in zip(ends, lens)]
+    module = torch.nn.Module()
+    module.layer_idx = layer  # type: ignore[assignment]
+    module.num_key_value_groups = heads // kv_heads  # type: ignore[assignment]
+    module.training = False
+    out = attention._packed(module, q, k, v, spans, 0.25, pasts)  # [1, total, heads, d]
+    for (s, e), past in zip(spans, pasts):
+        keys, values = k[:, :, s:e], v[:, :, s:e]
+        if past is not None:
+            keys, values = torch.cat([past[layer][0][None], keys], 2), torch.cat([past[layer][1][None], values], 2)
+        keys, values = keys.repeat_interleave(3, 1), values.repeat_interleave(3, 1)
+        n, m = e - s, keys.shape[2]
+        mask = torch.ones(n, m, dtype=torch.bool).tril(m - n)
+        want = torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], keys, values, attn_mask=mask,
+                                                                scale=0.25)  # [1, heads, n, d]
+        torch.testing.assert_close(out[:, s:e], want.transpose(1, 2), atol=1e-5, rtol=1e-4)

@@ -7,7 +7,8 @@ segment's column window with its mask (and, for segments holding a shared prefix
 their rows). When it carries `baton_packed=[(start, end), ...]` (a packed prefill:
 several prompts end to end in row 0), each prompt attends causally to itself alone; with `baton_past=[kv or None,
 ...]` as well, a prompt whose first tokens were cached (prefix_cache.py) holds only its new tokens in row 0 and
-attends over its cached prefix's KV ([layers, 2, kv_heads, cached, head_dim]) before them. With both (a selective-
+attends over its cached prefix's KV ([layers, 2, kv_heads, cached, head_dim]) before them (the prompts after one
+cached prefix all in one call over it). With both (a selective-
 batching iteration, selective.py), row 0 holds the prompts' spans and then one token per row of the batch: the
 spans attend as a packed prefill, the tokens after them as a decode step. Without either (a single prompt's
 prefill, `generate()`), this is plain SDPA.
@@ -71,22 +72,47 @@ def _packed(
     spans: list[tuple[int, int]], scaling: float | None, pasts: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Packed prompts (query/key/value [1, heads or kv_heads, total, head_dim]), each attending causally to its
-    own span alone, after its cached prefix when `pasts` gives one: [1, total, heads, head_dim]."""
-    per_prompt = []
+    own span alone, after its cached prefix when `pasts` gives one: [1, total, heads, head_dim]. The spans over
+    the same cached prefix (one tensor: the prompts after one system prompt) attend over it in ONE call, its keys
+    and values read once for all of them, merged with their own causal attention by log-sum-exps (_merge)."""
+    outs: list[torch.Tensor | None] = []
+    over: dict[int, list[int]] = {}  # by prefix tensor: the spans after it
     for i, (s, e) in enumerate(spans):
         past = pasts[i] if pasts is not None else None
-        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
         if past is None:
-            out = sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=True)[0]
-        else:  # the span's tokens sit after the P cached ones: token j sees keys 0 .. P + j
-            layer = past[int(module.layer_idx)]  # type: ignore[arg-type]  # [2, kv_heads, P, head_dim]
-            k = torch.cat([layer[0].unsqueeze(0), k], dim=2)  # [1, kv_heads, P + L, head_dim]
-            v = torch.cat([layer[1].unsqueeze(0), v], dim=2)
-            n, total = e - s, k.shape[2]
-            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)  # [L, P + L]
-            out = sdpa_attention_forward(module, q, k, v, mask[None, None], scaling=scaling, is_causal=False)[0]
-        per_prompt.append(out)
-    return per_prompt[0] if len(per_prompt) == 1 else torch.cat(per_prompt, dim=1)
+            q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+            outs.append(sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=True)[0])
+        else:
+            outs.append(None)
+            over.setdefault(id(past), []).append(i)
+    if over:
+        assert pasts is not None
+        layer = int(module.layer_idx)  # type: ignore[arg-type]
+        heads, d = query.shape[1], query.shape[3]
+        rep = heads // key.shape[1]  # query heads per KV head (GQA)
+        scale = scaling if scaling is not None else d**-0.5
+        for members in over.values():
+            past = pasts[members[0]]
+            assert past is not None
+            # each span over its own tokens, causally: out [1, heads, L, d], lse [1, heads, L]
+            own = [_attend(query[:, :, s:e], key[:, :, s:e].repeat_interleave(rep, 1),
+                           value[:, :, s:e].repeat_interleave(rep, 1), None, scale, causal=True)
+                   for s, e in (spans[i] for i in members)]
+            out, lse = torch.cat([o for o, _ in own], 2), torch.cat([x for _, x in own], 2)  # [1, heads, T(, d)]
+            t = out.shape[2]
+            # every span's queries over the prefix [2, kv_heads, P, d], the query heads of one KV head together
+            qp = torch.cat([query[:, :, s:e] for s, e in (spans[i] for i in members)], 2)  # [1, heads, T, d]
+            qp = qp.reshape(1, heads // rep, rep * t, d)  # [1, kv_heads, rep * T, d]
+            shared, shared_lse = _attend(qp, past[layer][0].unsqueeze(0), past[layer][1].unsqueeze(0), None, scale)
+            merged = _merge(out, lse, shared.reshape(1, heads, t, d), shared_lse.reshape(1, heads, t))
+            merged = merged.transpose(1, 2)  # [1, T, heads, d]
+            b = 0
+            for i in members:
+                n = spans[i][1] - spans[i][0]
+                outs[i], b = merged[:, b : b + n], b + n
+    done = [o for o in outs if o is not None]
+    assert len(done) == len(outs)
+    return done[0] if len(done) == 1 else torch.cat(done, dim=1)
 
 
 def _batched(
@@ -143,23 +169,39 @@ def _cascade(qh: torch.Tensor, own: torch.Tensor, own_lse: torch.Tensor, prefix:
     shared, shared_lse = _attend(qp, prefix[0].unsqueeze(0), prefix[1].unsqueeze(0), None, scale)
     shared = shared.reshape(kv_heads, n, rep, d).permute(1, 0, 2, 3)  # [n, kv_heads, rep, d]
     shared_lse = shared_lse.reshape(kv_heads, n, rep).permute(1, 0, 2)
-    top = torch.maximum(own_lse, shared_lse)
-    w_own, w_shared = (own_lse - top).exp().unsqueeze(-1), (shared_lse - top).exp().unsqueeze(-1)
-    out = (own * w_own + shared * w_shared) / (w_own + w_shared)  # float32, as the log-sum-exps
-    return out.to(own.dtype).reshape(n, 1, kv_heads * rep, d)  # [n, 1, heads, d]
+    return _merge(own, own_lse, shared, shared_lse).reshape(n, 1, kv_heads * rep, d)  # [n, 1, heads, d]
+
+
+def _merge(a: torch.Tensor, a_lse: torch.Tensor, b: torch.Tensor, b_lse: torch.Tensor) -> torch.Tensor:
+    """Attention over two disjoint sets of keys, merged into attention over both: outputs a, b [..., L, d] with
+    their log-sum-exps [..., L] (the same query, the same shape) -> [..., L, d], each weighted by its share of
+    the softmax's denominator."""
+    top = torch.maximum(a_lse, b_lse)
+    w_a, w_b = (a_lse - top).exp().unsqueeze(-1), (b_lse - top).exp().unsqueeze(-1)
+    return ((a * w_a + b * w_b) / (w_a + w_b)).to(a.dtype)  # float32, as the log-sum-exps
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of query [b, h, L, d] over key/value [b, h, S, d] (bias [b, 1, 1, S]: 0 to attend, -inf not) and
-    its log-sum-exp [b, h, L]: on a CPU, PyTorch's flash kernel (which returns it); elsewhere in plain operations."""
+            scale: float, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of query [b, h, L, d] over key/value [b, h, S, d] (bias [b, 1, 1, S]: 0 to attend, -inf not;
+    causal: query i sees keys 0..i, L == S) and its log-sum-exp [b, h, L]: on a CPU, PyTorch's flash kernel
+    (which returns it); elsewhere in plain operations."""
     if query.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal,
                                                                                attn_mask=bias, scale=scale)
         return out, lse
+    return _attend_plain(query, key, value, bias, scale, causal)
+
+
+def _attend_plain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                  scale: float, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """_attend in plain operations, for any device."""
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
     if bias is not None:
         scores = scores + bias
+    if causal:
+        ahead = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(ahead, float("-inf"))
     lse = torch.logsumexp(scores, -1)
     return torch.matmul((scores - lse.unsqueeze(-1)).exp().to(value.dtype), value), lse
 

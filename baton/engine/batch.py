@@ -103,16 +103,18 @@ class DecodeBatch:
     def concatenate(self, items: Iterable[tuple[Request, torch.Tensor | RowKV]]) -> None:
         """Splice prefilled requests in. Each kv: [layers, 2, kv_heads, prompt_len, head_dim], or in parts (RowKV).
         The longest go first, so that shorter ones can fit under their windows."""
-        rows = [(req, RowKV.of(kv)) for req, kv in items]
-        for i, (req, kv) in enumerate(sorted(rows, key=lambda it: -it[1].tokens)):
+        rows = sorted(((req, RowKV.of(kv)) for req, kv in items), key=lambda it: -it[1].tokens)
+        ids = [req.all_ids[: kv.tokens] for req, kv in rows]
+        for i, (req, kv) in enumerate(rows):
             assert self.free_rows > 0, "splice into a full batch"
-            self._place(req.all_ids[: kv.tokens], kv).insert(req, kv, more=len(rows) - 1 - i)
+            self._place(ids[i], kv, ids[i + 1 :]).insert(req, kv, more=len(rows) - 1 - i)
 
-    def _place(self, ids: Sequence[int], kv: RowKV) -> KVSegment:
+    def _place(self, ids: Sequence[int], kv: RowKV, coming: Sequence[Sequence[int]] = ()) -> KVSegment:
         """The segment that adds the least padding among those the row can join (its ids start with their shared
         prefix), counting its tokens after that prefix; a new one when that costs more than `segment_cost`, or
         when none can take the row (even past `max_segments`: its ids start with none of their prefixes). The
-        segment then holds a prefix the row shares with others, if one pays (_share_prefix)."""
+        segment then holds a prefix the row shares with others, if one pays (_share_prefix; `coming`: the ids
+        of the rows spliced after it in the same call)."""
         def cost(seg: KVSegment) -> int:
             return seg.splice_cost(len(ids) - seg.prefix_len)
 
@@ -122,7 +124,7 @@ class DecodeBatch:
             best = self._new_segment(len(ids) - (len(held[0]) if held else 0))
             if held:
                 best.adopt_prefix(*held)
-        return best if best.prefix_len else self._share_prefix(ids, kv, best)
+        return best if best.prefix_len else self._share_prefix(ids, kv, best, coming)
 
     def _held_prefix(self, ids: Sequence[int], seg: KVSegment | None = None) -> tuple[list[int], torch.Tensor] | None:
         """The longest shared prefix the batch holds already that `ids` and every row of `seg` start with (each
@@ -134,12 +136,16 @@ class DecodeBatch:
                 return prefix_ids, prefix_kv
         return None
 
-    def _share_prefix(self, ids: Sequence[int], kv: RowKV, seg: KVSegment) -> KVSegment:
+    def _share_prefix(self, ids: Sequence[int], kv: RowKV, seg: KVSegment,
+                      coming: Sequence[Sequence[int]] = ()) -> KVSegment:
         """Let `seg` (no shared prefix yet; `ids`/`kv` the row about to join it) hold a prefix once:
         1. one the batch holds already that the row and seg's rows start with (its reads are paid for already); or
         2. a new one the row shares with every row of some segments holding none (chat's system prompt over rows
            spread across segments by length), taken by all of them, the length and segments that save the most
-           reads (length times the rows already there), when that reaches SHARED_MIN_SAVING.
+           reads (length times the rows that will hold it: those already there, and those `coming` in the same
+           splice that start with it), when that reaches SHARED_MIN_SAVING. So a splice of many prompts after one
+           cached system prompt holds it once from its first row on, instead of giving every row a slab as wide
+           as the whole prompt first.
         The longest prefix that could be is checked to pay before any prompt is compared, and a comparison stops
         at the first row that shares too little. Returns the segment the row joins: `seg`, or, for a new one that
         takes a new prefix, one sized for the row's tokens after it."""
@@ -148,17 +154,22 @@ class DecodeBatch:
             seg.adopt_prefix(*held)
             return seg
         bare = [s for s in self.segments if not s.prefix_len and len(s)]
-        if not bare or (min(len(ids), max(max(s.lens) for s in bare)) - 1) * sum(map(len, bare)) < SHARED_MIN_SAVING:
+        longest = max([max(s.lens) for s in bare] + [len(c) for c in coming], default=0)
+        if (min(len(ids), longest) - 1) * (sum(map(len, bare)) + len(coming)) < SHARED_MIN_SAVING:
             return seg
-        commons = [(self._common(ids, s.requests, min(s.lens)), s) for s in bare]  # per segment, whole blocks
-        p, group = max(((c, [s for d, s in commons if d >= c]) for c, _ in commons if c),
-                       key=lambda pg: pg[0] * sum(map(len, pg[1])), default=(0, []))
-        if p * sum(map(len, group)) < SHARED_MIN_SAVING:
+        commons = [(self._common(ids, [r.all_ids for r in s.requests], min(s.lens)), s) for s in bare]
+        later = [self._common(ids, [c], len(c)) for c in coming]  # per row to come: the whole blocks it shares
+        saving = {c: c * (sum(len(s) for d, s in commons if d >= c) + sum(d >= c for d in later))
+                  for c in {c for c, _ in commons} | set(later) if c}
+        p = max(saving, key=lambda c: saving[c], default=0)
+        if not p or saving[p] < SHARED_MIN_SAVING:
             return seg
         prefix_kv = kv.first(p).to(self.device, self.dtype, copy=True)  # [layers, 2, kv_heads, P, head_dim]
-        for s in group:
+        for _, s in ((d, s) for d, s in commons if d >= p):
             s.adopt_prefix(ids[:p], prefix_kv)
-        if not len(seg):  # a new segment, sized for the whole row: one sized for the rest instead
+        if not seg.prefix_len:  # seg's rows do not share it, or seg is new: the row joins a segment that holds it
+            if len(seg):
+                return seg  # (the rows to come find the prefix held: _held_prefix)
             self.segments.remove(seg)
             seg = self._new_segment(len(ids) - p)
             seg.adopt_prefix(ids[:p], prefix_kv)
@@ -173,16 +184,16 @@ class DecodeBatch:
         return list(held.values())
 
     @staticmethod
-    def _common(ids: Sequence[int], rows: Sequence[Request], limit: int | None = None) -> int:
+    def _common(ids: Sequence[int], rows: Sequence[Sequence[int]], limit: int | None = None) -> int:
         """The longest prefix, in whole BLOCK_TOKENS blocks, short of `ids`' last token (and of `limit`), that
-        `ids` shares with every one of `rows`; 0 when under SHARED_MIN_TOKENS (or no rows)."""
+        `ids` shares with every one of `rows` (their ids); 0 when under SHARED_MIN_TOKENS (or no rows)."""
         end = len(ids) - 1 if limit is None else min(len(ids) - 1, limit - 1)
         if not rows or end < SHARED_MIN_TOKENS:
             return 0
         new = torch.tensor(ids[:end], dtype=torch.long)
         common = end
         for r in rows:
-            other = torch.tensor(r.all_ids[:common], dtype=torch.long)
+            other = torch.tensor(r[:common], dtype=torch.long)
             n = min(common, len(other))
             differ = (new[:n] != other[:n]).nonzero()
             common = int(differ[0]) if len(differ) else n
