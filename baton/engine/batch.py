@@ -28,6 +28,14 @@ from baton.engine.segment import KVSegment, RowKV, cols_for
 SHARED_MIN_TOKENS = 64
 SHARED_MIN_SAVING = 2048
 
+# Padding positions per step worth paying to keep a row out of a new segment (the default `segment_cost`). A
+# segment costs one more attention call per layer per step: ~100 us on a 2-core CPU for smollm2-135m, about the
+# time to read ~900 padded positions of its KV (1.5 KB per token and layer). With 32, `chat`'s rows of different
+# lengths spread one per segment at small batches (8 rows, 8 calls per layer: a step 89 ms, 80 ms in one
+# segment); through `baton serve`, 512 against 32: `shared-prefix` 160 against 151-154 tok/s, `chat` 122 against
+# 119-120; 2048: wider relayouts when a long row joins (TPOT p99 over 1 s). docs/benchmarks.md, machine J.
+SEGMENT_COST = 512
+
 
 @dataclass
 class StepInputs:
@@ -49,7 +57,7 @@ class DecodeBatch:
         device: torch.device,
         max_rows: int = 32,
         max_segments: int = 8,
-        segment_cost: int = 32,
+        segment_cost: int = SEGMENT_COST,
         pad_token_id: int = 0,
     ) -> None:
         """max_segments: 1 gives the plain padded batch of the paper; more let rows of different lengths attend

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from baton.engine.batch import SEGMENT_COST
 from baton.engine.kv_payload import KVPayload
 from baton.engine.logprobs import TokenLogprobs
 from baton.engine.models import LoadedModel
@@ -133,7 +134,7 @@ class Engine:
         policy: str | Policy = "baton",
         max_batch: int = 32,
         max_segments: int = 8,
-        segment_cost: int = 32,
+        segment_cost: int = SEGMENT_COST,
         compact_threshold: float = 0.1,
         fuse_prefill: bool = False,
         prefix_cache: PrefixCache | None = None,

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from baton.engine import logprobs
 from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, PAST_KWARG, no_mask
-from baton.engine.batch import DecodeBatch, StepInputs
+from baton.engine.batch import SEGMENT_COST, DecodeBatch, StepInputs
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
 from baton.engine.prefix_cache import PrefixCache
@@ -90,7 +90,7 @@ class ModelRunner:
         # prompts' KV kept for the next prompts that start the same way (prefix_cache.py); None: none kept
         self.prefix_cache = prefix_cache
 
-    def new_batch(self, max_rows: int, max_segments: int = 8, segment_cost: int = 32) -> DecodeBatch:
+    def new_batch(self, max_rows: int, max_segments: int = 8, segment_cost: int = SEGMENT_COST) -> DecodeBatch:
         pad = self.lm.config.pad_token_id
         return DecodeBatch(
             *self.lm.spec.kv_dims,
