@@ -104,23 +104,40 @@ def test_eviction_takes_the_least_recently_used_tails_first() -> None:
     assert PrefixCache(0).lookup(a) == (0, None)
 
 
-def test_a_chain_looked_up_again_is_joined_once_and_given_up_first() -> None:
+def test_a_chain_looked_up_again_is_joined_once_and_kept_while_older_blocks_go() -> None:
     """The prompts after one long system prompt all find the same chain: the second lookup returns the tensor the
-    first one joined, not a new copy; its bytes count in the budget, and it goes before any block is evicted."""
-    cache = PrefixCache(5 * block_bytes())
+    first one joined, not a new copy; its bytes count in the budget. In a full cache it is as recently used as the
+    chain's last lookup: older blocks are evicted to keep it (a full cache once dropped it at every insert, and
+    every prompt after the system prompt joined its own copy again), and it goes with the chain's last block; a
+    chain that with its copy would take more than half the budget is not kept joined."""
+    cache = PrefixCache(10 * block_bytes())
     s = tiny_model("llama").spec
-    kv = torch.randn(s.num_layers, 2, s.kv_heads, 2 * BLOCK_TOKENS, s.head_dim)
-    system = list(range(100, 100 + 2 * BLOCK_TOKENS))
-    cache.insert(system, kv)
+
+    def kv(blocks: int) -> torch.Tensor:
+        return torch.randn(s.num_layers, 2, s.kv_heads, blocks * BLOCK_TOKENS, s.head_dim)
+
+    old = list(range(900, 900 + 5 * BLOCK_TOKENS))
+    cache.insert(old, kv(5))  # the oldest blocks
+    system, system_kv = list(range(100, 100 + 2 * BLOCK_TOKENS)), kv(2)
+    cache.insert(system, system_kv)
     n, first = cache.lookup(system + [1, 2])
     n2, again = cache.lookup(system + [3])
-    assert n == n2 == 2 * BLOCK_TOKENS and first is not None and first is again and torch.equal(first, kv)
-    assert cache.bytes == 4 * block_bytes()  # two blocks and their joined copy
+    assert n == n2 == 2 * BLOCK_TOKENS and first is not None and first is again and torch.equal(first, system_kv)
+    assert cache.bytes == 9 * block_bytes()  # seven blocks and the chain's joined copy
     check_invariants(cache)
-    cache.insert(list(range(900, 900 + BLOCK_TOKENS)), kv[:, :, :, :BLOCK_TOKENS])  # fits once the copy is gone
-    assert cache.stats.evicted_blocks == 0 and len(cache) == 3
+    cache.insert(list(range(700, 700 + 2 * BLOCK_TOKENS)), kv(2))  # room: the oldest tail goes, not the copy
+    assert cache.stats.evicted_blocks == 1 and cache.lookup(system + [4])[1] is first
     check_invariants(cache)
-    assert torch.equal(cache.lookup(system + [1])[1], kv)  # type: ignore[arg-type]
+    for i in range(5):  # newer prompts: the chain ages; its joined copy goes, then its blocks
+        cache.insert(list(range(2000 + 100 * i, 2000 + 100 * i + 2 * BLOCK_TOKENS)), kv(2))
+        check_invariants(cache)
+    assert cache._joined is None and not cache.holds(system, 2 * BLOCK_TOKENS)
+    big = list(range(3000, 3000 + 3 * BLOCK_TOKENS))
+    cache.insert(big, kv(3))
+    _, one = cache.lookup(big + [1])
+    _, two = cache.lookup(big + [2])
+    assert one is not two and cache._joined is None, "3 blocks and their copy: more than half the budget"
+    check_invariants(cache)
 
 
 def test_an_insert_from_a_block_boundary_keeps_blocks_only_after_cached_ones() -> None:
@@ -159,12 +176,14 @@ def test_a_fused_iteration_counts_only_uncached_tokens_against_its_budget(monkey
         assert req.output_ids == reference(lm, req.prompt_ids, 4)
 
 
+@pytest.mark.parametrize("full", [False, True])
 def test_a_splice_of_prompts_after_one_cached_prefix_holds_it_once_from_its_first_row(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Many prompts after one cached system prompt, run in one fused iteration: their rows hold it as one shared
-    prefix from the first row spliced on (the rows still to come in the same splice count towards what sharing
-    saves), so no slab is ever made as wide as the whole prompt; and the prompts' attention over the cached prefix,
-    all of them in one call per layer (attention._packed), decodes exactly as generate()."""
+        monkeypatch: pytest.MonkeyPatch, full: bool) -> None:
+    """Many prompts after one cached system prompt, run in one fused iteration: they find one tensor of it, even
+    in a cache filled to its budget by earlier prompts (full); their rows hold it as one shared prefix from the
+    first row spliced on (the rows still to come in the same splice count towards what sharing saves), so no slab
+    is ever made as wide as the whole prompt; and the prompts' attention over the cached prefix, all of them in
+    one call per layer (attention._packed), decodes exactly as generate()."""
     widest = [0]
     relayout = segment_module.KVSegment._relayout
 
@@ -173,10 +192,25 @@ def test_a_splice_of_prompts_after_one_cached_prefix_holds_it_once_from_its_firs
         widest[0] = max(widest[0], self.cols_cap)
 
     monkeypatch.setattr(segment_module.KVSegment, "_relayout", recording)
+    pasts: list[list[torch.Tensor | None]] = []
+    iterate = engine_module.iterate
+
+    def watching(*args: Any, **kwargs: Any) -> Any:
+        it = iterate(*args, **kwargs)
+        pasts.append(it.pasts)
+        return it
+
+    monkeypatch.setattr(engine_module, "iterate", watching)
     lm = tiny_model("llama")
     g = torch.Generator().manual_seed(5)
     system = torch.randint(3, 2000, (24 * BLOCK_TOKENS,), generator=g).tolist()  # 384 tokens
-    engine = Engine(lm, max_batch=8, fuse_prefill=True, prefix_cache=PrefixCache(10**8))
+    cache = PrefixCache(100 * block_bytes() if full else 10**8)
+    if full:  # earlier prompts, 112 blocks' worth: the cache evicts from here on
+        for _ in range(7):
+            cache.insert(torch.randint(3, 2000, (16 * BLOCK_TOKENS,), generator=g).tolist(),
+                         torch.randn(lm.spec.num_layers, 2, lm.spec.kv_heads, 16 * BLOCK_TOKENS, lm.spec.head_dim))
+        assert cache.bytes > 90 * block_bytes()
+    engine = Engine(lm, max_batch=8, fuse_prefill=True, prefix_cache=cache)
     engine.add_request(Request("first", system + [5], SamplingParams(max_new_tokens=1, ignore_eos=True)))
     engine.run_until_done()  # the system prompt is cached now; the batch is empty
     reqs = [Request(f"r{i}", system + torch.randint(3, 2000, (3 + 2 * i,), generator=g).tolist(),
@@ -185,6 +219,7 @@ def test_a_splice_of_prompts_after_one_cached_prefix_holds_it_once_from_its_firs
         engine.add_request(req)
     engine.step()  # all eight in one pass, over the cached prefix
     assert len(engine.batch) == 8 and not engine.waiting
+    assert len({id(p) for p in pasts[-1]}) == 1 and pasts[-1][0] is not None, "one tensor of the prefix"
     assert [len(ids) for ids, _ in engine.batch.shared_prefixes()] == [len(system)]
     assert widest[0] < len(system), "no slab as wide as the prompts"
     engine.run_until_done()

@@ -106,7 +106,10 @@ class PrefixCache:
         self._drop_joined()
         kv = torch.cat([b.kv for b in found], dim=3)
         nbytes = kv.numel() * kv.element_size()
-        if self.bytes + nbytes <= self.max_bytes:
+        # kept, older blocks making room for it, where it and its chain take at most half the budget (a duplicate
+        # must not crowd out the blocks of a small cache); the chain's blocks were just marked used and each but
+        # the last has a child, so only other blocks are evicted for it (_make_room)
+        if sum(b.nbytes for b in found) + nbytes <= self.max_bytes // 2 and self._make_room(nbytes, keep=last):
             self._joined, self.bytes = (last, kv), self.bytes + nbytes
         return kv
 
@@ -184,12 +187,15 @@ class PrefixCache:
             parent = key
 
     def _make_room(self, nbytes: int, keep: bytes | None) -> bool:
-        """Evict least recently used tails (never `keep`, the block about to be extended) until `nbytes` fit; the
-        chain joined last (_join) goes first."""
-        if self.bytes + nbytes > self.max_bytes:
-            self._drop_joined()
+        """Evict least recently used tails (never `keep`, the block about to be extended) until `nbytes` fit. The
+        chain joined last (_join) goes with its last block, or when nothing else is left to evict: as recently
+        used as the chain's last lookup, it stays while older blocks go (with a full cache, dropping it first had
+        every prompt after one system prompt join its own copy again)."""
         while self.bytes + nbytes > self.max_bytes:
             victim = next((k for k, b in self._blocks.items() if b.children == 0 and k != keep), None)
+            if self._joined is not None and victim in (None, self._joined[0]):
+                self._drop_joined()
+                continue
             if victim is None:
                 return False
             block = self._blocks.pop(victim)
