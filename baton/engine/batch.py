@@ -173,8 +173,9 @@ class DecodeBatch:
         if not p or saving[p] < SHARED_MIN_SAVING:
             return seg
         prefix_kv = kv.first(p).to(self.device, self.dtype, copy=True)  # [layers, 2, kv_heads, P, head_dim]
-        for _, s in ((d, s) for d, s in commons if d >= p):
-            s.adopt_prefix(ids[:p], prefix_kv)
+        for d, s in commons:
+            if d >= p:
+                s.adopt_prefix(ids[:p], prefix_kv)
         if not seg.prefix_len:  # seg's rows do not share it, or seg is new: the row joins a segment that holds it
             if len(seg):
                 return seg  # (the rows to come find the prefix held: _held_prefix)
@@ -197,6 +198,9 @@ class DecodeBatch:
         `ids` shares with every one of `rows` (their ids); 0 when under SHARED_MIN_TOKENS (or no rows)."""
         end = len(ids) - 1 if limit is None else min(len(ids) - 1, limit - 1)
         if not rows or end < SHARED_MIN_TOKENS:
+            return 0
+        head = list(ids[:SHARED_MIN_TOKENS])  # a row that differs here shares too little: no tensors built for it
+        if any(list(r[:SHARED_MIN_TOKENS]) != head for r in rows):
             return 0
         new = torch.tensor(ids[:end], dtype=torch.long)
         common = end
