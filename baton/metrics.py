@@ -230,8 +230,8 @@ class DecodeMetrics(MetricsRegistry):
                                     "prompt tokens prefilled here, looked up in the prefix cache and computed")
         self.prefix_bytes = g("baton_decode_prefix_cache_bytes", "bytes of KV the prefix cache holds")
         self.slab_bytes = g("baton_decode_kv_slab_bytes",
-                            "bytes of the batch's KV: its slabs (rows' tokens, padding, room to grow) and "
-                            "shared prefixes")
+                            "bytes held for the batch's KV: its slabs (rows' tokens, padding, room to grow), "
+                            "shared prefixes and the slabs kept for reuse (slab_pool.py)")
         h = self._histogram
         self.step = h("baton_decode_step_seconds", "one iteration of the decode batch", FAST_BUCKETS)
         self.splice = h("baton_decode_splice_seconds", "splicing one request's KV into the batch", FAST_BUCKETS)

@@ -33,6 +33,8 @@ def check(batch: DecodeBatch, expected: dict[str, list[float]]) -> None:
             assert torch.equal(got, token_kv(expected[req.id])), f"row {req.id} holds the wrong KV"
         # leading all-padding columns are dropped
         assert seg.valid[: len(seg), seg.lo].any()
+        # padding inside the window is finite (attention weighs it by zero; zero times NaN would still be NaN)
+        assert torch.isfinite(seg.kv[:, :, : len(seg), :, seg.lo : seg.hi]).all()
 
 
 ops = st.lists(

@@ -19,6 +19,7 @@ import torch
 from baton.engine.prefix_cache import BLOCK_TOKENS
 from baton.engine.request import Request
 from baton.engine.segment import KVSegment, RowKV, cols_for
+from baton.engine.slab_pool import CPU_POOL_BYTES, SlabPool
 
 # Segments hold their rows' common prefix once (segment.py) when it is SHARED_MIN_TOKENS long or more and reading
 # it once instead of per row saves SHARED_MIN_SAVING token reads per step or more: below that, the second
@@ -68,6 +69,8 @@ class DecodeBatch:
         self.max_rows, self.max_segments, self.segment_cost = max_rows, max_segments, segment_cost
         self.pad_token_id = pad_token_id
         self.segments: list[KVSegment] = []
+        # the slabs segments let go, kept for their next ones (slab_pool.py); CUDA's allocator keeps its own
+        self.pool = SlabPool(CPU_POOL_BYTES if torch.device(device).type == "cpu" else 0)
 
     # ---- derived values ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -88,9 +91,10 @@ class DecodeBatch:
 
     @property
     def allocated_bytes(self) -> int:
-        """Bytes of KV the segments hold: their slabs (rows' tokens, padding, room to grow) and shared prefixes."""
+        """Bytes held for KV: the segments' slabs (rows' tokens, padding, room to grow), shared prefixes, and
+        the slabs kept for reuse (the pool)."""
         slabs = sum(s.kv.numel() * s.kv.element_size() for s in self.segments)
-        return slabs + sum(kv.numel() * kv.element_size() for _, kv in self.shared_prefixes())
+        return slabs + sum(kv.numel() * kv.element_size() for _, kv in self.shared_prefixes()) + self.pool.bytes
 
     @property
     def padding(self) -> int:
@@ -103,7 +107,8 @@ class DecodeBatch:
     def _new_segment(self, first_prompt_len: int = 0) -> KVSegment:
         """A segment sized for its first row: one row, room for the prompt and growth."""
         cols = max(64, cols_for(first_prompt_len))
-        seg = KVSegment(*self.kv_shape, self.dtype, self.device, rows_cap=1, cols_cap=cols, max_rows=self.max_rows)
+        seg = KVSegment(*self.kv_shape, self.dtype, self.device, rows_cap=1, cols_cap=cols, max_rows=self.max_rows,
+                        pool=self.pool)
         self.segments.append(seg)
         return seg
 
@@ -180,6 +185,7 @@ class DecodeBatch:
             if len(seg):
                 return seg  # (the rows to come find the prefix held: _held_prefix)
             self.segments.remove(seg)
+            seg.release()
             seg = self._new_segment(len(ids) - p)
             seg.adopt_prefix(ids[:p], prefix_kv)
         return seg
@@ -243,6 +249,8 @@ class DecodeBatch:
         them), and drop emptied segments."""
         for seg in self.segments:
             seg.remove({i for i, r in enumerate(seg.requests) if r.id in done})
+            if not len(seg):
+                seg.release()
         self.segments = [s for s in self.segments if len(s)]
 
     def compact(self, threshold: float) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from baton.engine.request import Request
+from baton.engine.slab_pool import SlabPool
 
 
 def round_up(x: int, m: int) -> int:
@@ -98,14 +99,14 @@ class KVSegment:
         rows_cap: int = 4,
         cols_cap: int = 256,
         max_rows: int = 32,
+        pool: SlabPool | None = None,
     ) -> None:
         self.prefix_ids: list[int] = []  # the shared prefix, once adopted (adopt_prefix)
         self.prefix_kv: torch.Tensor | None = None  # its KV: [layers, 2, kv_heads, len(prefix_ids), head_dim]
         self.shape = (num_layers, kv_heads, head_dim)
         self.dtype, self.device, self.max_rows = dtype, device, max_rows
-        self.kv = torch.zeros(
-            num_layers, 2, rows_cap, kv_heads, cols_cap, head_dim, dtype=dtype, device=device
-        )
+        self.pool = pool or SlabPool(0)  # where slabs come from and go back to (the batch's: slab_pool.py)
+        self.kv = self.pool.take((num_layers, 2, rows_cap, kv_heads, cols_cap, head_dim), dtype, device)
         self.valid = torch.zeros(rows_cap, cols_cap, dtype=torch.bool, device=device)
         self.requests: list[Request] = []
         self.lens: list[int] = []
@@ -239,7 +240,7 @@ class KVSegment:
         cols_cap = cols_for(new_hi, q)
         rows_cap = rows_cap or rows_for(n, self.max_rows)
         layers, heads, dim = self.shape
-        kv = torch.zeros(layers, 2, rows_cap, heads, cols_cap, dim, dtype=self.dtype, device=self.device)
+        kv = self.pool.take((layers, 2, rows_cap, heads, cols_cap, dim), self.dtype, self.device)
         valid = torch.zeros(rows_cap, cols_cap, dtype=torch.bool, device=self.device)
         for r in range(n):
             cols = self.valid[r, self.lo : self.hi].nonzero().squeeze(1)[drop:] + self.lo
@@ -248,8 +249,15 @@ class KVSegment:
             kv[:, :, r, :, new_hi - length : new_hi] = self.kv[:, :, r, :, cols]
             valid[r, new_hi - length : new_hi] = True
         self.copied_bytes += sum(self.lens) * layers * 2 * heads * dim * kv.element_size()
+        self.pool.give(self.kv)
         self.kv, self.valid = kv, valid
         self.hi, self.lo = new_hi, new_hi - longest
+
+    def release(self) -> None:
+        """The batch drops this (empty) segment: its slab goes back to the pool."""
+        assert not self.requests, "a segment is dropped only when its rows have left"
+        self.pool.give(self.kv)
+        self.kv = self.kv[:, :, :0]  # nothing views the pooled memory from here
 
     def compact(self) -> None:
         """Remove holes (masked columns inside the window) by re-aligning rows."""
