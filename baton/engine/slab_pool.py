@@ -34,7 +34,7 @@ class SlabPool:
     @property
     def bytes(self) -> int:
         """Bytes held for reuse (not counting the slabs in use)."""
-        return sum(_nbytes(b) for b in self._free)
+        return sum(b.nbytes for b in self._free)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A zeroed tensor of `shape`: a view of a kept buffer when one fits, else new memory."""
@@ -52,12 +52,8 @@ class SlabPool:
         if self.max_bytes <= 0:
             return
         buf = slab._base if slab._base is not None else slab  # a slab taken from the pool views its buffer
-        if not buf.is_contiguous() or _nbytes(buf) > self.max_bytes:
+        if not buf.is_contiguous() or buf.nbytes > self.max_bytes:
             return
         self._free.append(buf.view(-1))
         while self.bytes > self.max_bytes:
             self._free.pop(0)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
