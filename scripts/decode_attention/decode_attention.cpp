@@ -1,0 +1,123 @@
+// An experiment, not wired into the engine: one decode step's attention on a CPU with AVX-512, reading only the
+// columns a row attends (docs/benchmarks.md, "Machine L"). Measured against PyTorch's flash kernel by bench.py.
+//
+// q [n, h, r, d] contiguous: each row's query heads, those of one KV head together (GQA: r per KV head);
+// k, v [n, h, W, d] with the last dim contiguous (a slab's window); valid [n, W] bool, last dim contiguous.
+// Returns out [n, h, r, d] and the log-sum-exp [n, h, r]. One task per (row, KV head): scores in blocks of 16
+// keys (16 partial sums reduced into one vector by hsum16, no horizontal sum per key), softmax with Sleef's exp
+// (through ATen's Vectorized), then the values of the valid columns. Requires d % 16 == 0, r <= 16, d <= 64.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <cmath>
+#include <immintrin.h>
+#include <limits>
+#include <vector>
+using Vec = at::vec::Vectorized<float>;
+
+// v[j] -> one vector whose lane j is the sum of v[j]'s 16 lanes
+static inline __m512 hsum16(const __m512* v) {
+  __m512 r[4];
+  for (int g = 0; g < 4; ++g) {
+    const __m512* x = v + 4 * g;
+    __m512 p = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+    __m512 q = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+    r[g] = _mm512_add_ps(_mm512_shuffle_ps(p, q, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(p, q, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(r[0], r[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(r[2], r[3], _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(r[2], r[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+std::vector<at::Tensor> decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid, double scale) {
+  TORCH_CHECK(q.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1 && valid.stride(1) == 1);
+  const int64_t n = q.size(0), h = q.size(1), r = q.size(2), d = q.size(3), W = k.size(2);
+  TORCH_CHECK(d % Vec::size() == 0 && d <= 4 * Vec::size() && r <= 16);
+  auto out = at::empty({n, h, r, d}, q.options());
+  auto lse = at::empty({n, h, r}, q.options());
+  const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
+  const bool* mp = valid.data_ptr<bool>(); float* op = out.data_ptr<float>(); float* lp = lse.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), ms0 = valid.stride(0);
+  const float sc = static_cast<float>(scale);
+  const int64_t nv = d / Vec::size();
+  at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(r * W + Vec::size());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / h, j = t % h;
+      const float* K = kp + i * ks0 + j * ks1; const float* V = vp + i * vs0 + j * vs1; const bool* M = mp + i * ms0;
+      const float* Q = qp + t * r * d;
+      Vec qv[16][4];
+      for (int64_t a = 0; a < r; ++a) for (int64_t c = 0; c < nv; ++c) qv[a][c] = Vec::loadu(Q + a * d + c * Vec::size()) * Vec(sc);
+      float mx[16];
+      for (int64_t a = 0; a < r; ++a) mx[a] = -std::numeric_limits<float>::infinity();
+      const float ninf = -std::numeric_limits<float>::infinity();
+      int64_t w = 0;
+      for (; w + 16 <= W; w += 16) {
+        bool any = false;
+        for (int jj = 0; jj < 16; ++jj) any |= M[w + jj];
+        if (!any) { for (int64_t a = 0; a < r; ++a) for (int jj = 0; jj < 16; ++jj) s[a * W + w + jj] = ninf; continue; }
+        for (int64_t a = 0; a < r; ++a) {
+          __m512 acc[16];
+          for (int jj = 0; jj < 16; ++jj) {
+            const float* kw = K + (w + jj) * ks2;
+            Vec x = qv[a][0] * Vec::loadu(kw);
+            for (int64_t c = 1; c < nv; ++c) x = at::vec::fmadd(qv[a][c], Vec::loadu(kw + c * Vec::size()), x);
+            acc[jj] = x;
+          }
+          _mm512_storeu_ps(s.data() + a * W + w, hsum16(acc));
+          float m = mx[a];
+          for (int jj = 0; jj < 16; ++jj) {
+            if (!M[w + jj]) s[a * W + w + jj] = ninf;
+            else m = s[a * W + w + jj] > m ? s[a * W + w + jj] : m;
+          }
+          mx[a] = m;
+        }
+      }
+      for (; w < W; ++w) {
+        if (!M[w]) { for (int64_t a = 0; a < r; ++a) s[a * W + w] = ninf; continue; }
+        const float* kw = K + w * ks2;
+        for (int64_t a = 0; a < r; ++a) {
+          Vec acc = qv[a][0] * Vec::loadu(kw);
+          for (int64_t c = 1; c < nv; ++c) acc = at::vec::fmadd(qv[a][c], Vec::loadu(kw + c * Vec::size()), acc);
+          const float x = _mm512_reduce_add_ps(acc);
+          s[a * W + w] = x;
+          mx[a] = x > mx[a] ? x : mx[a];
+        }
+      }
+      float sum[16];
+      for (int64_t a = 0; a < r; ++a) {
+        float* sa = s.data() + a * W;
+        const Vec m(mx[a]);
+        Vec tot(0.f);
+        int64_t w = 0;
+        for (; w + Vec::size() <= W; w += Vec::size()) {
+          Vec e = (Vec::loadu(sa + w) - m).exp_u20();
+          e.store(sa + w); tot = tot + e;
+        }
+        float rest = 0.f;
+        for (; w < W; ++w) { sa[w] = std::exp(sa[w] - mx[a]); rest += sa[w]; }
+        sum[a] = _mm512_reduce_add_ps(tot) + rest;
+      }
+      Vec o[16][4];
+      for (int64_t a = 0; a < r; ++a) for (int64_t c = 0; c < nv; ++c) o[a][c] = Vec(0.f);
+      for (int64_t w = 0; w < W; ++w) {
+        if (!M[w]) continue;
+        const float* vw = V + w * vs2;
+        Vec vv[4];
+        for (int64_t c = 0; c < nv; ++c) vv[c] = Vec::loadu(vw + c * Vec::size());
+        for (int64_t a = 0; a < r; ++a) {
+          const Vec p(s[a * W + w]);
+          for (int64_t c = 0; c < nv; ++c) o[a][c] = at::vec::fmadd(p, vv[c], o[a][c]);
+        }
+      }
+      for (int64_t a = 0; a < r; ++a) {
+        const Vec inv(1.f / sum[a]);
+        for (int64_t c = 0; c < nv; ++c) (o[a][c] * inv).store(op + (t * r + a) * d + c * Vec::size());
+        lp[t * r + a] = mx[a] + std::log(sum[a]);
+      }
+    }
+  });
+  return {out, lse};
+}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_attention", &decode_attention); }
