@@ -5,7 +5,9 @@
 // k, v [n, h, W, d] with the last dim contiguous (a slab's window); valid [n, W] bool, last dim contiguous.
 // Returns out [n, h, r, d] and the log-sum-exp [n, h, r]. One task per (row, KV head): scores in blocks of 16
 // keys (16 partial sums reduced into one vector by hsum16, no horizontal sum per key), softmax with Sleef's exp
-// (through ATen's Vectorized), then the values of the valid columns. Requires d % 16 == 0, r <= 16, d <= 64.
+// (through ATen's Vectorized), then the values of the valid columns, r (1-8) a compile-time constant so that
+// the r x 4 output accumulators stay in registers (with r known only at run time: 1.1-1.25x the flash kernel,
+// with it 1.2-1.6x). Requires head_dim 64.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -29,10 +31,12 @@ static inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-std::vector<at::Tensor> decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid, double scale) {
+template <int64_t R>
+static std::vector<at::Tensor> attend(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid, double scale) {
   TORCH_CHECK(q.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1 && valid.stride(1) == 1);
-  const int64_t n = q.size(0), h = q.size(1), r = q.size(2), d = q.size(3), W = k.size(2);
-  TORCH_CHECK(d % Vec::size() == 0 && d <= 4 * Vec::size() && r <= 16);
+  constexpr int64_t r = R, NV = 4;
+  const int64_t n = q.size(0), h = q.size(1), d = q.size(3), W = k.size(2);
+  TORCH_CHECK(d == NV * Vec::size(), "head_dim 64");
   auto out = at::empty({n, h, r, d}, q.options());
   auto lse = at::empty({n, h, r}, q.options());
   const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
@@ -40,16 +44,16 @@ std::vector<at::Tensor> decode_attention(at::Tensor q, at::Tensor k, at::Tensor 
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), ms0 = valid.stride(0);
   const float sc = static_cast<float>(scale);
-  const int64_t nv = d / Vec::size();
+  constexpr int64_t nv = NV;
   at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(r * W + Vec::size());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / h, j = t % h;
       const float* K = kp + i * ks0 + j * ks1; const float* V = vp + i * vs0 + j * vs1; const bool* M = mp + i * ms0;
       const float* Q = qp + t * r * d;
-      Vec qv[16][4];
+      Vec qv[R][NV];
       for (int64_t a = 0; a < r; ++a) for (int64_t c = 0; c < nv; ++c) qv[a][c] = Vec::loadu(Q + a * d + c * Vec::size()) * Vec(sc);
-      float mx[16];
+      float mx[R];
       for (int64_t a = 0; a < r; ++a) mx[a] = -std::numeric_limits<float>::infinity();
       const float ninf = -std::numeric_limits<float>::infinity();
       int64_t w = 0;
@@ -85,7 +89,7 @@ std::vector<at::Tensor> decode_attention(at::Tensor q, at::Tensor k, at::Tensor 
           mx[a] = x > mx[a] ? x : mx[a];
         }
       }
-      float sum[16];
+      float sum[R];
       for (int64_t a = 0; a < r; ++a) {
         float* sa = s.data() + a * W;
         const Vec m(mx[a]);
@@ -99,7 +103,7 @@ std::vector<at::Tensor> decode_attention(at::Tensor q, at::Tensor k, at::Tensor 
         for (; w < W; ++w) { sa[w] = std::exp(sa[w] - mx[a]); rest += sa[w]; }
         sum[a] = _mm512_reduce_add_ps(tot) + rest;
       }
-      Vec o[16][4];
+      Vec o[R][NV];
       for (int64_t a = 0; a < r; ++a) for (int64_t c = 0; c < nv; ++c) o[a][c] = Vec(0.f);
       for (int64_t w = 0; w < W; ++w) {
         if (!M[w]) continue;
@@ -120,4 +124,18 @@ std::vector<at::Tensor> decode_attention(at::Tensor q, at::Tensor k, at::Tensor 
   });
   return {out, lse};
 }
+std::vector<at::Tensor> decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid, double scale) {
+  switch (q.size(2)) {  // query heads per KV head (GQA): a compile-time count keeps the accumulators in registers
+    case 1: return attend<1>(q, k, v, valid, scale);
+    case 2: return attend<2>(q, k, v, valid, scale);
+    case 3: return attend<3>(q, k, v, valid, scale);
+    case 4: return attend<4>(q, k, v, valid, scale);
+    case 5: return attend<5>(q, k, v, valid, scale);
+    case 6: return attend<6>(q, k, v, valid, scale);
+    case 7: return attend<7>(q, k, v, valid, scale);
+    case 8: return attend<8>(q, k, v, valid, scale);
+    default: TORCH_CHECK(false, "at most 8 query heads per KV head");
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_attention", &decode_attention); }
