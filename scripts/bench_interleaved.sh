@@ -3,8 +3,8 @@
 # same workload REPEATS times: vLLM, Baton, vLLM, Baton, ... so that the drift of a shared machine hits both
 # alike. Pair i draws its requests with seed i - 1 (pair 1 is the workload's default, seed 0): both servers keep
 # a prefix cache, and the same prompts again would be answered from it (vLLM ran `mixed` 1.4x faster the second
-# time on machine L). Prints each run, the median output tok/s of each and the median of the pairwise ratios. Needs the vLLM
-# environment scripts/bench_peers.sh sets up. Settings: THREADS (vLLM's OpenMP threads, 1), REPEATS (3),
+# time on machine L). Prints each run, the median output tok/s of each and the median of the pairwise ratios.
+# Needs the vLLM environment scripts/bench_peers.sh sets up. Settings: THREADS (vLLM's OpenMP threads, 1), REPEATS (3),
 # WORKLOAD (mixed); extra arguments go to `baton serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,8 @@ for i in $(seq "$REPEATS"); do
   for sys in vllm baton; do
     port=$VPORT; [ "$sys" = baton ] && port=$BPORT
     "$BATON" bench serve --api openai --url "http://127.0.0.1:$port" --served-model smollm2-135m \
-      --workload "$WORKLOAD" --seed $((i - 1)) --no-progress --policy "$sys" --out "$OUT/$WORKLOAD-$sys-$i.json" | grep "@"
+      --workload "$WORKLOAD" --seed $((i - 1)) --no-progress --policy "$sys" \
+      --out "$OUT/$WORKLOAD-$sys-$i.json" | grep "@"
   done
 done
 

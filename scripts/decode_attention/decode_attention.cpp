@@ -34,39 +34,38 @@ static inline __m512 hsum16(const __m512* v) {
 template <int64_t R>
 static std::vector<at::Tensor> attend(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor valid, double scale) {
   TORCH_CHECK(q.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1 && valid.stride(1) == 1);
-  constexpr int64_t r = R, NV = 4;
+  constexpr int64_t NV = 4;
   const int64_t n = q.size(0), h = q.size(1), d = q.size(3), W = k.size(2);
   TORCH_CHECK(d == NV * Vec::size(), "head_dim 64");
-  auto out = at::empty({n, h, r, d}, q.options());
-  auto lse = at::empty({n, h, r}, q.options());
+  auto out = at::empty({n, h, R, d}, q.options());
+  auto lse = at::empty({n, h, R}, q.options());
   const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
   const bool* mp = valid.data_ptr<bool>(); float* op = out.data_ptr<float>(); float* lp = lse.data_ptr<float>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), ms0 = valid.stride(0);
   const float sc = static_cast<float>(scale);
-  constexpr int64_t nv = NV;
+  const float ninf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(r * W + Vec::size());
+    std::vector<float> s(R * W + Vec::size());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / h, j = t % h;
       const float* K = kp + i * ks0 + j * ks1; const float* V = vp + i * vs0 + j * vs1; const bool* M = mp + i * ms0;
-      const float* Q = qp + t * r * d;
+      const float* Q = qp + t * R * d;
       Vec qv[R][NV];
-      for (int64_t a = 0; a < r; ++a) for (int64_t c = 0; c < nv; ++c) qv[a][c] = Vec::loadu(Q + a * d + c * Vec::size()) * Vec(sc);
+      for (int64_t a = 0; a < R; ++a) for (int64_t c = 0; c < NV; ++c) qv[a][c] = Vec::loadu(Q + a * d + c * Vec::size()) * Vec(sc);
       float mx[R];
-      for (int64_t a = 0; a < r; ++a) mx[a] = -std::numeric_limits<float>::infinity();
-      const float ninf = -std::numeric_limits<float>::infinity();
+      for (int64_t a = 0; a < R; ++a) mx[a] = ninf;
       int64_t w = 0;
       for (; w + 16 <= W; w += 16) {
         bool any = false;
         for (int jj = 0; jj < 16; ++jj) any |= M[w + jj];
-        if (!any) { for (int64_t a = 0; a < r; ++a) for (int jj = 0; jj < 16; ++jj) s[a * W + w + jj] = ninf; continue; }
-        for (int64_t a = 0; a < r; ++a) {
+        if (!any) { for (int64_t a = 0; a < R; ++a) for (int jj = 0; jj < 16; ++jj) s[a * W + w + jj] = ninf; continue; }
+        for (int64_t a = 0; a < R; ++a) {
           __m512 acc[16];
           for (int jj = 0; jj < 16; ++jj) {
             const float* kw = K + (w + jj) * ks2;
             Vec x = qv[a][0] * Vec::loadu(kw);
-            for (int64_t c = 1; c < nv; ++c) x = at::vec::fmadd(qv[a][c], Vec::loadu(kw + c * Vec::size()), x);
+            for (int64_t c = 1; c < NV; ++c) x = at::vec::fmadd(qv[a][c], Vec::loadu(kw + c * Vec::size()), x);
             acc[jj] = x;
           }
           _mm512_storeu_ps(s.data() + a * W + w, hsum16(acc));
@@ -79,18 +78,18 @@ static std::vector<at::Tensor> attend(at::Tensor q, at::Tensor k, at::Tensor v, 
         }
       }
       for (; w < W; ++w) {
-        if (!M[w]) { for (int64_t a = 0; a < r; ++a) s[a * W + w] = ninf; continue; }
+        if (!M[w]) { for (int64_t a = 0; a < R; ++a) s[a * W + w] = ninf; continue; }
         const float* kw = K + w * ks2;
-        for (int64_t a = 0; a < r; ++a) {
+        for (int64_t a = 0; a < R; ++a) {
           Vec acc = qv[a][0] * Vec::loadu(kw);
-          for (int64_t c = 1; c < nv; ++c) acc = at::vec::fmadd(qv[a][c], Vec::loadu(kw + c * Vec::size()), acc);
+          for (int64_t c = 1; c < NV; ++c) acc = at::vec::fmadd(qv[a][c], Vec::loadu(kw + c * Vec::size()), acc);
           const float x = _mm512_reduce_add_ps(acc);
           s[a * W + w] = x;
           mx[a] = x > mx[a] ? x : mx[a];
         }
       }
       float sum[R];
-      for (int64_t a = 0; a < r; ++a) {
+      for (int64_t a = 0; a < R; ++a) {
         float* sa = s.data() + a * W;
         const Vec m(mx[a]);
         Vec tot(0.f);
@@ -104,21 +103,21 @@ static std::vector<at::Tensor> attend(at::Tensor q, at::Tensor k, at::Tensor v, 
         sum[a] = _mm512_reduce_add_ps(tot) + rest;
       }
       Vec o[R][NV];
-      for (int64_t a = 0; a < r; ++a) for (int64_t c = 0; c < nv; ++c) o[a][c] = Vec(0.f);
+      for (int64_t a = 0; a < R; ++a) for (int64_t c = 0; c < NV; ++c) o[a][c] = Vec(0.f);
       for (int64_t w = 0; w < W; ++w) {
         if (!M[w]) continue;
         const float* vw = V + w * vs2;
         Vec vv[4];
-        for (int64_t c = 0; c < nv; ++c) vv[c] = Vec::loadu(vw + c * Vec::size());
-        for (int64_t a = 0; a < r; ++a) {
+        for (int64_t c = 0; c < NV; ++c) vv[c] = Vec::loadu(vw + c * Vec::size());
+        for (int64_t a = 0; a < R; ++a) {
           const Vec p(s[a * W + w]);
-          for (int64_t c = 0; c < nv; ++c) o[a][c] = at::vec::fmadd(p, vv[c], o[a][c]);
+          for (int64_t c = 0; c < NV; ++c) o[a][c] = at::vec::fmadd(p, vv[c], o[a][c]);
         }
       }
-      for (int64_t a = 0; a < r; ++a) {
+      for (int64_t a = 0; a < R; ++a) {
         const Vec inv(1.f / sum[a]);
-        for (int64_t c = 0; c < nv; ++c) (o[a][c] * inv).store(op + (t * r + a) * d + c * Vec::size());
-        lp[t * r + a] = mx[a] + std::log(sum[a]);
+        for (int64_t c = 0; c < NV; ++c) (o[a][c] * inv).store(op + (t * R + a) * d + c * Vec::size());
+        lp[t * R + a] = mx[a] + std::log(sum[a]);
       }
     }
   });
