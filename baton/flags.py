@@ -31,6 +31,17 @@ def flag(p: argparse.ArgumentParser, name: str, default: Any = None, type: Calla
     p.add_argument(name, type=type, default=default if env in (None, "") else type(env), **kwargs)
 
 
+def count_or_auto(unit: str) -> Callable[[str], str | int]:
+    """A flag's type that reads "auto" or a number of `unit` >= 0 (--local-prefill-tokens, --kv-reserve-bytes)."""
+    def parse(text: str) -> str | int:
+        if text == "auto":
+            return text
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number of {unit} >= 0")
+        return int(text)
+    return parse
+
+
 def addresses_from_env(name: str) -> list[str]:
     """Default addresses from the environment: BATON_DECODE="host:port,host:port"."""
     return [a for a in (env_default(name, "") or "").replace(" ", ",").split(",") if a]

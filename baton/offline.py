@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from baton.engine.engine import POLICIES, Engine, StepOutput
 from baton.engine.models import load_model
 from baton.engine.request import Request, SamplingParams
+from baton.engine.slab_pool import RESERVE_HELP, default_reserve
 from baton.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def run_lines(engine: Engine, raws: list[bytes], out: IO[str]) -> list[Line]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from baton.flags import add_model_arguments, env_default
+    from baton.flags import add_model_arguments, count_or_auto, env_default
 
     parser.add_argument("--input", required=True, help="requests, one JSON object a line ('-': stdin)")
     parser.add_argument("--output", required=True, help="results, one JSON object a line ('-': stdout)")
@@ -203,6 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuse-prefill", action="store_true",
                         help="baton: run prompts inside the batch's iteration (one forward pass with the running "
                              "rows' tokens) instead of in passes of their own")
+    parser.add_argument("--kv-reserve-bytes", type=count_or_auto("bytes"),
+                        default=env_default("kv_reserve_bytes", "auto"), help=RESERVE_HELP)
     add_model_arguments(parser)
 
 
@@ -231,7 +234,11 @@ def main(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             log.error("%s", e)
             return 1
-        engine = Engine(lm, args.policy, max_batch=args.max_batch, fuse_prefill=args.fuse_prefill)
+        reserve = args.kv_reserve_bytes
+        if reserve == "auto":
+            reserve = default_reserve(lm.spec.batch_kv_tokens(args.max_batch), lm.kv_bytes_per_token())
+        engine = Engine(lm, args.policy, max_batch=args.max_batch, fuse_prefill=args.fuse_prefill,
+                        kv_reserve_bytes=int(reserve))
         t0 = time.perf_counter()
         lines = run_lines(engine, raws, out)
         elapsed = time.perf_counter() - t0

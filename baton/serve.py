@@ -32,6 +32,7 @@ from baton.flags import (
     add_internal_token_arguments,
     add_model_arguments,
     add_registry_arguments,
+    count_or_auto,
     env_default,
     flag,
 )
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--shared-cores", "auto", choices=["auto", "on", "off"],
          help="workers take turns on every CPU core, prefills first, instead of splitting the cores between them "
               "(auto: on when the model runs on the CPU)")
-    flag(p, "--local-prefill-tokens", "auto", tokens_or_auto,
+    flag(p, "--local-prefill-tokens", "auto", count_or_auto("tokens"),
          help="the router's --local-prefill-tokens: prompts this short are prefilled by their decode worker inside "
               f"its batch (auto: {SHARED_CORES_LOCAL_PREFILL} where the workers take turns on the cores, else 0)")
     flag(p, "--policy", "baton", choices=["baton", "orca", "padded", "static"], help="decode workers' engine policy")
@@ -62,15 +63,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # Where prefill and decode workers take turns on the same cores, a prompt run inside the decode batch's iteration
 # costs one pass over the weights instead of two and ships no KV (docs/benchmarks.md, "Peers on machine E").
 SHARED_CORES_LOCAL_PREFILL = 2048
-
-
-def tokens_or_auto(text: str) -> str | int:
-    """--local-prefill-tokens as argparse reads it: auto, or a number of tokens >= 0."""
-    if text == "auto":
-        return text
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number of tokens >= 0")
-    return int(text)
 
 
 def local_prefill_tokens(value: str | int, shared_cores: bool) -> int:

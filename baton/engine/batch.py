@@ -60,9 +60,11 @@ class DecodeBatch:
         max_segments: int = 8,
         segment_cost: int = SEGMENT_COST,
         pad_token_id: int = 0,
+        reserve_bytes: int = 0,
     ) -> None:
         """max_segments: 1 gives the plain padded batch of the paper; more let rows of different lengths attend
-        over separate windows. segment_cost: padding positions (per step) worth paying to avoid a new segment."""
+        over separate windows. segment_cost: padding positions (per step) worth paying to avoid a new segment.
+        reserve_bytes: on a CPU, slab memory laid out (and written) now rather than at the steps that need it."""
         assert max_rows >= 1 and max_segments >= 1
         self.kv_shape = (num_layers, kv_heads, head_dim)
         self.dtype, self.device = dtype, device
@@ -70,7 +72,10 @@ class DecodeBatch:
         self.pad_token_id = pad_token_id
         self.segments: list[KVSegment] = []
         # the slabs segments let go, kept for their next ones (slab_pool.py); CUDA's allocator keeps its own
-        self.pool = SlabPool(CPU_POOL_BYTES if torch.device(device).type == "cpu" else 0)
+        cpu = torch.device(device).type == "cpu"
+        self.pool = SlabPool(CPU_POOL_BYTES if cpu else 0)
+        if cpu and reserve_bytes > 0:
+            self.pool.reserve(reserve_bytes, dtype, device)
 
     # ---- derived values ------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -138,7 +138,9 @@ class Engine:
         compact_threshold: float = 0.1,
         fuse_prefill: bool = False,
         prefix_cache: PrefixCache | None = None,
+        kv_reserve_bytes: int = 0,
     ) -> None:
+        """kv_reserve_bytes: on a CPU, memory for the batch's KV slabs laid out now (slab_pool.py)."""
         if not isinstance(policy, Policy) and policy not in POLICIES:
             raise ValueError(f"policy: {policy!r} is not one of {POLICIES}")
         self.lm, self.policy = lm, Policy(policy)
@@ -149,7 +151,7 @@ class Engine:
         # KV (its prompt and output) stays there for the next turn of its conversation (prefix_cache.py)
         self.runner = ModelRunner(lm, prefix_cache)
         segments = 1 if self.policy.pads_prompts else max_segments
-        self.batch = self.runner.new_batch(max_batch, segments, segment_cost)
+        self.batch = self.runner.new_batch(max_batch, segments, segment_cost, kv_reserve_bytes)
         self.compact_threshold = compact_threshold
         self.waiting: deque[Request] = deque()  # not prefilled yet, in arrival order
         self.prefilled: deque[tuple[Request, KVPayload]] = deque()  # waiting to be spliced

@@ -90,7 +90,8 @@ class ModelRunner:
         # prompts' KV kept for the next prompts that start the same way (prefix_cache.py); None: none kept
         self.prefix_cache = prefix_cache
 
-    def new_batch(self, max_rows: int, max_segments: int = 8, segment_cost: int = SEGMENT_COST) -> DecodeBatch:
+    def new_batch(self, max_rows: int, max_segments: int = 8, segment_cost: int = SEGMENT_COST,
+                  reserve_bytes: int = 0) -> DecodeBatch:
         pad = self.lm.config.pad_token_id
         return DecodeBatch(
             *self.lm.spec.kv_dims,
@@ -100,6 +101,7 @@ class ModelRunner:
             max_segments=max_segments,
             segment_cost=segment_cost,
             pad_token_id=pad if isinstance(pad, int) else 0,
+            reserve_bytes=reserve_bytes,
         )
 
     @torch.inference_mode()

@@ -52,6 +52,11 @@ class ModelSpec:
         """(layers, kv_heads, head_dim): the shape of one token's KV, less its 2 (key, value)."""
         return self.num_layers, self.kv_heads, self.head_dim
 
+    def batch_kv_tokens(self, max_batch: int) -> int:
+        """The KV tokens a batch of `max_batch` rows is sized for unless told: each row up to the model's context
+        or 2,048 tokens, whichever is less (a decode worker's --max-kv-tokens, the slabs' default reserve)."""
+        return max_batch * min(self.max_context, 2048)
+
     def check_request(self, prompt_ids: Sequence[int], max_new_tokens: int, output_ids: Sequence[int] = (),
                       token_fields: Mapping[str, Sequence[int]] | None = None, prompt_field: str = "prompt") -> None:
         """Raise InvalidRequestError naming the field unless the request fits the model: prompt + max_new_tokens

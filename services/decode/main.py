@@ -13,7 +13,8 @@ import argparse
 
 from baton.engine.engine import POLICIES
 from baton.engine.prefix_cache import DEFAULT_MAX_BYTES, PREFIX_CACHE_HELP
-from baton.flags import add_worker_arguments, flag
+from baton.engine.slab_pool import RESERVE_HELP
+from baton.flags import add_worker_arguments, count_or_auto, flag
 from baton.metrics import DECODE_METRICS_PORT
 from baton.rpc.main_thread import MainThread
 from baton.rpc.worker_frame import WorkerSetup, load_worker_model, run_worker
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               "stays for its conversation's next turn")
     flag(p, "--max-kv-tokens", 0, int,
          help="KV tokens the worker may promise (0: max-batch x min(model context, 2048))")
+    flag(p, "--kv-reserve-bytes", "auto", count_or_auto("bytes"), help=RESERVE_HELP)
     flag(p, "--policy", "baton", choices=POLICIES,
          help="baton splices prefilled KV; orca, padded and static recompute the prompt here")
     flag(p, "--kv-timeout-s", DEFAULT_KV_TIMEOUT_S, float,
@@ -45,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
     main_thread = MainThread()  # the decode loop gets the main thread, asyncio another (main_thread.py)
     worker = DecodeWorker(setup.lm, args.policy, args.max_batch, args.max_kv_tokens or None, args.kv_timeout_s,
                           setup.shared_cores, args.max_kv_timeout_s, spawn=main_thread.spawn,
-                          prefix_cache_bytes=args.prefix_cache_bytes)
+                          prefix_cache_bytes=args.prefix_cache_bytes,
+                          kv_reserve_bytes=None if args.kv_reserve_bytes == "auto" else args.kv_reserve_bytes)
     return main_thread.run(lambda: serve(worker, args, setup, main_thread))
 
 

@@ -37,6 +37,7 @@ from baton.engine.models import LoadedModel
 from baton.engine.prefix_cache import PrefixCache
 from baton.engine.request import FinishReason, Request
 from baton.engine.sampler import check_choices, choice_seed
+from baton.engine.slab_pool import default_reserve
 from baton.errors import (
     InvalidRequestError,
     KvLeaseExpired,
@@ -188,18 +189,24 @@ class DecodeWorker:
         max_kv_timeout_s: float = MAX_KV_TIMEOUT_S,
         spawn: Spawn = in_new_thread,
         prefix_cache_bytes: int = 0,
+        kv_reserve_bytes: int | None = None,
     ) -> None:
+        """kv_reserve_bytes: slab memory laid out at start on a CPU (None: slab_pool.default_reserve)."""
         self.lm = lm
         self._spawn = spawn  # where the decode loop runs: the main thread in a worker process (main_thread.py)
         self.shared_cores = shared_cores  # when set, each step waits its turn on the cores (prefills go first)
         # the prompts the router sends here to prefill (prefill_here) run inside the batch's iteration
         # with a prefix cache (prefix_cache.py), those prompts start from earlier prompts' and finished requests' KV
         cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.engine = Engine(lm, policy=policy, max_batch=max_batch, fuse_prefill=True, prefix_cache=cache)
+        self.max_batch = max_batch
+        self.max_kv_tokens = max_kv_tokens or lm.spec.batch_kv_tokens(max_batch)
+        # the slabs' memory is laid out now, not at the steps that first need it (slab_pool.py)
+        if kv_reserve_bytes is None:
+            kv_reserve_bytes = default_reserve(self.max_kv_tokens, lm.kv_bytes_per_token())
+        self.engine = Engine(lm, policy=policy, max_batch=max_batch, fuse_prefill=True, prefix_cache=cache,
+                             kv_reserve_bytes=kv_reserve_bytes)
         if shared_cores is not None:
             self.engine.layer_hook = shared_cores.yield_to_prefill
-        self.max_batch = max_batch
-        self.max_kv_tokens = max_kv_tokens or max_batch * min(lm.spec.max_context, 2048)
         self.default_kv_timeout_s = min(default_kv_timeout_s, max_kv_timeout_s)
         self.max_kv_timeout_s = max_kv_timeout_s
         self.draining = False
