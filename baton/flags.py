@@ -56,6 +56,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--cpu-gemm", "onednn", choices=["onednn", "aten"],
          help="float32 linear layers on a CPU: onednn (weights packed once at load, faster) or aten (PyTorch's "
               "F.linear); ignored on CUDA")
+    flag(p, "--cpu-attention", "auto", choices=["auto", "kernel", "flash"],
+         help="a decode step's attention on a CPU: Baton's AVX-512 kernel, built at first use (auto: where it can "
+              "run and builds; baton/engine/cpu_attention.py) or PyTorch's flash kernel; ignored on CUDA")
 
 
 def add_tls_arguments(p: argparse.ArgumentParser) -> None:

@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     try:
         try:
-            lm = load_model(args.model, args.device, args.dtype, args.cpu_gemm)
+            lm = load_model(args.model, args.device, args.dtype, args.cpu_gemm, args.cpu_attention)
         except (OSError, ValueError) as e:
             log.error("%s", e)
             return 1

@@ -210,7 +210,8 @@ def say(message: str) -> None:
 
 
 def model_flags(args: argparse.Namespace, threads: int) -> list[str]:
-    flags = ["--model", args.model, "--threads", str(threads), "--cpu-gemm", args.cpu_gemm]
+    flags = ["--model", args.model, "--threads", str(threads), "--cpu-gemm", args.cpu_gemm,
+             "--cpu-attention", args.cpu_attention]
     if args.device:
         flags += ["--device", args.device]
     if args.dtype:

@@ -9,7 +9,8 @@
 # 2. `poisson` at 70% of that vLLM's measured capacity (its mixed requests/s), against vLLM and baton serve.
 # 3. `mixed` against `baton serve` as it starts by default, with where the time went (--metrics), and with one
 #    switch changed at a time: --local-prefill-tokens 0 (every prompt through the prefill worker and its KV over
-#    gRPC) and --cpu-gemm aten (PyTorch's own linear layers), to show what each bought.
+#    gRPC), --cpu-gemm aten (PyTorch's own linear layers), --cpu-attention flash (PyTorch's flash kernel for
+#    decode attention) and BATON_KV_RESERVE_BYTES=0 (no slab memory laid out at start), to show what each bought.
 # 4. offline: the `mixed` requests (baton bench requests) through vLLM's LLM.generate and `baton run`.
 # Results: results/peers/*.json and a summary table printed at the end (scripts/peers_table.py).
 set -euo pipefail
@@ -85,6 +86,12 @@ bench baton-disaggregated mixed "http://127.0.0.1:$PORT" --metrics $metrics
 kill -TERM "$serve"; wait "$serve" || true
 baton_up baton-aten --cpu-gemm aten
 bench baton-aten mixed "http://127.0.0.1:$PORT"
+kill -TERM "$serve"; wait "$serve" || true
+baton_up baton-flash --cpu-attention flash
+bench baton-flash mixed "http://127.0.0.1:$PORT"
+kill -TERM "$serve"; wait "$serve" || true
+BATON_KV_RESERVE_BYTES=0 baton_up baton-no-reserve
+bench baton-no-reserve mixed "http://127.0.0.1:$PORT"
 kill -TERM "$serve"; wait "$serve" || true
 
 # ---- 4. offline: vLLM's LLM.generate and baton run on the same requests -------------------------------------

@@ -25,7 +25,7 @@ def main(out: Path) -> None:
     print(f"### mixed (vLLM's better setting: {best_name})\n")
     print("| system | output tok/s | vs vLLM | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | e2e p50 / p99 (s) |")
     print("| --- | ---: | ---: | --- | --- | --- |")
-    for name in [*vllm, "baton", "baton-disaggregated", "baton-aten"]:
+    for name in [*vllm, "baton", "baton-disaggregated", "baton-aten", "baton-flash", "baton-no-reserve"]:
         r = load(out / f"mixed-{name}.json")
         if r:
             ratio = r["output_tokens_per_s"] / best["output_tokens_per_s"]

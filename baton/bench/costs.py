@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from baton.engine.models import load_model
 
-    lm = load_model(args.model, args.device, args.dtype, args.cpu_gemm)
+    lm = load_model(args.model, args.device, args.dtype, args.cpu_gemm, args.cpu_attention)
     needs = {"decode": args.context + args.steps + 2, "context": max(args.contexts) + args.steps + 2,
              "splice": args.context + args.splice_prompt + args.repeats + 2, "kv": max(args.prompts) + 2}
     longest = max(needs[part] for part in args.parts)

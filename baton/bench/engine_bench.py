@@ -84,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"baton bench engine: {e}", file=sys.stderr)
         return 2
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, cpu_gemm=args.cpu_gemm)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, cpu_gemm=args.cpu_gemm,
+                    cpu_attention=args.cpu_attention)
     def save(report: dict[str, Any]) -> None:
         several = [report] * len(policies)  # names as if all were done: FILE-<policy>.json when several
         path = output_paths(several, args.out, args.out_dir)[0]

@@ -158,7 +158,7 @@ def _main(args: argparse.Namespace) -> int:
 
     from baton.engine.models import load_model
 
-    lm = load_model(args.model, args.device, args.dtype, args.cpu_gemm)
+    lm = load_model(args.model, args.device, args.dtype, args.cpu_gemm, args.cpu_attention)
     baton_s, bare_s = [], []
     for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
         baton_s.append(time_baton_steps(lm, args.batch, args.context, args.steps))

@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
 
     from baton.engine.models import load_model
 
-    lm = load_model(args.model, args.device, args.dtype, args.cpu_gemm)
+    lm = load_model(args.model, args.device, args.dtype, args.cpu_gemm, args.cpu_attention)
     lm.grammars.tokenizer  # noqa: B018 - built once, before any timing (about a second)
     free_s, mixed_s = [], []
     with torch.inference_mode():

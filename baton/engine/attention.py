@@ -133,15 +133,22 @@ def _batched(
     for i, seg in enumerate(batch.segments):
         rows = slice(a, a + len(seg))
         k, v, mask = seg.attend_inputs(layer, key[rows], value[rows])  # [n, kv_heads, width + q, head_dim]
+        kernel = batch.decode_kernel if q == 1 else None  # Baton's CPU kernel (cpu_attention.py), where chosen
+        qh = query[rows].reshape(len(seg), k.shape[1], -1, d)  # [n, kv_heads, rep, d]: one KV head's queries
         if seg.prefix_kv is None:
-            out, _ = sdpa_attention_forward(module, query[rows], k, v, mask, scaling=scaling, is_causal=False)
-            outs.append(out)  # [n, q, heads, head_dim]
+            if kernel is not None:  # mask [n, 1, 1, W]: the window's valid columns
+                out, _ = kernel(qh.contiguous(), k, v, mask[:, 0, 0], scale)  # [n, kv_heads, rep, d]
+                outs.append(out.reshape(len(seg), 1, -1, d))
+            else:
+                out, _ = sdpa_attention_forward(module, query[rows], k, v, mask, scaling=scaling, is_causal=False)
+                outs.append(out)  # [n, q, heads, head_dim]
         else:  # its window now, the prefix below
             assert q == 1, "a shared-prefix segment decodes one token per row"
             assert seg.step_bias is not None
-            qh = query[rows].reshape(len(seg), k.shape[1], -1, d)  # [n, kv_heads, rep, d]: one KV head's queries
+            window = (kernel(qh.contiguous(), k, v, mask[:, 0, 0], scale) if kernel is not None
+                      else _attend(qh, k, v, seg.step_bias, scale))  # [n, kv_heads, rep, d], [n, kv_heads, rep]
             outs.append(None)
-            cascades.setdefault(id(seg.prefix_kv), []).append((i, qh, *_attend(qh, k, v, seg.step_bias, scale)))
+            cascades.setdefault(id(seg.prefix_kv), []).append((i, qh, *window))
         a = rows.stop
     for members in cascades.values():
         prefix = batch.segments[members[0][0]].prefix_kv

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from baton.engine.cpu_attention import DecodeKernel
 from baton.engine.prefix_cache import BLOCK_TOKENS
 from baton.engine.request import Request
 from baton.engine.segment import KVSegment, RowKV, cols_for
@@ -71,6 +72,8 @@ class DecodeBatch:
         self.max_rows, self.max_segments, self.segment_cost = max_rows, max_segments, segment_cost
         self.pad_token_id = pad_token_id
         self.segments: list[KVSegment] = []
+        # one query per row: attention through Baton's CPU kernel instead of the flash kernel (cpu_attention.py)
+        self.decode_kernel: DecodeKernel | None = None
         # the slabs segments let go, kept for their next ones (slab_pool.py); CUDA's allocator keeps its own
         cpu = torch.device(device).type == "cpu"
         self.pool = SlabPool(CPU_POOL_BYTES if cpu else 0)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from baton.engine import attention
+from baton.engine.cpu_attention import CpuAttention, DecodeKernel, decode_kernel
 from baton.engine.cpu_gemm import CpuGemm, pack_linears, usable
 from baton.engine.grammar import Grammars
 from baton.engine.spec import ModelSpec
@@ -112,6 +113,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase | None
     name: str
     cpu_gemm: CpuGemm = CpuGemm.ONEDNN  # how linear layers run on a CPU (cpu_gemm.py); ignored elsewhere
+    cpu_attention: CpuAttention = CpuAttention.AUTO  # which kernel a decode step attends with (cpu_attention.py)
+    decode_kernel: DecodeKernel | None = field(init=False)  # Baton's CPU kernel where chosen, else None (flash)
     fingerprint: str = field(init=False)
     spec: ModelSpec = field(init=False)  # its limits and KV shape, as the router knows them too
     grammars: Grammars = field(init=False)  # structured output over its tokenizer (grammar.py)
@@ -124,6 +127,9 @@ class LoadedModel:
         self.grammars = Grammars(self.tokenizer, self.spec.vocab_size)
         if self.cpu_gemm is CpuGemm.ONEDNN and usable(self.model):
             log.debug("%d linear layers packed for oneDNN", pack_linears(self.model))
+        s = self.spec
+        self.decode_kernel = decode_kernel(self.cpu_attention, self.dtype, self.device, s.head_dim,
+                                           self.config.num_attention_heads // s.kv_heads)
 
     @property
     def config(self) -> Any:
@@ -155,9 +161,11 @@ class LoadedModel:
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
-               cpu_gemm: str | CpuGemm = CpuGemm.ONEDNN) -> LoadedModel:
+               cpu_gemm: str | CpuGemm = CpuGemm.ONEDNN,
+               cpu_attention: str | CpuAttention = CpuAttention.AUTO) -> LoadedModel:
     dev = torch.device(device) if device else default_device()
     path = resolve_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype, dev)).to(dev)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, cpu_gemm=CpuGemm(cpu_gemm))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, cpu_gemm=CpuGemm(cpu_gemm),
+                       cpu_attention=CpuAttention(cpu_attention))

@@ -93,7 +93,7 @@ class ModelRunner:
     def new_batch(self, max_rows: int, max_segments: int = 8, segment_cost: int = SEGMENT_COST,
                   reserve_bytes: int = 0) -> DecodeBatch:
         pad = self.lm.config.pad_token_id
-        return DecodeBatch(
+        batch = DecodeBatch(
             *self.lm.spec.kv_dims,
             self.lm.dtype,
             self.lm.device,
@@ -103,6 +103,8 @@ class ModelRunner:
             pad_token_id=pad if isinstance(pad, int) else 0,
             reserve_bytes=reserve_bytes,
         )
+        batch.decode_kernel = self.lm.decode_kernel
+        return batch
 
     @torch.inference_mode()
     def prefill(self, req: Request) -> KVPayload:

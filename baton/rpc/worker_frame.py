@@ -70,7 +70,8 @@ def load_worker_model(args: argparse.Namespace) -> WorkerSetup | int:
     try:
         tls = TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_ca)
         token = resolve_internal_token(args.internal_token, args.internal_token_file)
-        lm = load_model(args.model, device=args.device, dtype=args.dtype, cpu_gemm=args.cpu_gemm)
+        lm = load_model(args.model, device=args.device, dtype=args.dtype, cpu_gemm=args.cpu_gemm,
+                        cpu_attention=args.cpu_attention)
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2

@@ -1,22 +1,21 @@
-"""The decode-attention experiment (decode_attention.cpp) against PyTorch's CPU flash kernel and a plain read of
-the same keys and values, over 30 layers' distinct KV (as in a batch), 40% of each window padding. Needs g++,
-ninja (`.venv/bin/pip install ninja`) and an AVX-512 CPU; builds in ~25 s.
+"""Baton's CPU decode-attention kernel (baton/engine/csrc/decode_attention.cpp) against PyTorch's CPU flash kernel
+and a plain read of the same keys and values, over 30 layers' distinct KV (as in a batch), 40% of each window
+padding. Needs g++, ninja and an AVX-512 CPU; builds in ~30 s the first time (baton/engine/cpu_attention.py).
 
     .venv/bin/python scripts/decode_attention/bench.py
 """
 
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import load
+
+from baton.engine.cpu_attention import CpuAttention, decode_kernel
 
 torch.set_num_threads(2)
-ext = load("baton_decode_attention_experiment", [str(Path(__file__).with_name("decode_attention.cpp"))],
-           extra_cflags=["-O3", "-march=native", "-fopenmp", "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
-           extra_ldflags=["-fopenmp"])
 KV_HEADS, REP, D, LAYERS, SCALE = 3, 3, 64, 30, 0.125  # smollm2-135m
+attend = decode_kernel(CpuAttention.KERNEL, torch.float32, torch.device("cpu"), D, REP)
+assert attend is not None
 
 
 def measure(n: int, w: int) -> None:
@@ -32,7 +31,7 @@ def measure(n: int, w: int) -> None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=SCALE)
 
     def kernel(k, v):
-        return ext.decode_attention(q, k, v, cols[:, :w], SCALE)[0]
+        return attend(q, k, v, cols[:, :w], SCALE)[0]
 
     def read(k, v):
         return k.sum() + v.sum()
@@ -47,7 +46,7 @@ def measure(n: int, w: int) -> None:
             times.append(time.perf_counter() - t0)
         best[name] = min(times[1:])
     k0, v0 = slabs[0][0, :, :, :w], slabs[0][1, :, :, :w]
-    out, lse = ext.decode_attention(q, k0, v0, cols[:, :w], SCALE)
+    out, lse = attend(q, k0, v0, cols[:, :w], SCALE)
     scores = (q @ k0.transpose(-1, -2)) * SCALE + torch.zeros(n, 1, 1, w).masked_fill(~mask, float("-inf"))
     print(f"{n} rows, {w} columns: flash {best['flash'] * 1e3:.1f} ms, kernel {best['kernel'] * 1e3:.1f} ms "
           f"({best['flash'] / best['kernel']:.2f}x), plain read {best['read'] * 1e3:.1f} ms; "

@@ -1,11 +1,12 @@
-// An experiment, not wired into the engine: one decode step's attention on a CPU with AVX-512, reading only the
-// columns a row attends (docs/benchmarks.md, "Machine L"). Measured against PyTorch's flash kernel by bench.py.
+// One decode step's attention on a CPU with AVX-512, reading only the columns a row attends: built and chosen by
+// cpu_attention.py (which says why it exists); measured against PyTorch's flash kernel by
+// scripts/decode_attention/bench.py.
 //
 // q [n, h, r, d] contiguous: each row's query heads, those of one KV head together (GQA: r per KV head);
 // k, v [n, h, W, d] with the last dim contiguous (a slab's window); valid [n, W] bool, last dim contiguous.
 // Returns out [n, h, r, d] and the log-sum-exp [n, h, r]. One task per (row, KV head): scores in blocks of 16
-// keys (16 partial sums reduced into one vector by hsum16, no horizontal sum per key), softmax with Sleef's exp
-// (through ATen's Vectorized), then the values of the valid columns, r (1-8) a compile-time constant so that
+// keys (16 partial sums reduced into one vector by hsum16, no horizontal sum per key; the 16 columns' valid bytes
+// as a lane mask), softmax with ATen's Vectorized exp, then the values of the valid columns, r (1-8) a compile-time constant so that
 // the r x 4 output accumulators stay in registers (with r known only at run time: 1.1-1.25x the flash kernel,
 // with it 1.2-1.6x). Requires head_dim 64.
 #include <torch/extension.h>
@@ -53,13 +54,15 @@ static std::vector<at::Tensor> attend(at::Tensor q, at::Tensor k, at::Tensor v, 
       const float* Q = qp + t * R * d;
       Vec qv[R][NV];
       for (int64_t a = 0; a < R; ++a) for (int64_t c = 0; c < NV; ++c) qv[a][c] = Vec::loadu(Q + a * d + c * Vec::size()) * Vec(sc);
-      float mx[R];
-      for (int64_t a = 0; a < R; ++a) mx[a] = ninf;
+      __m512 mxv[R];  // running maximum score per query head, lane by lane
+      for (int64_t a = 0; a < R; ++a) mxv[a] = _mm512_set1_ps(ninf);
+      const __m512 ninfv = _mm512_set1_ps(ninf);
       int64_t w = 0;
       for (; w + 16 <= W; w += 16) {
-        bool any = false;
-        for (int jj = 0; jj < 16; ++jj) any |= M[w + jj];
-        if (!any) { for (int64_t a = 0; a < R; ++a) for (int jj = 0; jj < 16; ++jj) s[a * W + w + jj] = ninf; continue; }
+        // the 16 columns' valid bytes (0 or 1) as a lane mask
+        const __mmask16 live = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(M + w)),
+                                                  _mm_set1_epi8(1));
+        if (!live) { for (int64_t a = 0; a < R; ++a) _mm512_storeu_ps(s.data() + a * W + w, ninfv); continue; }
         for (int64_t a = 0; a < R; ++a) {
           __m512 acc[16];
           for (int jj = 0; jj < 16; ++jj) {
@@ -68,15 +71,13 @@ static std::vector<at::Tensor> attend(at::Tensor q, at::Tensor k, at::Tensor v, 
             for (int64_t c = 1; c < NV; ++c) x = at::vec::fmadd(qv[a][c], Vec::loadu(kw + c * Vec::size()), x);
             acc[jj] = x;
           }
-          _mm512_storeu_ps(s.data() + a * W + w, hsum16(acc));
-          float m = mx[a];
-          for (int jj = 0; jj < 16; ++jj) {
-            if (!M[w + jj]) s[a * W + w + jj] = ninf;
-            else m = s[a * W + w + jj] > m ? s[a * W + w + jj] : m;
-          }
-          mx[a] = m;
+          const __m512 x = _mm512_mask_blend_ps(live, ninfv, hsum16(acc));  // padding columns: -inf
+          _mm512_storeu_ps(s.data() + a * W + w, x);
+          mxv[a] = _mm512_max_ps(mxv[a], x);
         }
       }
+      float mx[R];
+      for (int64_t a = 0; a < R; ++a) mx[a] = _mm512_reduce_max_ps(mxv[a]);
       for (; w < W; ++w) {
         if (!M[w]) { for (int64_t a = 0; a < R; ++a) s[a * W + w] = ninf; continue; }
         const float* kw = K + w * ks2;
