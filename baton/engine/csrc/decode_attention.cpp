@@ -6,9 +6,9 @@
 // k, v [n, h, W, d] with the last dim contiguous (a slab's window); valid [n, W] bool, last dim contiguous.
 // Returns out [n, h, r, d] and the log-sum-exp [n, h, r]. One task per (row, KV head): scores in blocks of 16
 // keys (16 partial sums reduced into one vector by hsum16, no horizontal sum per key; the 16 columns' valid bytes
-// as a lane mask), softmax with ATen's Vectorized exp, then the values of the valid columns, r (1-8) a compile-time constant so that
-// the r x 4 output accumulators stay in registers (with r known only at run time: 1.1-1.25x the flash kernel,
-// with it 1.2-1.6x). Requires head_dim 64.
+// as a lane mask), softmax with ATen's Vectorized exp, then the values of the valid columns, r (1-8) a
+// compile-time constant so that the r x 4 output accumulators stay in registers (with r known only at run time:
+// 1.1-1.25x the flash kernel, with it 1.2-1.6x). Requires head_dim 64.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
