@@ -23,7 +23,15 @@ from baton.engine.models import LoadedModel
 from baton.engine.prefix_cache import BLOCK_TOKENS
 from baton.engine.request import FinishReason, Request, SamplingParams
 from baton.engine.runner import ModelRunner
-from baton.errors import InvalidRequestError, NotFound, Overloaded, PayloadError, PrefixEvicted, Unavailable
+from baton.errors import (
+    InvalidRequestError,
+    NotFound,
+    Overloaded,
+    PayloadError,
+    PrefixEvicted,
+    ServiceError,
+    Unavailable,
+)
 from baton.rpc.convert import params_to_proto
 from baton.rpc.kv_transfer import payload_messages
 from baton.serve import free_port
@@ -195,6 +203,34 @@ def test_cancel_frees_the_row_wherever_the_request_is(tiny_llama: LoadedModel) -
             worker.deliver_kv(kv_for(tiny_llama, reserved))
         assert_empty(worker)
         assert worker.occupancy().completed == 0
+
+    run_with_worker(tiny_llama, body, max_batch=2)
+
+
+def test_a_failed_step_ends_every_request_it_held_with_an_error_and_the_worker_serves_on(
+        tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that fails while a prompt prefilled here is out of the waiting queue and not yet in the batch (the
+    splice raising) still ends that request, and the running one, with an error naming the failure; none is left
+    waiting forever, and the next request is served exactly."""
+    running, newcomer, after = make("run", prompt(7, 9), 400), make("new", prompt(8, 5)), make("after", prompt(9, 6))
+
+    async def body(worker: DecodeWorker) -> None:
+        first = asyncio.create_task(collect(worker.reserve(running, prefill_here=True)))
+        await until(lambda: len(worker.engine.batch) == 1)
+        splice = worker.engine.batch.concatenate
+
+        def broken(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("slab pool broken")
+
+        monkeypatch.setattr(worker.engine.batch, "concatenate", broken)
+        second = asyncio.create_task(collect(worker.reserve(newcomer, prefill_here=True)))
+        for task in (first, second):
+            with pytest.raises(ServiceError, match="decode step failed: RuntimeError: slab pool broken"):
+                await task
+        monkeypatch.setattr(worker.engine.batch, "concatenate", splice)
+        assert await collect(worker.reserve(after, prefill_here=True)) == (
+            reference(tiny_llama, after.prompt_ids, 8), FinishReason.LENGTH)
+        assert_empty(worker)
 
     run_with_worker(tiny_llama, body, max_batch=2)
 

@@ -69,6 +69,18 @@ def test_the_pool_keeps_at_most_its_budget_of_idle_chunks_oldest_going_first() -
     assert off.bytes == 0
 
 
+def test_idle_chunks_beyond_the_budget_go_whatever_their_place_among_the_chunks() -> None:
+    """Chunks of new memory of different sizes, behind a reserve: dropping one finds it among the others by
+    identity (comparing chunks field by field compared their buffers element by element, and failed)."""
+    pool = SlabPool(64 << 10)
+    pool.reserve(32 << 10, torch.float32, CPU)
+    big, bigger = pool.take((20_000,), torch.float32, CPU), pool.take((30_000,), torch.float32, CPU)
+    pool.give(big)
+    pool.give(bigger)  # 200 KB of idle chunks against a 64 KiB budget: the older one goes, then the other
+    assert pool.bytes == pool.reserved_bytes == 32 << 10
+    assert pool.take((20_000,), torch.float32, CPU).data_ptr() not in (big.data_ptr(), bigger.data_ptr())
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 3000), st.integers(0, 50)), min_size=1, max_size=40))
 def test_slabs_handed_out_never_overlap_and_come_zeroed(ops: list[tuple[bool, int, int]]) -> None:

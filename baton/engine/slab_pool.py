@@ -48,7 +48,7 @@ def default_reserve(kv_tokens: int, bytes_per_token: int) -> int:
     return min(MAX_DEFAULT_RESERVE, kv_tokens * bytes_per_token * 5 // 4)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (list.remove): a field-wise == would compare the buffers' elements
 class _Chunk:
     buf: torch.Tensor  # flat: [elements]
     reserved: bool  # laid out by `reserve`: never dropped
