@@ -5,8 +5,8 @@ Qwen, Mistral, GPT-2, ...) works unchanged. When a forward call carries `baton_b
 layer writes this step's keys/values into the batch's slabs and attends, segment by segment, over each
 segment's column window with its mask (and, for segments holding a shared prefix, once over that prefix for all
 their rows); one query per row on a CPU goes through Baton's own kernel where the model loaded it
-(`batch.decode_kernel`, cpu_attention.py), else through SDPA. When it carries `baton_packed=[(start, end), ...]` (a packed prefill:
-several prompts end to end in row 0), each prompt attends causally to itself alone; with `baton_past=[kv or None,
+(`batch.decode_kernel`, cpu_attention.py), else through SDPA. When it carries `baton_packed=[(start, end), ...]`
+(a packed prefill: several prompts end to end in row 0), each prompt attends causally to itself alone; with `baton_past=[kv or None,
 ...]` as well, a prompt whose first tokens were cached (prefix_cache.py) holds only its new tokens in row 0 and
 attends over its cached prefix's KV ([layers, 2, kv_heads, cached, head_dim]) before them (the prompts after one
 cached prefix all in one call over it). With both (a selective-
