@@ -1,18 +1,17 @@
 """The `baton` attention implementation: attention of a decode batch over its segmented KV slabs.
 
-Registered with transformers' AttentionInterface, so any model that dispatches attention through it (Llama,
-Qwen, Mistral, GPT-2, ...) works unchanged. When a forward call carries `baton_batch=<DecodeBatch>`, each
-layer writes this step's keys/values into the batch's slabs and attends, segment by segment, over each
-segment's column window with its mask (and, for segments holding a shared prefix, once over that prefix for all
-their rows); one query per row on a CPU goes through Baton's own kernel where the model loaded it
-(`batch.decode_kernel`, cpu_attention.py), else through SDPA. When it carries `baton_packed=[(start, end), ...]`
-(a packed prefill: several prompts end to end in row 0), each prompt attends causally to itself alone; with `baton_past=[kv or None,
-...]` as well, a prompt whose first tokens were cached (prefix_cache.py) holds only its new tokens in row 0 and
-attends over its cached prefix's KV ([layers, 2, kv_heads, cached, head_dim]) before them (the prompts after one
-cached prefix all in one call over it). With both (a selective-
-batching iteration, selective.py), row 0 holds the prompts' spans and then one token per row of the batch: the
-spans attend as a packed prefill, the tokens after them as a decode step. Without either (a single prompt's
-prefill, `generate()`), this is plain SDPA.
+Registered with transformers' AttentionInterface, so any model that dispatches attention through it (Llama, Qwen,
+Mistral, GPT-2, ...) works unchanged. When a forward call carries `baton_batch=<DecodeBatch>`, each layer writes
+this step's keys/values into the batch's slabs and attends, segment by segment, over each segment's column window
+with its mask (and, for segments holding a shared prefix, once over that prefix for all their rows); one query per
+row on a CPU goes through Baton's own kernel where the model loaded it (`batch.decode_kernel`, cpu_attention.py),
+else through SDPA. When it carries `baton_packed=[(start, end), ...]` (a packed prefill: several prompts end to end
+in row 0), each prompt attends causally to itself alone; with `baton_past=[kv or None, ...]` as well, a prompt whose
+first tokens were cached (prefix_cache.py) holds only its new tokens in row 0 and attends over its cached prefix's
+KV ([layers, 2, kv_heads, cached, head_dim]) before them (the prompts after one cached prefix all in one call over
+it). With both (a selective-batching iteration, selective.py), row 0 holds the prompts' spans and then one token per
+row of the batch: the spans attend as a packed prefill, the tokens after them as a decode step. Without either (a
+single prompt's prefill, `generate()`), this is plain SDPA.
 """
 
 from __future__ import annotations
