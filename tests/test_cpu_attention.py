@@ -81,10 +81,14 @@ def test_rows_sharing_a_prefix_attend_through_the_kernel_exactly(kernel: DecodeK
                                                                   for c in cases]
 
 
-def test_flash_never_builds_the_kernel_and_kernel_says_why_it_cannot_run() -> None:
+def test_flash_never_builds_the_kernel_and_kernel_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tiny_llama_64(CpuAttention.FLASH).decode_kernel is None
     with pytest.raises(KernelUnavailable, match="head_dim 64"):
         decode_kernel(CpuAttention.KERNEL, torch.float32, CPU, 16, 2)  # the tiny Llama's heads
     with pytest.raises(KernelUnavailable, match="float32 on a CPU"):
         decode_kernel(CpuAttention.KERNEL, torch.bfloat16, CPU, 64, 3)
     assert decode_kernel(CpuAttention.AUTO, torch.float32, CPU, 16, 2) is None  # auto: the flash kernel
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # an AVX2-only machine
+    assert decode_kernel(CpuAttention.AUTO, torch.float32, CPU, 64, 3) is None
+    with pytest.raises(KernelUnavailable, match="needs AVX-512"):
+        decode_kernel(CpuAttention.KERNEL, torch.float32, CPU, 64, 3)

@@ -35,7 +35,6 @@ SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
 # ISA flags named, not -march=native: a build cached on one machine must run on any AVX-512 machine after it
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp",
           "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
 HEAD_DIM = 64
 MAX_QUERY_HEADS_PER_KV_HEAD = 8
 
@@ -61,13 +60,9 @@ def _why_not(dtype: torch.dtype, device: torch.device, head_dim: int, rep: int) 
     if head_dim != HEAD_DIM or not 1 <= rep <= MAX_QUERY_HEADS_PER_KV_HEAD:
         return (f"it needs head_dim {HEAD_DIM} and at most {MAX_QUERY_HEADS_PER_KV_HEAD} query heads per KV head "
                 f"(this model: {head_dim}, {rep})")
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("\n\n")[0].split())
-    except OSError:
-        flags = set()
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
+    capability = torch.backends.cpu.get_cpu_capability()  # ATen's reading of the CPU (ATEN_CPU_CAPABILITY lowers it)
+    if capability != "AVX512":
+        return f"it needs AVX-512 (F, BW, VL, DQ), and ATen finds {capability} here"
     if shutil.which("c++") is None and shutil.which("g++") is None:
         return "no C++ compiler (c++ or g++) to build it"
     return None
