@@ -133,20 +133,22 @@ def _batched(
     for i, seg in enumerate(batch.segments):
         rows = slice(a, a + len(seg))
         k, v, mask = seg.attend_inputs(layer, key[rows], value[rows])  # [n, kv_heads, width + q, head_dim]
-        kernel = batch.decode_kernel if q == 1 else None  # Baton's CPU kernel (cpu_attention.py), where chosen
         qh = query[rows].reshape(len(seg), k.shape[1], -1, d)  # [n, kv_heads, rep, d]: one KV head's queries
+        # one query per row through Baton's CPU kernel where the model chose it (cpu_attention.py); mask [n, 1, 1,
+        # W]: the window's valid columns. Its output [n, kv_heads, rep, d] and log-sum-exp [n, kv_heads, rep]
+        window = (batch.decode_kernel(qh.contiguous(), k, v, mask[:, 0, 0], scale)
+                  if batch.decode_kernel is not None and q == 1 else None)
         if seg.prefix_kv is None:
-            if kernel is not None:  # mask [n, 1, 1, W]: the window's valid columns
-                out, _ = kernel(qh.contiguous(), k, v, mask[:, 0, 0], scale)  # [n, kv_heads, rep, d]
-                outs.append(out.reshape(len(seg), 1, -1, d))
+            if window is not None:
+                outs.append(window[0].reshape(len(seg), 1, -1, d))
             else:
                 out, _ = sdpa_attention_forward(module, query[rows], k, v, mask, scaling=scaling, is_causal=False)
                 outs.append(out)  # [n, q, heads, head_dim]
         else:  # its window now, the prefix below
             assert q == 1, "a shared-prefix segment decodes one token per row"
             assert seg.step_bias is not None
-            window = (kernel(qh.contiguous(), k, v, mask[:, 0, 0], scale) if kernel is not None
-                      else _attend(qh, k, v, seg.step_bias, scale))  # [n, kv_heads, rep, d], [n, kv_heads, rep]
+            if window is None:
+                window = _attend(qh, k, v, seg.step_bias, scale)
             outs.append(None)
             cascades.setdefault(id(seg.prefix_kv), []).append((i, qh, *window))
         a = rows.stop

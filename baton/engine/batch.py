@@ -62,18 +62,19 @@ class DecodeBatch:
         segment_cost: int = SEGMENT_COST,
         pad_token_id: int = 0,
         reserve_bytes: int = 0,
+        decode_kernel: DecodeKernel | None = None,
     ) -> None:
         """max_segments: 1 gives the plain padded batch of the paper; more let rows of different lengths attend
         over separate windows. segment_cost: padding positions (per step) worth paying to avoid a new segment.
-        reserve_bytes: on a CPU, slab memory laid out (and written) now rather than at the steps that need it."""
+        reserve_bytes: on a CPU, slab memory laid out (and written) now rather than at the steps that need it.
+        decode_kernel: Baton's CPU kernel for steps of one query per row (cpu_attention.py); None: SDPA."""
         assert max_rows >= 1 and max_segments >= 1
         self.kv_shape = (num_layers, kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.max_rows, self.max_segments, self.segment_cost = max_rows, max_segments, segment_cost
         self.pad_token_id = pad_token_id
         self.segments: list[KVSegment] = []
-        # one query per row: attention through Baton's CPU kernel instead of the flash kernel (cpu_attention.py)
-        self.decode_kernel: DecodeKernel | None = None
+        self.decode_kernel = decode_kernel
         # the slabs segments let go, kept for their next ones (slab_pool.py); CUDA's allocator keeps its own
         cpu = torch.device(device).type == "cpu"
         self.pool = SlabPool(CPU_POOL_BYTES if cpu else 0)

@@ -171,10 +171,14 @@ class Engine:
                                    req.params.token_fields, prompt_field)
         req.constrain(self.lm.grammars)
 
+    def held(self) -> list[Request]:
+        """Every request the engine holds between steps: waiting, prefilled, in the batch, or a fork waiting to be
+        spliced with its request."""
+        held = list(self.waiting) + [r for r, _ in self.prefilled] + self.batch.requests
+        return held + [f for forks in self.forks.values() for f in forks]
+
     def _check_new_id(self, req: Request) -> None:
-        active = [r.id for r in self.waiting] + [r.id for r, _ in self.prefilled] + [r.id for r in self.batch.requests]
-        active += [f.id for fs in self.forks.values() for f in fs]
-        if req.id in active:
+        if req.id in {r.id for r in self.held()}:
             raise InvalidRequestError("id", f"request id {req.id!r} is already in use")
 
     def add_request(self, req: Request) -> None:

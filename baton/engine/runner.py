@@ -93,7 +93,7 @@ class ModelRunner:
     def new_batch(self, max_rows: int, max_segments: int = 8, segment_cost: int = SEGMENT_COST,
                   reserve_bytes: int = 0) -> DecodeBatch:
         pad = self.lm.config.pad_token_id
-        batch = DecodeBatch(
+        return DecodeBatch(
             *self.lm.spec.kv_dims,
             self.lm.dtype,
             self.lm.device,
@@ -102,9 +102,8 @@ class ModelRunner:
             segment_cost=segment_cost,
             pad_token_id=pad if isinstance(pad, int) else 0,
             reserve_bytes=reserve_bytes,
+            decode_kernel=self.lm.decode_kernel,
         )
-        batch.decode_kernel = self.lm.decode_kernel
-        return batch
 
     @torch.inference_mode()
     def prefill(self, req: Request) -> KVPayload:

@@ -42,6 +42,12 @@ RESERVE_HELP = ("bytes of KV slab memory laid out and written at start on a CPU,
 ALIGN_BYTES = 64
 
 
+def _run_length(n: int, dtype: torch.dtype) -> int:
+    """The elements a slab of n elements takes from a chunk: rounded up so that the next slab starts aligned."""
+    size = max(1, ALIGN_BYTES // dtype.itemsize)
+    return -(-n // size) * size
+
+
 def default_reserve(kv_tokens: int, bytes_per_token: int) -> int:
     """The reserve for a batch sized for `kv_tokens` (ModelSpec.batch_kv_tokens): their KV and a quarter more for
     padding and room to grow, at most MAX_DEFAULT_RESERVE."""
@@ -104,15 +110,14 @@ class SlabPool:
 
     def reserve(self, nbytes: int, dtype: torch.dtype, device: torch.device) -> None:
         """Lay out `nbytes` for slabs now, every page written once, so that no later slab that fits faults."""
-        n = nbytes // torch.empty((), dtype=dtype).element_size()
+        n = nbytes // dtype.itemsize
         if n > 0:
             self._chunks.append(_Chunk(torch.zeros(n, dtype=dtype, device=device), True, [(0, n)]))
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A zeroed tensor of `shape`: carved from a kept chunk when one has room, else new memory."""
         n = math.prod(shape)
-        size = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-        m = -(-n // size) * size  # the run it takes, rounded up so that the next slab starts aligned
+        m = _run_length(n, dtype)
         runs = [(length, k, i) for k, c in enumerate(self._chunks) if c.buf.dtype == dtype and c.buf.device == device
                 for i, (_, length) in enumerate(c.free) if length >= m]
         if runs:
@@ -130,8 +135,7 @@ class SlabPool:
         chunk = next((c for c in self._chunks if c.holds(slab)), None)
         if chunk is None:
             return
-        size = max(1, ALIGN_BYTES // slab.element_size())
-        chunk.put_back(int(slab.storage_offset()), -(-slab.numel() // size) * size)
+        chunk.put_back(int(slab.storage_offset()), _run_length(slab.numel(), slab.dtype))
         idle = [c for c in self._chunks if c.idle and not c.reserved]
         while idle and sum(c.buf.nbytes for c in idle) > self.max_bytes:
             self._chunks.remove(idle.pop(0))

@@ -542,22 +542,15 @@ class DecodeWorker:
                 log.exception("request %s could not be queued", cmd.request.id)
                 report.failed.extend((r, e) for r in [cmd.request, *cmd.forks])
 
-    @staticmethod
-    def _held(engine: Engine) -> dict[int, Request]:
-        """Every request the engine holds: waiting, prefilled, in the batch, or a fork waiting with its request."""
-        held = list(engine.waiting) + [r for r, _ in engine.prefilled] + engine.batch.requests
-        held += [f for forks in engine.forks.values() for f in forks]
-        return {id(r): r for r in held}
-
     def _step(self, report: _Iteration) -> None:
         engine = self.engine
-        before = self._held(engine)  # a step that fails midway may hold some only in its own locals
+        # a step adds no request, but one that fails midway may hold some only in its own locals: fail all of these
+        everyone = engine.held()
         try:
             with self.shared_cores.decode_step() if self.shared_cores else contextlib.nullcontext():
                 out: StepOutput = engine.step()
-        except Exception as e:  # noqa: BLE001 - fail what the engine held or holds, keep serving
+        except Exception as e:  # noqa: BLE001 - fail what the engine held, keep serving
             log.exception("decode step failed")
-            everyone = {**before, **self._held(engine)}.values()
             engine.forks.clear()
             err = ServiceError(f"decode step failed: {type(e).__name__}: {e}")
             for req in everyone:
