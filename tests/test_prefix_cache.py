@@ -176,6 +176,47 @@ def test_a_fused_iteration_counts_only_uncached_tokens_against_its_budget(monkey
         assert req.output_ids == reference(lm, req.prompt_ids, 4)
 
 
+def test_prompts_arriving_together_compute_their_shared_uncached_prefix_once() -> None:
+    """In-batch prefix sharing (ModelRunner.compute_once): of prompts that start with the same uncached blocks,
+    one computes them and the others wait a round (prefill_many) or an iteration (a fused engine) and find them
+    cached; a prompt sharing less than SHARED_UNCACHED_BLOCKS blocks, or none, is not held back. Exact."""
+    lm = tiny_model("llama")
+    system = list(range(100, 100 + 3 * BLOCK_TOKENS))
+
+    def prompts(tag: str) -> list[Request]:
+        same = [Request(f"{tag}{i}", system + [7 + i] * 5, SamplingParams(max_new_tokens=3, ignore_eos=True))
+                for i in range(4)]
+        short = Request(f"{tag}short", system[:BLOCK_TOKENS] + [9] * 40, SamplingParams(max_new_tokens=3,
+                                                                                        ignore_eos=True))
+        other = Request(f"{tag}other", list(range(900, 960)), SamplingParams(max_new_tokens=3, ignore_eos=True))
+        return [same[0], short, same[1], other, same[2], same[3]]
+
+    runner = ModelRunner(lm, PrefixCache(10**8))
+    reqs = prompts("p")
+    assert runner.compute_once(reqs) == ([0, 1, 3], [2, 4, 5])
+    got = runner.prefill_many(reqs)
+    want = ModelRunner(lm).prefill_many(reqs)
+    for g_, w in zip(got, want):
+        assert g_.first_token == w.first_token
+        torch.testing.assert_close(g_.kv, w.kv, atol=2e-5, rtol=1e-4)
+    assert runner.prefix_cache is not None and runner.prefix_cache.stats.hit_tokens == 3 * len(system)
+
+    engine = Engine(lm, max_batch=8, fuse_prefill=True, prefix_cache=PrefixCache(10**8))
+    reqs = prompts("e")
+    for req in reqs:
+        engine.add_request(req)
+    engine.step()
+    assert [r.id for r in engine.batch.requests if r.id in {"e0", "eshort", "eother"}] and \
+        sorted(r.id for r in engine.waiting) == ["e1", "e2", "e3"]
+    engine.step()
+    assert not engine.waiting and len(engine.batch) == 6
+    assert engine.runner.prefix_cache is not None
+    assert engine.runner.prefix_cache.stats.hit_tokens == 3 * len(system)
+    engine.run_until_done()
+    for req in reqs:
+        assert req.output_ids == reference(lm, req.prompt_ids, 3)
+
+
 @pytest.mark.parametrize("full", [False, True])
 def test_a_splice_of_prompts_after_one_cached_prefix_holds_it_once_from_its_first_row(
         monkeypatch: pytest.MonkeyPatch, full: bool) -> None:

@@ -166,6 +166,39 @@ async def test_heartbeat_publishes_refreshes_and_removes_on_stop(redis_server: R
 
 
 @pytest.mark.asyncio
+async def test_heartbeat_publishes_a_changed_load_soon_and_at_most_every_min_gap(redis_server: RedisServer) -> None:
+    """A worker's load changes: its record follows within about min_gap_s, not a heartbeat interval later (routers
+    sharing the registry see one another's assignments there); changes many times a gap publish once a gap."""
+    reg = RedisRegistry(redis_server.url)
+    stop, changed = asyncio.Event(), asyncio.Event()
+    load = beats = 0
+
+    def make() -> WorkerInfo:
+        nonlocal beats
+        beats += 1
+        return info("decode", "d:1", waiting=load)
+
+    task = asyncio.create_task(heartbeat(reg, make, interval_s=60.0, stop=stop, changed=changed, min_gap_s=0.1))
+    try:
+        await wait_until(reg, "decode", lambda ws: len(ws) == 1)
+        load = 1
+        changed.set()
+        await wait_until(reg, "decode", lambda ws: ws[0].load["waiting"] == 1, timeout_s=3.0)  # not 60 s
+        first = beats
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:  # changes every 10 ms for a second
+            load += 1
+            changed.set()
+            await asyncio.sleep(0.01)
+        assert beats - first <= 1.0 / 0.1 + 2, "at most one publish per min_gap_s"
+        await wait_until(reg, "decode", lambda ws: ws[0].load["waiting"] == load, timeout_s=3.0)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await reg.close()
+
+
+@pytest.mark.asyncio
 async def test_heartbeat_survives_redis_restart(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     reg = RedisRegistry(redis_server.url)
     stop = asyncio.Event()

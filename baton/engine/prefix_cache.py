@@ -50,6 +50,11 @@ def block_keys(ids: Sequence[int], blocks: int) -> list[bytes]:
     return keys
 
 
+def lookup_keys(ids: Sequence[int]) -> list[bytes]:
+    """The keys of the blocks a lookup of `ids` may find: its whole blocks short of its last token."""
+    return block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS)
+
+
 @dataclass
 class _Block:
     parent: bytes | None
@@ -91,7 +96,7 @@ class PrefixCache:
         """The longest cached prefix of `ids` in whole blocks, leaving at least one token: (its length, a copy of
         its KV [layers, 2, kv_heads, length, head_dim]), or (0, None). Counts the hit and the tokens left."""
         with self._lock:
-            keys = block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS)
+            keys = lookup_keys(ids)
             found = self._chain(keys)
             n = len(found) * BLOCK_TOKENS
             self.stats.hit_tokens += n
@@ -122,8 +127,12 @@ class PrefixCache:
     def cached_tokens(self, ids: Sequence[int]) -> int:
         """The length of the prefix `lookup` would find for `ids`, with no copy made, no block marked used and
         nothing counted."""
+        return self.cached_blocks(lookup_keys(ids)) * BLOCK_TOKENS
+
+    def cached_blocks(self, keys: Sequence[bytes]) -> int:
+        """How many leading blocks of the chain `keys` (block_keys) are cached; nothing marked used or counted."""
         with self._lock:
-            return len(self._chain(block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS), touch=False)) * BLOCK_TOKENS
+            return len(self._chain(keys, touch=False))
 
     def holds(self, ids: Sequence[int], tokens: int) -> bool:
         """Whether the first `tokens` tokens of `ids` (whole blocks) are all cached."""

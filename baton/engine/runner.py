@@ -14,11 +14,13 @@ from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, 
 from baton.engine.batch import SEGMENT_COST, DecodeBatch, StepInputs
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.prefix_cache import PrefixCache
+from baton.engine.prefix_cache import PrefixCache, lookup_keys
 from baton.engine.request import Request
 from baton.engine.sampler import sample_row
 
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens packed into one prefill forward pass
+# a prompt waits a pass for another's uncached tokens to be cached when it then skips at least this many of them
+SHARED_UNCACHED_BLOCKS = 2
 
 
 def pack_for_prefill(lengths: Sequence[int], token_budget: int = PREFILL_TOKEN_BUDGET) -> list[list[int]]:
@@ -117,12 +119,40 @@ class ModelRunner:
         padding: each prompt keeps its own positions and attends to itself alone, so each result is that
         prompt's prefill; the packing only makes the matrix products larger (faster per token on a CPU). With a
         prefix cache, a prompt whose first blocks are cached runs only its other tokens, attending over them."""
-        cached = [self.cached(r) for r in reqs]
-        out: list[KVPayload] = []
-        for run in pack_for_prefill([len(r.all_ids) - c[0] for r, c in zip(reqs, cached)], token_budget):
-            out.extend(self._prefill_packed([reqs[i] for i in run], [cached[i] for i in run]))
-        self.remember(out)
-        return out
+        out: dict[int, KVPayload] = {}
+        pending = list(range(len(reqs)))
+        while pending:  # in rounds: a prompt that shares uncached tokens with an earlier one waits for its cache
+            now, later = self.compute_once([reqs[i] for i in pending])
+            ready, pending = [pending[i] for i in now], [pending[i] for i in later]
+            cached = [self.cached(reqs[i]) for i in ready]
+            done: list[KVPayload] = []
+            for run in pack_for_prefill([len(reqs[i].all_ids) - c[0] for i, c in zip(ready, cached)], token_budget):
+                done.extend(self._prefill_packed([reqs[ready[j]] for j in run], [cached[j] for j in run]))
+            self.remember(done)
+            out.update(zip(ready, done))
+        return [out[i] for i in range(len(reqs))]
+
+    def compute_once(self, reqs: Sequence[Request]) -> tuple[list[int], list[int]]:
+        """In-batch prefix sharing (SGLang's in-batch prefix caching): prompts that start with the same tokens
+        past what the prefix cache holds (SHARED_UNCACHED_BLOCKS whole blocks or more) would each compute them in
+        one pass; only the first of them runs now, the others after it, when the cache holds what it computed.
+        Returns the indices of `reqs` to run now and of those to run later, each in order; the first always runs
+        now. Without a prefix cache, all run now."""
+        if self.prefix_cache is None:
+            return list(range(len(reqs))), []
+        now: list[int] = []
+        later: list[int] = []
+        computing: set[bytes] = set()  # the keys of the uncached blocks the prompts running now compute
+        for i, req in enumerate(reqs):
+            keys = lookup_keys(req.all_ids)
+            cached = self.prefix_cache.cached_blocks(keys)
+            probe = cached + SHARED_UNCACHED_BLOCKS - 1  # its last block of the shared run that would pay
+            if req.params.prompt_logprobs is None and probe < len(keys) and keys[probe] in computing:
+                later.append(i)
+            else:
+                now.append(i)
+                computing.update(keys[cached:])
+        return now, later
 
     def cached(self, req: Request) -> tuple[int, torch.Tensor | None]:
         """The tokens of the request's prompt found in the prefix cache and their KV (none when it asks for the

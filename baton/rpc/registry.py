@@ -4,6 +4,11 @@ Each worker owns one key, `{prefix}:worker:{role}:{address}` (the prefix, `--red
 share one Redis apart), holding a WorkerInfo as JSON and set with a TTL a
 few heartbeats long. A worker that stops heartbeating (crashed, partitioned) simply expires; one that stops
 cleanly removes its key. Redis being down never stops a worker: heartbeat() warns once and keeps trying.
+
+A heartbeat also publishes soon after the worker's load changes (its `changed` event), at most every
+MIN_PUBLISH_GAP_S: routers choose by load and by the prefixes a worker holds, and several routers sharing one
+registry see one another's assignments only there, so a record a whole interval old had them choose apart
+(Dynamo's workers publish load and KV events as they happen, for the same reason).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from redis.backoff import NoBackoff
 log = logging.getLogger(__name__)
 
 TTL_FACTOR = 3.0  # a worker's record lives this many heartbeat intervals after its last heartbeat
+MIN_PUBLISH_GAP_S = 0.1  # publishing on every load change: at most this often
 
 @dataclass
 class WorkerInfo:
@@ -115,8 +121,11 @@ async def heartbeat(
     interval_s: float,
     stop: asyncio.Event,
     ttl_factor: float = TTL_FACTOR,
+    changed: asyncio.Event | None = None,
+    min_gap_s: float = MIN_PUBLISH_GAP_S,
 ) -> None:
-    """Publish make_info() every interval_s until `stop` is set, then remove the record.
+    """Publish make_info() every interval_s, and after `changed` is set (no sooner than min_gap_s after the last
+    publish; it is cleared then), until `stop` is set, then remove the record.
 
     The record lives ttl_factor intervals, so a worker that dies drops out of the registry within that time.
     While Redis is unreachable this warns once and keeps trying; the worker re-registers when Redis returns.
@@ -135,8 +144,7 @@ async def heartbeat(
             if not failing:
                 log.warning("registry %s: cannot publish (%s); will keep trying", registry.url, e)
             failing = True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        await _next_beat(stop, changed, interval_s, min_gap_s)
     if last is not None:
         try:
             await registry.remove(last.role, last.address)
@@ -144,3 +152,22 @@ async def heartbeat(
             log.warning(
                 "registry %s: cannot remove %s %s (%s); it expires on its own", registry.url, last.role, last.address, e
             )
+
+
+async def _next_beat(stop: asyncio.Event, changed: asyncio.Event | None, interval_s: float, min_gap_s: float) -> None:
+    """Return when the next heartbeat is due: interval_s from now, when `stop` is set, or min_gap_s from now at
+    the earliest once `changed` is set (cleared as this returns for it)."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() + interval_s
+    waits = [asyncio.ensure_future(stop.wait())]
+    if changed is not None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=min(min_gap_s, interval_s))
+        waits.append(asyncio.ensure_future(changed.wait()))
+    try:
+        await asyncio.wait(waits, timeout=max(0.0, due - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if changed is not None:
+        changed.clear()

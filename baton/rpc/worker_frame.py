@@ -4,8 +4,9 @@
 A worker's life in the frame:
 1. Listen on --host:--port with its services, health and reflection (baton/rpc/server.py), answering only callers
    with the internal token (baton/rpc/internal_token.py); serve /metrics on --metrics-port; report SERVING.
-2. With --redis, publish a WorkerInfo under --redis-prefix every --heartbeat-s (baton/rpc/registry.py): its
-   advertised address, model fingerprint and load (`core.occupancy()`, baton/rpc/load.py).
+2. With --redis, publish a WorkerInfo under --redis-prefix every --heartbeat-s, and soon after its load changes
+   (`core.load_changed`) (baton/rpc/registry.py): its advertised address, model fingerprint and load
+   (`core.occupancy()`, baton/rpc/load.py).
 3. On SIGTERM or SIGINT: report NOT_SERVING and drain (`core.drain()`: take no new work, finish what was
    accepted) for at most --drain-s; what is still live then is handed off (`core.hand_off()`: its callers are told
    UNAVAILABLE or CANCELLED, and routers place it elsewhere). A core that `keeps_registered_while_draining`
@@ -49,6 +50,8 @@ class WorkerCore(Protocol):
     @property
     def metrics(self) -> MetricsRegistry: ...
     def occupancy(self) -> Load: ...
+    @property
+    def load_changed(self) -> asyncio.Event | None: ...  # set when its load changes: published soon (registry.py)
     def describe(self) -> str: ...  # for the start-up log line
     async def drain(self) -> None: ...  # take no new work; return once nothing accepted is live
     def hand_off(self) -> int: ...  # end what is still live (its routers place it elsewhere); how many
@@ -130,7 +133,8 @@ async def run_worker(core: WorkerCore, services: Sequence[Service], args: argpar
         def info() -> WorkerInfo:
             return WorkerInfo(role, address, core.fingerprint, core.occupancy().to_registry())
 
-        beat = asyncio.create_task(heartbeat(registry, info, args.heartbeat_s, beat_stop), name="heartbeat")
+        beat = asyncio.create_task(heartbeat(registry, info, args.heartbeat_s, beat_stop, changed=core.load_changed),
+                                   name="heartbeat")
 
     await stop.wait()
     log.info("draining: %s (at most %gs)", core.occupancy(), args.drain_s)

@@ -219,6 +219,9 @@ class DecodeWorker:
         self._prefix_blocks: tuple[str, ...] = ()  # likewise: what the prefix cache holds, for routers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
+        # set after every change of its load: the worker frame publishes it to the registry soon, not a heartbeat
+        # later, so that routers sharing the registry see one another's assignments and its cached prefixes
+        self.load_changed = asyncio.Event()
         # decode-loop side
         self._inbox: queue.SimpleQueue[_Add | _Cancel | _Stop] = queue.SimpleQueue()
         self._thread: Started | None = None
@@ -412,7 +415,9 @@ class DecodeWorker:
         )
 
     def _publish(self) -> None:
-        """The occupancy gauges of the metrics, after every change (on the event loop, where occupancy lives)."""
+        """The occupancy gauges of the metrics, after every change (on the event loop, where occupancy lives);
+        the registry record soon after (load_changed)."""
+        self.load_changed.set()
         o = self.occupancy()
         reserved = sum(1 for r in self._live.values() if r.state is SlotState.RESERVED)
         promised = sum(r.kv_budget for r in self._live.values())

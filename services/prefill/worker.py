@@ -80,6 +80,7 @@ class PrefillWorker:
 
     role = Role.PREFILL
     keeps_registered_while_draining = False  # leaves the registry first: routers send it nothing more
+    load_changed = None  # its record is published every heartbeat only: routers count their own prefills meanwhile
 
     def __init__(
         self,
