@@ -194,6 +194,12 @@ def test_prompts_arriving_together_compute_their_shared_uncached_prefix_once() -
     runner = ModelRunner(lm, PrefixCache(10**8))
     reqs = prompts("p")
     assert runner.compute_once(reqs) == ([0, 1, 3], [2, 4, 5])
+    # a prompt that asks for its prompt's logprobs computes them all whatever is cached: it never waits
+    logprobs = Request("lp", reqs[2].prompt_ids, SamplingParams(max_new_tokens=3, prompt_logprobs=1))
+    assert runner.compute_once([reqs[0], logprobs]) == ([0, 1], [])
+    # a cache whose half cannot keep the 2 blocks a waiting prompt must find: waiting would gain nothing
+    assert ModelRunner(lm, PrefixCache(3 * block_bytes())).compute_once(reqs) == ([0, 1, 2, 3, 4, 5], [])
+    assert ModelRunner(lm, PrefixCache(4 * block_bytes())).compute_once(reqs) == ([0, 1, 3], [2, 4, 5])
     got = runner.prefill_many(reqs)
     want = ModelRunner(lm).prefill_many(reqs)
     for g_, w in zip(got, want):
@@ -206,8 +212,8 @@ def test_prompts_arriving_together_compute_their_shared_uncached_prefix_once() -
     for req in reqs:
         engine.add_request(req)
     engine.step()
-    assert [r.id for r in engine.batch.requests if r.id in {"e0", "eshort", "eother"}] and \
-        sorted(r.id for r in engine.waiting) == ["e1", "e2", "e3"]
+    assert sorted(r.id for r in engine.batch.requests) == ["e0", "eother", "eshort"]
+    assert sorted(r.id for r in engine.waiting) == ["e1", "e2", "e3"]
     engine.step()
     assert not engine.waiting and len(engine.batch) == 6
     assert engine.runner.prefix_cache is not None

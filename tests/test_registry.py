@@ -192,6 +192,9 @@ async def test_heartbeat_publishes_a_changed_load_soon_and_at_most_every_min_gap
             await asyncio.sleep(0.01)
         assert beats - first <= 1.0 / 0.1 + 2, "at most one publish per min_gap_s"
         await wait_until(reg, "decode", lambda ws: ws[0].load["waiting"] == load, timeout_s=3.0)
+        settled = beats
+        await asyncio.sleep(0.5)  # no change since: no publish before the interval (the change was cleared)
+        assert beats - settled <= 1
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)

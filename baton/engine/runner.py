@@ -14,7 +14,7 @@ from baton.engine.attention import BATCH_KWARG, LAYER_HOOK_KWARG, PACKED_KWARG, 
 from baton.engine.batch import SEGMENT_COST, DecodeBatch, StepInputs
 from baton.engine.kv_payload import KVPayload
 from baton.engine.models import LoadedModel
-from baton.engine.prefix_cache import PrefixCache, lookup_keys
+from baton.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, lookup_keys
 from baton.engine.request import Request
 from baton.engine.sampler import sample_row
 
@@ -115,10 +115,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_many(self, reqs: Sequence[Request], token_budget: int = PREFILL_TOKEN_BUDGET) -> list[KVPayload]:
-        """Prefill several prompts, packed end to end into as few forward passes as token_budget allows. No
+        """Prefill several prompts, packed end to end into forward passes of at most token_budget tokens. No
         padding: each prompt keeps its own positions and attends to itself alone, so each result is that
         prompt's prefill; the packing only makes the matrix products larger (faster per token on a CPU). With a
-        prefix cache, a prompt whose first blocks are cached runs only its other tokens, attending over them."""
+        prefix cache, a prompt whose first blocks are cached runs only its other tokens, attending over them; in
+        rounds (compute_once): a prompt sharing its uncached start with an earlier one runs in a round after it."""
         out: dict[int, KVPayload] = {}
         pending = list(range(len(reqs)))
         while pending:  # in rounds: a prompt that shares uncached tokens with an earlier one waits for its cache
@@ -135,19 +136,22 @@ class ModelRunner:
     def compute_once(self, reqs: Sequence[Request]) -> tuple[list[int], list[int]]:
         """In-batch prefix sharing (SGLang's in-batch prefix caching): prompts that start with the same tokens
         past what the prefix cache holds (SHARED_UNCACHED_BLOCKS whole blocks or more) would each compute them in
-        one pass; only the first of them runs now, the others after it, when the cache holds what it computed.
-        Returns the indices of `reqs` to run now and of those to run later, each in order; the first always runs
-        now. Without a prefix cache, all run now."""
+        one pass; only the first of them runs now, the others after it, when the cache holds what it computed. A
+        prompt waits only where its blocks up to the last it must find take at most half the cache (else they
+        might not be kept, and waiting would only serialise the prompts). Returns the indices of `reqs` to run
+        now and of those to run later, each in order; the first always runs now. Without a prefix cache, all run
+        now."""
         if self.prefix_cache is None:
             return list(range(len(reqs))), []
         now: list[int] = []
         later: list[int] = []
         computing: set[bytes] = set()  # the keys of the uncached blocks the prompts running now compute
+        fits = self.prefix_cache.max_bytes // 2 // (BLOCK_TOKENS * self.lm.kv_bytes_per_token())  # blocks
         for i, req in enumerate(reqs):
             keys = lookup_keys(req.all_ids)
             cached = self.prefix_cache.cached_blocks(keys)
             probe = cached + SHARED_UNCACHED_BLOCKS - 1  # its last block of the shared run that would pay
-            if req.params.prompt_logprobs is None and probe < len(keys) and keys[probe] in computing:
+            if req.params.prompt_logprobs is None and probe < min(len(keys), fits) and keys[probe] in computing:
                 later.append(i)
             else:
                 now.append(i)

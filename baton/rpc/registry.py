@@ -5,10 +5,11 @@ share one Redis apart), holding a WorkerInfo as JSON and set with a TTL a
 few heartbeats long. A worker that stops heartbeating (crashed, partitioned) simply expires; one that stops
 cleanly removes its key. Redis being down never stops a worker: heartbeat() warns once and keeps trying.
 
-A heartbeat also publishes soon after the worker's load changes (its `changed` event), at most every
-MIN_PUBLISH_GAP_S: routers choose by load and by the prefixes a worker holds, and several routers sharing one
-registry see one another's assignments only there, so a record a whole interval old had them choose apart
-(Dynamo's workers publish load and KV events as they happen, for the same reason).
+A heartbeat also publishes soon after what routers choose by changes (the worker's `changed` event: a decode
+worker's rows, KV budget, queue or cached blocks), at most every MIN_PUBLISH_GAP_S: routers choose by load and by
+the prefixes a worker holds, and several routers sharing one registry see one another's assignments only there,
+so a record a whole interval old had them choose apart (Dynamo's workers publish load and KV events as they
+happen, for the same reason).
 """
 
 from __future__ import annotations
@@ -159,11 +160,10 @@ async def _next_beat(stop: asyncio.Event, changed: asyncio.Event | None, interva
     the earliest once `changed` is set (cleared as this returns for it)."""
     loop = asyncio.get_running_loop()
     due = loop.time() + interval_s
-    waits = [asyncio.ensure_future(stop.wait())]
-    if changed is not None:
+    if changed is not None:  # no sooner than min_gap_s after the last publish
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=min(min_gap_s, interval_s))
-        waits.append(asyncio.ensure_future(changed.wait()))
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, changed) if e is not None]
     try:
         await asyncio.wait(waits, timeout=max(0.0, due - loop.time()), return_when=asyncio.FIRST_COMPLETED)
     finally:

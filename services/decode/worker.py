@@ -219,9 +219,11 @@ class DecodeWorker:
         self._prefix_blocks: tuple[str, ...] = ()  # likewise: what the prefix cache holds, for routers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
-        # set after every change of its load: the worker frame publishes it to the registry soon, not a heartbeat
-        # later, so that routers sharing the registry see one another's assignments and its cached prefixes
+        # set when what routers choose by changes (rows, KV budget, waiting, cached blocks): the worker frame
+        # publishes the load to the registry soon, not a heartbeat later, so that routers sharing the registry see
+        # one another's assignments and its cached prefixes; each step's token counts alone do not set it
         self.load_changed = asyncio.Event()
+        self._routed: tuple[tuple[int, int, int, int], tuple[str, ...]] | None = None  # as last set
         # decode-loop side
         self._inbox: queue.SimpleQueue[_Add | _Cancel | _Stop] = queue.SimpleQueue()
         self._thread: Started | None = None
@@ -416,9 +418,12 @@ class DecodeWorker:
 
     def _publish(self) -> None:
         """The occupancy gauges of the metrics, after every change (on the event loop, where occupancy lives);
-        the registry record soon after (load_changed)."""
-        self.load_changed.set()
+        the registry record soon after where what routers choose by changed (load_changed)."""
         o = self.occupancy()
+        counts = (o.active_rows, o.free_rows, o.kv_tokens_free, o.waiting)
+        if self._routed is None or counts != self._routed[0] or self._prefix_blocks is not self._routed[1]:
+            self._routed = (counts, self._prefix_blocks)  # the blocks: a new tuple whenever the cache changed
+            self.load_changed.set()
         reserved = sum(1 for r in self._live.values() if r.state is SlotState.RESERVED)
         promised = sum(r.kv_budget for r in self._live.values())
         self.metrics.occupancy(o.active_rows - o.waiting, o.waiting, reserved, o.free_rows, o.kv_tokens_used,
