@@ -193,13 +193,15 @@ def test_prompts_arriving_together_compute_their_shared_uncached_prefix_once() -
 
     runner = ModelRunner(lm, PrefixCache(10**8))
     reqs = prompts("p")
-    assert runner.compute_once(reqs) == ([0, 1, 3], [2, 4, 5])
+    split = runner.compute_once(reqs)
+    assert (split.now, split.later) == ([0, 1, 3], [2, 4, 5])
+    assert split.uncached == [len(reqs[i].prompt_ids) for i in split.now]  # nothing cached yet
     # a prompt that asks for its prompt's logprobs computes them all whatever is cached: it never waits
     logprobs = Request("lp", reqs[2].prompt_ids, SamplingParams(max_new_tokens=3, prompt_logprobs=1))
-    assert runner.compute_once([reqs[0], logprobs]) == ([0, 1], [])
+    assert runner.compute_once([reqs[0], logprobs]).later == []
     # a cache whose half cannot keep the 2 blocks a waiting prompt must find: waiting would gain nothing
-    assert ModelRunner(lm, PrefixCache(3 * block_bytes())).compute_once(reqs) == ([0, 1, 2, 3, 4, 5], [])
-    assert ModelRunner(lm, PrefixCache(4 * block_bytes())).compute_once(reqs) == ([0, 1, 3], [2, 4, 5])
+    assert ModelRunner(lm, PrefixCache(3 * block_bytes())).compute_once(reqs).later == []
+    assert ModelRunner(lm, PrefixCache(4 * block_bytes())).compute_once(reqs).later == [2, 4, 5]
     got = runner.prefill_many(reqs)
     want = ModelRunner(lm).prefill_many(reqs)
     for g_, w in zip(got, want):

@@ -267,9 +267,9 @@ class Engine:
                 if arrived:  # the first packed run's worth: [at least one prompt, up to the token budget]
                     # of tokens to compute, a prompt whose prefix is cached counting only the rest; a prompt that
                     # shares its uncached start with an earlier one waits for the cache to hold it (compute_once)
-                    arrived = [arrived[i] for i in self.runner.compute_once(arrived)[0]]
-                    run = pack_for_prefill([self.runner.uncached_len(r) for r in arrived], PREFILL_TOKEN_BUDGET)[0]
-                    self._iterate_selective(arrived[: len(run)], out)
+                    split = self.runner.compute_once(arrived)
+                    run = pack_for_prefill(split.uncached, PREFILL_TOKEN_BUDGET)[0]
+                    self._iterate_selective([arrived[split.now[j]] for j in run], out)
                     return out
         elif self.policy.selective_batching:
             newcomers = self._arrived(now)[: self.batch.free_rows]

@@ -157,7 +157,7 @@ class LoadedModel:
 
     def kv_bytes_per_token(self) -> int:
         s = self.spec
-        return s.num_layers * 2 * s.kv_heads * s.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return s.num_layers * 2 * s.kv_heads * s.head_dim * self.dtype.itemsize
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,

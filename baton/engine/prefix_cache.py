@@ -124,13 +124,9 @@ class PrefixCache:
             self.bytes -= kv.numel() * kv.element_size()
             self._joined = None
 
-    def cached_tokens(self, ids: Sequence[int]) -> int:
-        """The length of the prefix `lookup` would find for `ids`, with no copy made, no block marked used and
-        nothing counted."""
-        return self.cached_blocks(lookup_keys(ids)) * BLOCK_TOKENS
-
     def cached_blocks(self, keys: Sequence[bytes]) -> int:
-        """How many leading blocks of the chain `keys` (block_keys) are cached; nothing marked used or counted."""
+        """How many leading blocks of the chain `keys` (block_keys; lookup_keys(ids): what `lookup` would find)
+        are cached, with no copy made, no block marked used and nothing counted."""
         with self._lock:
             return len(self._chain(keys, touch=False))
 

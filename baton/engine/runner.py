@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -21,6 +22,14 @@ from baton.engine.sampler import sample_row
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens packed into one prefill forward pass
 # a prompt waits a pass for another's uncached tokens to be cached when it then skips at least this many of them
 SHARED_UNCACHED_BLOCKS = 2
+
+
+class Split(NamedTuple):
+    """ModelRunner.compute_once's answer: which prompts run now and which after them (indices, each in order)."""
+
+    now: list[int]
+    uncached: list[int]  # per prompt of `now`: the tokens its prefill computes, what a pass's token budget counts
+    later: list[int]
 
 
 def pack_for_prefill(lengths: Sequence[int], token_budget: int = PREFILL_TOKEN_BUDGET) -> list[list[int]]:
@@ -123,8 +132,8 @@ class ModelRunner:
         out: dict[int, KVPayload] = {}
         pending = list(range(len(reqs)))
         while pending:  # in rounds: a prompt that shares uncached tokens with an earlier one waits for its cache
-            now, later = self.compute_once([reqs[i] for i in pending])
-            ready, pending = [pending[i] for i in now], [pending[i] for i in later]
+            split = self.compute_once([reqs[i] for i in pending])
+            ready, pending = [pending[i] for i in split.now], [pending[i] for i in split.later]
             cached = [self.cached(reqs[i]) for i in ready]
             done: list[KVPayload] = []
             for run in pack_for_prefill([len(reqs[i].all_ids) - c[0] for i, c in zip(ready, cached)], token_budget):
@@ -133,30 +142,31 @@ class ModelRunner:
             out.update(zip(ready, done))
         return [out[i] for i in range(len(reqs))]
 
-    def compute_once(self, reqs: Sequence[Request]) -> tuple[list[int], list[int]]:
+    def compute_once(self, reqs: Sequence[Request]) -> Split:
         """In-batch prefix sharing (SGLang's in-batch prefix caching): prompts that start with the same tokens
         past what the prefix cache holds (SHARED_UNCACHED_BLOCKS whole blocks or more) would each compute them in
         one pass; only the first of them runs now, the others after it, when the cache holds what it computed. A
         prompt waits only where its blocks up to the last it must find take at most half the cache (else they
-        might not be kept, and waiting would only serialise the prompts). Returns the indices of `reqs` to run
-        now and of those to run later, each in order; the first always runs now. Without a prefix cache, all run
-        now."""
+        might not be kept, and waiting would only serialise the prompts). Also each prompt's uncached tokens (all
+        of them for one asking for its prompt's logprobs, which `cached` finds nothing for). The first always
+        runs now; without a prefix cache, all do."""
         if self.prefix_cache is None:
-            return list(range(len(reqs))), []
-        now: list[int] = []
-        later: list[int] = []
+            return Split(list(range(len(reqs))), [len(r.all_ids) for r in reqs], [])
+        split = Split([], [], [])
         computing: set[bytes] = set()  # the keys of the uncached blocks the prompts running now compute
         fits = self.prefix_cache.max_bytes // 2 // (BLOCK_TOKENS * self.lm.kv_bytes_per_token())  # blocks
         for i, req in enumerate(reqs):
             keys = lookup_keys(req.all_ids)
-            cached = self.prefix_cache.cached_blocks(keys)
+            whole = req.params.prompt_logprobs is not None
+            cached = 0 if whole else self.prefix_cache.cached_blocks(keys)
             probe = cached + SHARED_UNCACHED_BLOCKS - 1  # its last block of the shared run that would pay
-            if req.params.prompt_logprobs is None and probe < min(len(keys), fits) and keys[probe] in computing:
-                later.append(i)
+            if not whole and probe < min(len(keys), fits) and keys[probe] in computing:
+                split.later.append(i)
             else:
-                now.append(i)
+                split.now.append(i)
+                split.uncached.append(len(req.all_ids) - cached * BLOCK_TOKENS)
                 computing.update(keys[cached:])
-        return now, later
+        return split
 
     def cached(self, req: Request) -> tuple[int, torch.Tensor | None]:
         """The tokens of the request's prompt found in the prefix cache and their KV (none when it asks for the
@@ -164,13 +174,6 @@ class ModelRunner:
         if self.prefix_cache is None or req.params.prompt_logprobs is not None:
             return 0, None
         return self.prefix_cache.lookup(req.all_ids)
-
-    def uncached_len(self, req: Request) -> int:
-        """The tokens a prefill of `req` computes: its prompt (and any output it resumes with) less what `cached`
-        would find; what a packed pass's token budget counts."""
-        if self.prefix_cache is None or req.params.prompt_logprobs is not None:
-            return len(req.all_ids)
-        return len(req.all_ids) - self.prefix_cache.cached_tokens(req.all_ids)
 
     def remember(self, payloads: Sequence[KVPayload]) -> None:
         """Keep prefilled prompts' KV in the prefix cache, if there is one."""
